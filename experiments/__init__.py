@@ -1,0 +1,1 @@
+"""Experiment scripts that reproduce papers and benchmark jattn; run as ``python -m``."""

@@ -1,0 +1,393 @@
+"""Softmax dot-product attention: the public function, its implementations and the dispatcher.
+
+``dot_product_attention`` is a superset of ``jax.nn.dot_product_attention``. It validates the
+input, turns every masking option (``is_causal``, windows, lengths, segment ids, boolean
+arrays, :class:`jattn.masks.Mask` objects) into one ``Mask``, and hands normalised 4-D arrays
+to an implementation from the registry:
+
+* ``"xla"``: materialises the [B, N, T, S] scores; fastest for short sequences.
+* ``"chunked"``: online softmax over key blocks with a recomputing backward pass, memory
+  O(T * block), empty tiles skipped (:mod:`jattn.chunked`).
+* ``"cudnn"``: ``jax.nn``'s cuDNN flash attention where its features allow (GPU only).
+
+An implementation raises ``NotImplementedError`` for what it lacks and the dispatcher moves on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jattn import chunked as _chunked
+from jattn import masks as _masks
+from jattn.masks import Mask
+from jattn.typing import (
+    Array,
+    accumulation_dtype,
+    check_broadcastable,
+    check_floating,
+    check_rank,
+    check_values_in_range,
+    left_pad_rank,
+)
+
+
+class Implementation(Protocol):
+    """What the registry holds: normalised inputs in, (output, lse) out.
+
+    Args:
+        query: [B, T, N, H]; key: [B, S, K, H]; value: [B, S, K, Hv]; one floating dtype.
+        bias: None or floating [B|1, N|1, T|1, S|1].
+        mask: None or a Mask whose dims() broadcast to (B, N).
+        scale: Python float.
+        logits_soft_cap: None or a positive Python float.
+
+    Returns:
+        (output [B, T, N, Hv] in the input dtype, lse [B, N, T] in float32 or wider).
+    """
+
+    def __call__(self, query: Array, key: Array, value: Array, bias: Array | None,
+                 mask: Mask | None, *, scale: float,
+                 logits_soft_cap: float | None) -> tuple[Array, Array]: ...
+
+
+_REGISTRY: dict[str, Implementation] = {}
+
+
+def register_implementation(name: str) -> Callable[[Implementation], Implementation]:
+    """Decorator adding an implementation under ``name`` (later issues add "pallas")."""
+
+    def add(fn: Implementation) -> Implementation:
+        _REGISTRY[name] = fn
+        return fn
+
+    return add
+
+
+def implementations() -> tuple[str, ...]:
+    """Names of the registered implementations."""
+    return tuple(_REGISTRY)
+
+
+# Scores at or below this many elements (64 MiB in float32) are cheap to materialise, and
+# materialising them is faster on every platform; above it "chunked" saves the memory.
+_XLA_MAX_SCORES = 1 << 24
+
+
+def _auto_order(B: int, N: int, T: int, S: int) -> list[str]:
+    if B * N * T * S <= _XLA_MAX_SCORES:
+        return ["xla", "chunked"]
+    return ["chunked", "xla"]
+
+
+def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,
+                          is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
+                          local_window_size=None, query_segment_ids=None, kv_segment_ids=None,
+                          logits_soft_cap=None, return_lse=False, implementation=None):
+    r"""Scaled dot-product attention, a superset of ``jax.nn.dot_product_attention``.
+
+    .. math::
+        \mathrm{out} = \mathrm{softmax}_S\big(\mathrm{cap}(\mathrm{scale}\, q k^\top
+        + \mathrm{bias}) \text{ where allowed, } -\infty \text{ elsewhere}\big)\, v,
+        \qquad \mathrm{cap}(x) = c \tanh(x / c)
+
+    A query row that may attend to nothing returns zeros (and zero gradients), never NaN.
+    Scores and softmax statistics are computed in float32 (or wider) whatever the input dtype.
+
+    Args:
+        query: [B, T, N, H] or [T, N, H].
+        key: [B, S, K, H] or [S, K, H]; N % K == 0 gives GQA/MQA without repeating K/V.
+        value: [B, S, K, Hv] or [S, K, Hv]; Hv may differ from H.
+        bias: additive logits bias broadcastable to [B, N, T, S] (rank <= 4; leading dims
+            are added).
+        mask: bool array broadcastable to [B, N, T, S] (True = may attend) or a
+            :class:`jattn.masks.Mask`.
+        scale: logits scale; default 1 / sqrt(H).
+        is_causal: query i sees keys j <= i (top-left aligned, as in jax.nn).
+        query_seq_lengths: int [B]; queries at or past the length are padding (output 0).
+        key_value_seq_lengths: int [B]; keys at or past the length are ignored.
+        local_window_size: int w (meaning (w, w)) or (left, right): query i sees keys
+            i - left .. i + right.
+        query_segment_ids: int [B, T]; with ``kv_segment_ids`` int [B, S] (default: the
+            query ids, for self-attention) a query sees only keys of its own segment.
+        kv_segment_ids: int [B, S].
+        logits_soft_cap: c > 0; logits become c * tanh(logits / c) before masking.
+        return_lse: also return the log-sum-exp of the masked logits, [B, N, T] (or [N, T]),
+            float32; -inf for rows with nothing to attend to. Differentiable.
+        implementation: None (the best available here), a name from ``implementations()``,
+            or a list of names tried in turn.
+
+    Returns:
+        output [B, T, N, Hv] (or [T, N, Hv]) in the input dtype; with ``return_lse`` the pair
+        (output, lse).
+
+    Raises:
+        TypeError: non-floating q/k/v, mismatched dtypes, non-boolean mask, non-integer ids
+            or lengths.
+        ValueError: wrong ranks or shapes, heads that do not divide, lengths out of range,
+            negative windows, a non-positive soft cap, an unknown implementation.
+        NotImplementedError: no requested implementation supports the call.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jattn
+        >>> q = jax.random.normal(jax.random.key(0), (2, 16, 4, 8))
+        >>> kv = jax.random.normal(jax.random.key(1), (2, 16, 2, 8))
+        >>> jattn.dot_product_attention(q, kv, kv, is_causal=True).shape
+        (2, 16, 4, 8)
+
+    References:
+        P68 Sigma (DiffQKV: different K/V head counts and head dims); P75 Dataset
+        Decomposition (document masks); P23 CAB (causal/non-causal, self/cross patterns).
+    """
+    query, key, value = (jnp.asarray(x) for x in (query, key, value))
+    check_rank("query", query, (3, 4), "[B, T, N, H] or [T, N, H]")
+    batch_free = query.ndim == 3
+    layout = "[T, N, H]" if batch_free else "[B, T, N, H]"
+    check_rank("key", key, (query.ndim,), f"matching query's {layout}")
+    check_rank("value", value, (query.ndim,), f"matching query's {layout}")
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        check_floating(name, x)
+    if not query.dtype == key.dtype == value.dtype:
+        raise TypeError(f"query, key, value: expected one dtype, got {query.dtype}, "
+                        f"{key.dtype}, {value.dtype}")
+    if batch_free:
+        query, key, value = query[None], key[None], value[None]
+
+    B, T, N, H = query.shape
+    _, S, K, _ = key.shape
+    if key.shape[0] != B or key.shape[3] != H:
+        raise ValueError(f"key: expected [B={B}, S, K, H={H}] to match query {query.shape}, "
+                         f"got {key.shape}")
+    if value.shape[:3] != key.shape[:3]:
+        raise ValueError(f"value: expected [B, S, K] = {key.shape[:3]} as key, "
+                         f"got {value.shape}")
+    if N % K:
+        raise ValueError(f"query, key: query heads N={N} must be a multiple of key/value "
+                         f"heads K={K} (query {query.shape}, key {key.shape})")
+    if T == 0 or S == 0:
+        raise ValueError(f"query, key: lengths must be positive, got T={T}, S={S}")
+
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        check_floating("bias", bias)
+        check_rank("bias", bias, range(5), "broadcastable to [B, N, T, S]")
+        bias = left_pad_rank(bias, 4)
+        check_broadcastable("bias", bias.shape, (B, N, T, S), "BNTS")
+
+    combined = _combine_masks(
+        mask, B=B, N=N, T=T, S=S, batch_free=batch_free, is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size, query_segment_ids=query_segment_ids,
+        kv_segment_ids=kv_segment_ids)
+
+    if scale is None:
+        scale = float(H) ** -0.5
+    if logits_soft_cap is not None and not logits_soft_cap > 0:
+        raise ValueError(f"logits_soft_cap: expected a positive number, got {logits_soft_cap}")
+
+    out, lse = _dispatch(implementation, query, key, value, bias, combined, scale=scale,
+                         logits_soft_cap=logits_soft_cap)
+    if batch_free:
+        out, lse = out[0], lse[0]
+    return (out, lse) if return_lse else out
+
+
+def _combine_masks(mask, *, B, N, T, S, batch_free, is_causal, query_seq_lengths,
+                   key_value_seq_lengths, local_window_size, query_segment_ids,
+                   kv_segment_ids) -> Mask | None:
+    """Every masking option as one Mask, validated against the call's shapes."""
+    parts: list[Mask] = []
+    if mask is not None:
+        if isinstance(mask, Mask):
+            user = mask
+        else:
+            array = jnp.asarray(mask)
+            if array.dtype != jnp.bool_:
+                raise TypeError(f"mask: expected a boolean array or a jattn.masks.Mask, "
+                                f"got dtype {array.dtype} (shape {array.shape})")
+            check_rank("mask", array, range(5), "broadcastable to [B, N, T, S]")
+            array = left_pad_rank(array, 4)
+            check_broadcastable("mask", array.shape, (B, N, T, S), "BNTS")
+            user = _masks.Dense(array)
+        parts.append(user)
+    if is_causal:
+        parts.append(_masks.causal())
+    if local_window_size is not None:
+        window = local_window_size
+        if isinstance(window, int | np.integer):
+            window = (window, window)
+        if not (isinstance(window, Sequence) and len(window) == 2):
+            raise ValueError(f"local_window_size: expected an int or (left, right), "
+                             f"got {local_window_size!r}")
+        try:
+            parts.append(_masks.local_window(*window))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"local_window_size: {e}") from None
+    if query_seq_lengths is not None or key_value_seq_lengths is not None:
+        parts.append(_masks.Lengths(
+            _lengths_array("query_seq_lengths", query_seq_lengths, B, T, batch_free),
+            _lengths_array("key_value_seq_lengths", key_value_seq_lengths, B, S, batch_free)))
+    if query_segment_ids is not None or kv_segment_ids is not None:
+        q_ids = query_segment_ids if query_segment_ids is not None else kv_segment_ids
+        kv_ids = kv_segment_ids if kv_segment_ids is not None else query_segment_ids
+        if (query_segment_ids is None or kv_segment_ids is None) and T != S:
+            raise ValueError(f"query_segment_ids, kv_segment_ids: give both when T={T} != S={S}")
+        parts.append(_masks.Segments(
+            _ids_array("query_segment_ids", q_ids, B, T, batch_free),
+            _ids_array("kv_segment_ids", kv_ids, B, S, batch_free)))
+    for part in parts:
+        part.check(T, S, "mask")
+        check_broadcastable("mask", part.dims(), (B, N), "BN")
+    return _masks.all_of(parts)
+
+
+def _lengths_array(name, x, B, limit, batch_free) -> Array | None:
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name}: expected an integer dtype, got {x.dtype} (shape {x.shape})")
+    if batch_free and x.ndim == 0:
+        x = x[None]
+    if x.shape != (B,):
+        raise ValueError(f"{name}: expected shape ({B},) [B], got {x.shape}")
+    check_values_in_range(name, x, 0, limit)
+    return x
+
+
+def _ids_array(name, x, B, length, batch_free) -> Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name}: expected an integer dtype, got {x.dtype} (shape {x.shape})")
+    if batch_free and x.ndim == 1:
+        x = x[None]
+    if x.shape != (B, length):
+        raise ValueError(f"{name}: expected shape ({B}, {length}), got {x.shape}")
+    return x
+
+
+def _dispatch(implementation, query, key, value, bias, mask, *, scale, logits_soft_cap):
+    B, T, N, _ = query.shape
+    S = key.shape[1]
+    if implementation is None:
+        names = _auto_order(B, N, T, S)
+    elif isinstance(implementation, str):
+        names = [implementation]
+    else:
+        names = list(implementation)
+    unknown = [n for n in names if n not in _REGISTRY]
+    if unknown or not names:
+        raise ValueError(f"implementation: unknown {unknown or names!r}; "
+                         f"expected None, one of {sorted(_REGISTRY)} or a list of them")
+    reasons = []
+    for name in names:
+        try:
+            return _REGISTRY[name](query, key, value, bias, mask, scale=scale,
+                                   logits_soft_cap=logits_soft_cap)
+        except NotImplementedError as e:
+            reasons.append(f"{name}: {e}")
+    raise NotImplementedError("no implementation supports this call: " + "; ".join(reasons))
+
+
+# --------------------------------------------------------------------------------------------
+# Implementations
+# --------------------------------------------------------------------------------------------
+
+
+def _grouped_heads(x: Array | None, K: int) -> Array | None:
+    """[B', N|1, ...] -> [B', K|1, G|1, ...] to broadcast against grouped scores."""
+    if x is None:
+        return None
+    if x.shape[1] == 1:
+        return x[:, :, None]
+    return x.reshape(x.shape[0], K, x.shape[1] // K, *x.shape[2:])
+
+
+@register_implementation("xla")
+def xla_attention(query, key, value, bias, mask, *, scale, logits_soft_cap):
+    """Materialised scores [B, K, G, T, S]; differentiated by JAX. Memory O(B N T S)."""
+    B, T, N, H = query.shape
+    _, S, K, _ = key.shape
+    acc = accumulation_dtype(query.dtype)
+    q = query.reshape(B, T, K, N // K, H)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, key, preferred_element_type=acc) * scale
+    if bias is not None:
+        logits = logits + _grouped_heads(bias, K).astype(acc)
+    if logits_soft_cap is not None:
+        logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
+    if mask is None:
+        allowed = jnp.ones((1, 1, 1, 1, 1), bool)
+    else:
+        allowed = _grouped_heads(mask.materialize(T, S), K)
+    neg = jnp.asarray(-jnp.inf, acc)
+    row_max = jnp.max(jnp.where(allowed, logits, neg), axis=-1, keepdims=True)
+    row_max = jnp.where(row_max == neg, 0, row_max)
+    # The inner where keeps masked entries finite so no NaN reaches the gradient.
+    weights = jnp.where(allowed, jnp.exp(jnp.where(allowed, logits, row_max) - row_max), 0)
+    total = weights.sum(-1, keepdims=True)
+    nonempty = total > 0
+    safe_total = jnp.where(nonempty, total, 1)
+    probs = (weights / safe_total).astype(value.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, value, preferred_element_type=acc)
+    lse = jnp.where(nonempty, row_max + jnp.log(safe_total), neg)[..., 0]
+    return (out.reshape(B, T, N, value.shape[-1]).astype(query.dtype),
+            lse.reshape(B, N, T))
+
+
+@register_implementation("chunked")
+def chunked_attention(query, key, value, bias, mask, *, scale, logits_soft_cap):
+    """Online softmax over key blocks; see :func:`jattn.chunked.chunked_attention`."""
+    return _chunked.chunked_attention(query, key, value, bias, mask, scale=scale,
+                                      logits_soft_cap=logits_soft_cap)
+
+
+def _cudnn_mask_options(mask: Mask | None):
+    """Map a Mask onto jax.nn's cuDNN options, or raise NotImplementedError."""
+    leaves, stack = [], [mask] if mask is not None else []
+    while stack:
+        m = stack.pop()
+        if isinstance(m, _masks.And):
+            stack += [m.a, m.b]
+        else:
+            leaves.append(m)
+    is_causal, window, q_len, kv_len = False, None, None, None
+    for m in leaves:
+        if isinstance(m, _masks.Band) and m.lo is None and m.hi == 0:
+            is_causal = True
+        elif isinstance(m, _masks.Band) and m.lo is not None and m.hi == 0 and window is None:
+            window = (-m.lo, 0)
+        elif isinstance(m, _masks.Lengths) and q_len is None and kv_len is None:
+            q_len, kv_len = m.q_lengths, m.kv_lengths
+        else:
+            raise NotImplementedError(f"cuDNN supports causal, left-only windows and lengths, "
+                                      f"not {type(m).__name__}")
+    return is_causal, window, q_len, kv_len
+
+
+@register_implementation("cudnn")
+def cudnn_attention(query, key, value, bias, mask, *, scale, logits_soft_cap):
+    """jax.nn's cuDNN flash attention (GPU, float16/bfloat16, H == Hv <= 256, H % 8 == 0)."""
+    if jax.default_backend() != "gpu":
+        raise NotImplementedError(f"cuDNN needs a GPU, the backend is {jax.default_backend()}")
+    if query.dtype not in (jnp.float16, jnp.bfloat16):
+        raise NotImplementedError(f"cuDNN needs float16/bfloat16, got {query.dtype}")
+    H, Hv = query.shape[-1], value.shape[-1]
+    if H != Hv or H > 256 or H % 8:
+        raise NotImplementedError(f"cuDNN needs H == Hv <= 256 and H % 8 == 0, got {H}, {Hv}")
+    if logits_soft_cap is not None:
+        raise NotImplementedError("cuDNN path has no logits soft cap")
+    is_causal, window, q_len, kv_len = _cudnn_mask_options(mask)
+    B = query.shape[0]
+
+    def as_int32(x):
+        return None if x is None else jnp.broadcast_to(x, (B,)).astype(jnp.int32)
+
+    out, lse = jax.nn.dot_product_attention(
+        query, key, value, bias, scale=scale, is_causal=is_causal,
+        query_seq_lengths=as_int32(q_len), key_value_seq_lengths=as_int32(kv_len),
+        local_window_size=window, implementation="cudnn", return_residual=True)
+    return out, jnp.swapaxes(lse, 1, 2).astype(jnp.float32)

@@ -1,0 +1,94 @@
+"""Shape letters, array aliases and input validation shared by every primitive.
+
+Shape letters (as in ``jax.nn.dot_product_attention``):
+
+    B  batch size
+    T  query (target) length
+    S  key/value (source) length
+    N  query heads
+    K  key/value heads (N % K == 0: K == N is MHA, 1 < K < N is GQA, K == 1 is MQA)
+    G  query heads per key/value head, N // K
+    H  query/key head dim
+    Hv value head dim (may differ from H)
+
+Layout: query [B, T, N, H], key [B, S, K, H], value [B, S, K, Hv], output [B, T, N, Hv].
+
+Every check raises ``ValueError`` (wrong shape or value) or ``TypeError`` (wrong dtype)
+with a message that starts with the argument's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Shape = tuple[int, ...]
+
+
+def is_concrete(x) -> bool:
+    """True when ``x`` holds values we can read now (not a tracer under jit/vmap/grad)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_floating(name: str, x: Array) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name}: expected a floating dtype, got {x.dtype} (shape {x.shape})")
+
+
+def check_integer(name: str, x: Array) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name}: expected an integer dtype, got {x.dtype} (shape {x.shape})")
+
+
+def check_bool(name: str, x: Array) -> None:
+    if x.dtype != jnp.bool_:
+        raise TypeError(f"{name}: expected a boolean dtype, got {x.dtype} (shape {x.shape})")
+
+
+def check_rank(name: str, x: Array, ranks: Sequence[int], what: str = "") -> None:
+    if x.ndim not in ranks:
+        want = " or ".join(str(r) for r in ranks)
+        layout = f" {what}" if what else ""
+        raise ValueError(f"{name}: expected rank {want}{layout}, got shape {x.shape}")
+
+
+def check_shape(name: str, x: Array, expected: Shape, letters: str = "") -> None:
+    if tuple(x.shape) != tuple(expected):
+        layout = f" [{', '.join(letters)}]" if letters else ""
+        raise ValueError(f"{name}: expected shape {tuple(expected)}{layout}, got {x.shape}")
+
+
+def check_broadcastable(name: str, shape: Shape, target: Shape, letters: str = "") -> None:
+    """Raise unless ``shape`` (same rank as ``target``) broadcasts to ``target`` dim by dim."""
+    layout = f" [{', '.join(letters)}]" if letters else ""
+    compatible = len(shape) == len(target) and all(
+        s in (1, t) for s, t in zip(shape, target, strict=True))
+    if not compatible:
+        raise ValueError(
+            f"{name}: expected a shape broadcastable to {tuple(target)}{layout}, got {tuple(shape)}"
+        )
+
+
+def check_values_in_range(name: str, x: Array, low: int, high: int) -> None:
+    """Check ``low <= x <= high`` when ``x`` is concrete; traced values cannot be checked."""
+    if not is_concrete(x) or x.size == 0:
+        return
+    values = np.asarray(x)
+    if values.min() < low or values.max() > high:
+        raise ValueError(
+            f"{name}: values must lie in [{low}, {high}], got min {values.min()} max {values.max()}"
+        )
+
+
+def left_pad_rank(x: Array, rank: int) -> Array:
+    """Prepend size-1 axes until ``x`` has ``rank`` dims (numpy broadcasting rules)."""
+    return x.reshape((1,) * (rank - x.ndim) + tuple(x.shape))
+
+
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """Scores and softmax statistics: float32 for 16-bit inputs, float64 stays float64."""
+    return jnp.promote_types(dtype, jnp.float32)

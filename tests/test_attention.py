@@ -1,0 +1,342 @@
+"""The shared softmax-attention suite: every implementation against the float64 reference.
+
+Each case is a full call of ``jattn.dot_product_attention``; forward and gradients (w.r.t.
+query, key, value, bias, through the output and the log-sum-exp) are compared with
+``jattn.reference`` run in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import IMPLEMENTATIONS, assert_close, normalised_error, to64
+
+import jattn
+from jattn import masks, reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    T: int = 37
+    S: int = 37
+    N: int = 4
+    K: int = 2
+    H: int = 8
+    Hv: int = 8
+    B: int = 2
+    bias: tuple[int, ...] | None = None  # shape of the bias, if any
+    options: Callable[[Case, np.random.RandomState], dict] = lambda c, r: {}
+    jax_nn: bool = True  # only options jax.nn.dot_product_attention also has
+
+
+def _packed_ids(rng, B, length, pieces):
+    """Sorted segment ids, ``pieces`` documents per row."""
+    cuts = np.sort(rng.choice(np.arange(1, length), pieces - 1, replace=False))
+    return np.stack([np.searchsorted(cuts, np.arange(length), side="right")] * B).astype(np.int32)
+
+
+def _visual(rng, B, T):
+    """Rows with a text prefix, an image block, then text."""
+    out = np.zeros((B, T), bool)
+    for b in range(B):
+        start = rng.randint(0, T // 3)
+        out[b, start:start + T // 2] = True
+    return jnp.asarray(out)
+
+
+CASES = [
+    Case("plain"),
+    Case("causal", options=lambda c, r: {"is_causal": True}),
+    Case("cross", S=45),
+    Case("cross_causal_more_keys", S=53, options=lambda c, r: {"is_causal": True}),
+    Case("cross_causal_fewer_keys", S=21, options=lambda c, r: {"is_causal": True}),
+    Case("mha", K=4, options=lambda c, r: {"is_causal": True}),
+    Case("mqa", K=1),
+    Case("value_head_dim", Hv=5, jax_nn=False),
+    Case("window_int", options=lambda c, r: {"local_window_size": 4}),
+    Case("window_left", options=lambda c, r: {"local_window_size": (6, 0)}),
+    Case("window_cross", S=45, options=lambda c, r: {"local_window_size": (2, 9)}),
+    Case("window_causal", options=lambda c, r: {"local_window_size": (5, 5), "is_causal": True}),
+    Case("lengths", S=45, options=lambda c, r: {
+        "query_seq_lengths": jnp.array([37, 20], jnp.int32),
+        "key_value_seq_lengths": jnp.array([30, 45], jnp.int32)}),
+    Case("lengths_empty_rows", options=lambda c, r: {
+        "key_value_seq_lengths": jnp.array([0, 15], jnp.int32), "is_causal": True}),
+    Case("segment_ids", jax_nn=False, options=lambda c, r: {
+        "query_segment_ids": _packed_ids(r, c.B, c.T, 4)}),
+    Case("segment_ids_cross", S=45, jax_nn=False, options=lambda c, r: {
+        "query_segment_ids": _packed_ids(r, c.B, c.T, 3),
+        "kv_segment_ids": _packed_ids(r, c.B, c.S, 3)}),
+    Case("mask_TS", options=lambda c, r: {"mask": r.rand(c.T, c.S) < 0.6}),
+    Case("mask_BNTS", options=lambda c, r: {"mask": r.rand(c.B, c.N, c.T, c.S) < 0.6}),
+    Case("mask_B1TS", S=45, options=lambda c, r: {"mask": r.rand(c.B, 1, c.T, c.S) < 0.5}),
+    Case("mask_1N1S", options=lambda c, r: {"mask": r.rand(1, c.N, 1, c.S) < 0.5}),
+    Case("mask_empty_rows", options=lambda c, r: {
+        "mask": np.concatenate([np.zeros((5, c.S), bool), r.rand(c.T - 5, c.S) < 0.5])}),
+    Case("causal_offset", S=53, jax_nn=False,
+         options=lambda c, r: {"mask": masks.causal(c.S - c.T)}),
+    Case("prefix_lm", jax_nn=False, options=lambda c, r: {"mask": masks.prefix_lm([5, 20])}),
+    Case("composite_visual", jax_nn=False,
+         options=lambda c, r: {"mask": masks.composite_visual(_visual(r, c.B, c.T))}),
+    Case("mixed_visual", jax_nn=False,
+         options=lambda c, r: {"mask": masks.mixed_visual(_visual(r, c.B, c.T))}),
+    Case("modality_mutual", jax_nn=False,
+         options=lambda c, r: {"mask": masks.modality_mutual(_visual(r, c.B, c.T))}),
+    Case("adjacency", jax_nn=False,
+         options=lambda c, r: {"mask": masks.adjacency(r.rand(c.B, c.T, c.T) < 0.2)}),
+    Case("mask_algebra", jax_nn=False, options=lambda c, r: {
+        "mask": (masks.local_window(9, 9) & ~masks.causal(-3))
+        | masks.segments(_packed_ids(r, c.B, c.T, 3))}),
+    Case("soft_cap", jax_nn=False,
+         options=lambda c, r: {"logits_soft_cap": 1.5, "is_causal": True}),
+    Case("bias_full", bias=(2, 4, 37, 37)),
+    Case("bias_broadcast", S=45, bias=(1, 4, 1, 45), options=lambda c, r: {"is_causal": True}),
+    Case("bias_TS", bias=(37, 37), options=lambda c, r: {"local_window_size": 7}),
+    Case("scale", options=lambda c, r: {"scale": 0.9}),
+    Case("everything", S=45, Hv=6, bias=(1, 4, 37, 45), jax_nn=False, options=lambda c, r: {
+        "is_causal": True, "local_window_size": (20, 3),
+        "key_value_seq_lengths": jnp.array([45, 30], jnp.int32),
+        "query_segment_ids": _packed_ids(r, c.B, c.T, 2),
+        "kv_segment_ids": _packed_ids(r, c.B, c.S, 2),
+        "logits_soft_cap": 2.0, "scale": 0.5}),
+]
+CASE_IDS = [c.name for c in CASES]
+
+
+def make_inputs(case: Case, dtype=jnp.float32):
+    rng = np.random.RandomState(zlib.crc32(case.name.encode()))
+    q = rng.randn(case.B, case.T, case.N, case.H)
+    k = rng.randn(case.B, case.S, case.K, case.H)
+    v = rng.randn(case.B, case.S, case.K, case.Hv)
+    bias = None if case.bias is None else rng.randn(*case.bias)
+    arrays = [jnp.asarray(x, dtype) if x is not None else None for x in (q, k, v, bias)]
+    cotangents = (jnp.asarray(rng.randn(case.B, case.T, case.N, case.Hv), jnp.float32),
+                  jnp.asarray(rng.randn(case.B, case.N, case.T), jnp.float32))
+    return arrays, case.options(case, rng), cotangents
+
+
+def _loss(fn, options, cotangents):
+    """<out, c_out> + <lse, c_lse> over finite lse, so both outputs carry gradient."""
+    c_out, c_lse = cotangents
+
+    def loss(q, k, v, bias):
+        out, lse = fn(q, k, v, bias, return_lse=True, **options)
+        lse = jnp.where(jnp.isfinite(lse), lse, 0)
+        return (out.astype(c_out.dtype) * c_out).sum() + (lse.astype(c_lse.dtype) * c_lse).sum()
+
+    return loss
+
+
+def reference_outputs(case: Case, arrays, options, cotangents):
+    """Forward (out, lse) and grads w.r.t. (q, k, v, bias) from the float64 reference."""
+    with jax.enable_x64(True):
+        arrays64, cot64 = to64(arrays), to64(cotangents)
+        out, lse = reference.dot_product_attention(*arrays64, return_lse=True, **options)
+        argnums = (0, 1, 2, 3) if arrays[3] is not None else (0, 1, 2)
+        grads = jax.grad(_loss(reference.dot_product_attention, options, cot64),
+                         argnums=argnums)(*arrays64)
+        return np.asarray(out), np.asarray(lse), [np.asarray(g) for g in grads]
+
+
+def run_implementation(implementation, case, arrays, options, cotangents):
+    def fn(*args, **kw):
+        return jattn.dot_product_attention(*args, implementation=implementation, **kw)
+
+    out, lse = jax.jit(lambda *a: fn(*a, return_lse=True, **options))(*arrays)
+    argnums = (0, 1, 2, 3) if arrays[3] is not None else (0, 1, 2)
+    grads = jax.jit(jax.grad(_loss(fn, options, cotangents), argnums=argnums))(*arrays)
+    return out, lse, grads
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_matches_float64_reference(implementation, case):
+    arrays, options, cot = make_inputs(case)
+    want_out, want_lse, want_grads = reference_outputs(case, arrays, options, cot)
+    out, lse, grads = run_implementation(implementation, case, arrays, options, cot)
+    assert out.dtype == jnp.float32 and out.shape == want_out.shape
+    assert lse.dtype == jnp.float32 and lse.shape == (case.B, case.N, case.T)
+    assert_close(out, want_out, jnp.float32, "forward")
+    assert_close(lse, want_lse, jnp.float32, "forward")
+    for got, want in zip(grads, want_grads, strict=True):
+        assert_close(got, want, jnp.float32, "grad")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in (
+    "causal", "cross", "mqa", "value_head_dim", "segment_ids_cross", "bias_broadcast",
+    "soft_cap", "everything", "lengths_empty_rows")], ids=lambda c: c.name)
+def test_bfloat16(implementation, case):
+    """bf16 in, bf16 out, float32 statistics: compare with float64 on the same bf16 inputs."""
+    arrays, options, cot = make_inputs(case, jnp.bfloat16)
+    want_out, want_lse, want_grads = reference_outputs(case, arrays, options, cot)
+    out, lse, grads = run_implementation(implementation, case, arrays, options, cot)
+    assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
+    assert_close(out, want_out, jnp.bfloat16, "forward")
+    assert_close(lse, want_lse, jnp.bfloat16, "forward")
+    for got, want in zip(grads, want_grads, strict=True):
+        assert got.dtype == jnp.bfloat16
+        assert_close(got, want, jnp.bfloat16, "grad")
+
+
+def test_empty_rows_are_zero_with_zero_gradient(implementation):
+    case = next(c for c in CASES if c.name == "mask_empty_rows")
+    arrays, options, cot = make_inputs(case)
+    out, lse, (dq, dk, dv) = run_implementation(implementation, case, arrays, options, cot)
+    assert np.all(np.asarray(out)[:, :5] == 0)
+    assert np.all(np.asarray(lse)[:, :, :5] == -np.inf)
+    assert np.all(np.asarray(dq)[:, :5] == 0)
+    assert all(np.isfinite(np.asarray(g)).all() for g in (out, dq, dk, dv))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.jax_nn], ids=lambda c: c.name)
+def test_parity_with_jax_nn(implementation, case):
+    """Any call valid for jax.nn gives jax.nn's result (rows with something to attend to)."""
+    arrays, options, _ = make_inputs(case)
+    q, k, v, bias = arrays
+    if bias is not None:
+        bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    nn_options = dict(options)
+    if "mask" in nn_options:
+        mask = jnp.asarray(nn_options["mask"])
+        nn_options["mask"] = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    want = jax.nn.dot_product_attention(q, k, v, bias, implementation="xla", **nn_options)
+    got, lse = jattn.dot_product_attention(q, k, v, bias, implementation=implementation,
+                                           return_lse=True, **options)
+    has_keys = np.isfinite(np.asarray(lse)).transpose(0, 2, 1)[..., None]  # [B, T, N, 1]
+    err = normalised_error(np.where(has_keys, got, 0), np.where(has_keys, want, 0))
+    assert err <= 2e-5
+
+
+def test_batch_free_inputs(implementation):
+    case = next(c for c in CASES if c.name == "everything")
+    arrays, options, _ = make_inputs(case)
+    batched = jattn.dot_product_attention(*arrays, implementation=implementation,
+                                          return_lse=True, **options)
+    q, k, v, bias = arrays
+    per_example = {name: (jnp.asarray(x)[1] if name.endswith(("ids", "lengths")) else x)
+                   for name, x in options.items()}
+    out, lse = jattn.dot_product_attention(q[1], k[1], v[1], bias[0], implementation=implementation,
+                                           return_lse=True, **per_example)
+    assert out.shape == (case.T, case.N, case.Hv) and lse.shape == (case.N, case.T)
+    np.testing.assert_allclose(out, batched[0][1], atol=1e-6)
+    np.testing.assert_allclose(lse, batched[1][1], atol=1e-6)
+
+
+def test_vmap_and_remat(implementation):
+    case = next(c for c in CASES if c.name == "segment_ids")
+    arrays, options, _ = make_inputs(case)
+    q, k, v, _ = arrays
+    ids = jnp.asarray(options["query_segment_ids"])
+
+    def one(q, k, v, ids):
+        return jattn.dot_product_attention(q, k, v, query_segment_ids=ids, is_causal=True,
+                                           implementation=implementation)
+
+    stacked = jax.vmap(one)(q, k, v, ids)  # vmap over the batch of batch-free calls
+    want = one(q, k, v, ids)
+    np.testing.assert_allclose(stacked, want, atol=1e-6)
+
+    def loss(q):
+        return jax.checkpoint(one)(q, k, v, ids).sum()
+
+    np.testing.assert_allclose(jax.grad(loss)(q), jax.grad(lambda q: one(q, k, v, ids).sum())(q),
+                               atol=1e-6)
+
+
+def test_auto_implementation_works_on_cpu():
+    q = jnp.ones((1, 8, 2, 4))
+    out = jattn.dot_product_attention(q, q, q, is_causal=True)
+    np.testing.assert_allclose(out, jnp.ones((1, 8, 2, 4)), atol=1e-6)
+    assert set(IMPLEMENTATIONS[:2]) <= set(jattn.implementations())
+
+
+def test_implementation_list_falls_through():
+    q = jnp.ones((1, 8, 2, 8), jnp.float32)
+    # cudnn refuses float32 (and non-GPU backends); the list moves on to chunked.
+    out = jattn.dot_product_attention(q, q, q, implementation=["cudnn", "chunked"])
+    np.testing.assert_allclose(out, q, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="cudnn"):
+        jattn.dot_product_attention(q, q, q, implementation="cudnn")
+
+
+def test_cudnn_rejects_masks_it_cannot_express():
+    from jattn.attention import _cudnn_mask_options
+
+    assert _cudnn_mask_options(masks.causal() & masks.local_window(4, 0)) == (True, (4, 0),
+                                                                               None, None)
+    with pytest.raises(NotImplementedError, match="Segments"):
+        _cudnn_mask_options(masks.causal() & masks.segments(jnp.zeros((1, 4), jnp.int32)))
+    with pytest.raises(NotImplementedError, match="Or"):
+        _cudnn_mask_options(masks.prefix_lm(2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_cudnn_matches_reference_on_gpu():
+    case = next(c for c in CASES if c.name == "lengths")
+    arrays, options, cot = make_inputs(case, jnp.bfloat16)
+    options = {**options, "is_causal": True}
+    want_out, _, _ = reference_outputs(case, arrays, options, cot)
+    got = jattn.dot_product_attention(*arrays[:3], implementation="cudnn", **options)
+    assert_close(got, want_out, jnp.bfloat16, "forward")
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+Q = jnp.zeros((2, 8, 4, 16))
+KV = jnp.zeros((2, 10, 2, 16))
+
+BAD_INPUTS = [
+    ("query_rank", dict(query=jnp.zeros((8, 16))), ValueError, "query"),
+    ("key_rank", dict(key=jnp.zeros((10, 2, 16))), ValueError, "key"),
+    ("integer_query", dict(query=jnp.zeros((2, 8, 4, 16), jnp.int32)), TypeError, "query"),
+    ("dtype_mismatch", dict(key=KV.astype(jnp.bfloat16)), TypeError, "key"),
+    ("heads_do_not_divide", dict(key=jnp.zeros((2, 10, 3, 16)), value=jnp.zeros((2, 10, 3, 16))),
+     ValueError, "heads"),
+    ("head_dim", dict(key=jnp.zeros((2, 10, 2, 8))), ValueError, "key"),
+    ("batch", dict(key=jnp.zeros((3, 10, 2, 16)), value=jnp.zeros((3, 10, 2, 16))),
+     ValueError, "key"),
+    ("value_length", dict(value=jnp.zeros((2, 9, 2, 16))), ValueError, "value"),
+    ("bias_shape", dict(bias=jnp.zeros((2, 4, 8, 9))), ValueError, "bias"),
+    ("bias_integer", dict(bias=jnp.zeros((8, 10), jnp.int32)), TypeError, "bias"),
+    ("mask_dtype", dict(mask=jnp.zeros((8, 10), jnp.float32)), TypeError, "mask"),
+    ("mask_shape", dict(mask=jnp.zeros((3, 1, 8, 10), bool)), ValueError, "mask"),
+    ("mask_object_length", dict(mask=masks.segments(jnp.zeros((2, 7), jnp.int32))),
+     ValueError, "mask"),
+    ("q_lengths_range", dict(query_seq_lengths=jnp.array([9, 1])), ValueError,
+     "query_seq_lengths"),
+    ("kv_lengths_negative", dict(key_value_seq_lengths=jnp.array([-1, 1])), ValueError,
+     "key_value_seq_lengths"),
+    ("lengths_shape", dict(key_value_seq_lengths=jnp.array([1, 2, 3])), ValueError,
+     "key_value_seq_lengths"),
+    ("lengths_float", dict(query_seq_lengths=jnp.array([1.0, 2.0])), TypeError,
+     "query_seq_lengths"),
+    ("segment_shape", dict(query_segment_ids=jnp.zeros((2, 7), jnp.int32),
+                           kv_segment_ids=jnp.zeros((2, 10), jnp.int32)), ValueError,
+     "query_segment_ids"),
+    ("segment_dtype", dict(query_segment_ids=jnp.zeros((2, 8)),
+                           kv_segment_ids=jnp.zeros((2, 10), jnp.int32)), TypeError,
+     "query_segment_ids"),
+    ("segment_one_sided_cross", dict(query_segment_ids=jnp.zeros((2, 8), jnp.int32)),
+     ValueError, "segment_ids"),
+    ("window_negative", dict(local_window_size=(-1, 2)), ValueError, "local_window_size"),
+    ("window_form", dict(local_window_size=(1, 2, 3)), ValueError, "local_window_size"),
+    ("soft_cap", dict(logits_soft_cap=0.0), ValueError, "logits_soft_cap"),
+    ("implementation", dict(implementation="nope"), ValueError, "implementation"),
+]
+
+
+@pytest.mark.parametrize("name,changes,error,argument", BAD_INPUTS,
+                         ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input(name, changes, error, argument):
+    call = {"query": Q, "key": KV, "value": KV} | changes
+    with pytest.raises(error, match=argument):
+        jattn.dot_product_attention(**call)
