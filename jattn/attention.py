@@ -298,44 +298,46 @@ def _dispatch(implementation, query, key, value, bias, mask, *, scale, logits_so
 # --------------------------------------------------------------------------------------------
 
 
-def _grouped_heads(x: Array | None, K: int) -> Array | None:
-    """[B', N|1, ...] -> [B', K|1, G|1, ...] to broadcast against grouped scores."""
-    if x is None:
-        return None
-    if x.shape[1] == 1:
-        return x[:, :, None]
-    return x.reshape(x.shape[0], K, x.shape[1] // K, *x.shape[2:])
-
-
 @register_implementation("xla")
 def xla_attention(query, key, value, bias, mask, *, scale, logits_soft_cap):
-    """Materialised scores [B, K, G, T, S]; differentiated by JAX. Memory O(B N T S)."""
+    """Materialised scores [B, N, T, S], differentiated by JAX. Memory O(B N T S).
+
+    Masked logits are set to the dtype's lowest finite value (not -inf) so jax.nn.softmax
+    stays NaN-free; rows with nothing allowed are then zeroed at the output.
+    """
     B, T, N, H = query.shape
-    _, S, K, _ = key.shape
+    _, S, K, Hv = value.shape
+    G = N // K
     acc = accumulation_dtype(query.dtype)
-    q = query.reshape(B, T, K, N // K, H)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, key, preferred_element_type=acc) * scale
+    if G == 1:
+        logits = jnp.einsum("btnh,bsnh->bnts", query, key, preferred_element_type=acc)
+    else:
+        logits = jnp.einsum("btkgh,bskh->bkgts", query.reshape(B, T, K, G, H), key,
+                            preferred_element_type=acc).reshape(B, N, T, S)
+    logits = logits * scale
+    allowed = None if mask is None else mask.materialize(T, S)
     if bias is not None:
-        logits = logits + _grouped_heads(bias, K).astype(acc)
+        logits = logits + bias.astype(acc)
     if logits_soft_cap is not None:
         logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
-    if mask is None:
-        allowed = jnp.ones((1, 1, 1, 1, 1), bool)
+    elif bias is not None:
+        # An additive -inf is a mask too; keep it out of the softmax (it would give NaN rows).
+        finite = logits > -jnp.inf
+        allowed = finite if allowed is None else allowed & finite
+    if allowed is not None:
+        logits = jnp.where(allowed, logits, jnp.finfo(acc).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    if G == 1:
+        out = jnp.einsum("bnts,bsnh->btnh", probs, value, preferred_element_type=acc)
     else:
-        allowed = _grouped_heads(mask.materialize(T, S), K)
-    neg = jnp.asarray(-jnp.inf, acc)
-    row_max = jnp.max(jnp.where(allowed, logits, neg), axis=-1, keepdims=True)
-    row_max = jnp.where(row_max == neg, 0, row_max)
-    # The inner where keeps masked entries finite so no NaN reaches the gradient.
-    weights = jnp.where(allowed, jnp.exp(jnp.where(allowed, logits, row_max) - row_max), 0)
-    total = weights.sum(-1, keepdims=True)
-    nonempty = total > 0
-    safe_total = jnp.where(nonempty, total, 1)
-    probs = (weights / safe_total).astype(value.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, value, preferred_element_type=acc)
-    lse = jnp.where(nonempty, row_max + jnp.log(safe_total), neg)[..., 0]
-    return (out.reshape(B, T, N, value.shape[-1]).astype(query.dtype),
-            lse.reshape(B, N, T))
+        out = jnp.einsum("bkgts,bskh->btkgh", probs.reshape(B, K, G, T, S), value,
+                         preferred_element_type=acc).reshape(B, T, N, Hv)
+    if allowed is not None:
+        nonempty = jnp.broadcast_to(allowed.any(-1), (B, N, T))
+        out = out * nonempty.transpose(0, 2, 1)[..., None]
+        lse = jnp.where(nonempty, lse, -jnp.inf)
+    return out.astype(query.dtype), lse
 
 
 @register_implementation("chunked")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -91,15 +92,39 @@ def chunked_attention(query: Array, key: Array, value: Array, bias: Array | None
     st = _Static(scale=float(scale), soft_cap=None if logits_soft_cap is None
                  else float(logits_soft_cap), T=T, S=S,
                  bq=min(block_sizes.block_q, T), bk=min(block_sizes.block_kv, S))
+    schedule = _schedule(mask, st)
+    return _attention(st, query, key, value, bias, mask, *schedule)
+
+
+class TileSchedule(NamedTuple):
+    """Which tiles the chunked implementation visits, per query block."""
+
+    kinds: Array  # int8 [nq, nk]: EMPTY / PARTIAL / FULL over the whole batch and all heads
+    order: Array  # int32 [nq, nk]: non-empty key blocks first, in increasing order
+    counts: Array  # int32 [nq]: how many key blocks each query block visits
+
+
+def tile_schedule(mask: Mask | None, T: int, S: int,
+                  block_sizes: BlockSizes = BlockSizes()) -> TileSchedule:
+    """The tiles ``chunked_attention`` visits for ``mask`` on a [T, S] problem.
+
+    >>> from jattn import masks
+    >>> tile_schedule(masks.causal(), 8, 8, BlockSizes(4, 4)).counts.tolist()
+    [1, 2]
+    """
+    st = _Static(scale=1.0, soft_cap=None, T=T, S=S, bq=min(block_sizes.block_q, T),
+                 bk=min(block_sizes.block_kv, S))
+    return _schedule(mask, st)
+
+
+def _schedule(mask: Mask | None, st: _Static) -> TileSchedule:
     kinds = _tile_kinds(mask, st)
-    # Visit order per query block: non-empty key blocks first (in order), then the rest.
     order = jnp.argsort(kinds == EMPTY, axis=1, stable=True).astype(jnp.int32)
     counts = (kinds != EMPTY).sum(1).astype(jnp.int32)
-    return _attention(st, query, key, value, bias, mask, kinds, order, counts)
+    return TileSchedule(kinds, order, counts)
 
 
 def _tile_kinds(mask: Mask | None, st: _Static) -> Array:
-    """int8 [nq, nk]: EMPTY / PARTIAL / FULL for the whole batch and all heads."""
     if mask is None:
         kinds = jnp.full((st.nq, st.nk), FULL, jnp.int8)
     else:

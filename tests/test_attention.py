@@ -34,6 +34,7 @@ class Case:
     bias: tuple[int, ...] | None = None  # shape of the bias, if any
     options: Callable[[Case, np.random.RandomState], dict] = lambda c, r: {}
     jax_nn: bool = True  # only options jax.nn.dot_product_attention also has
+    bias_neg_inf: bool = False  # some bias entries, and all of row 3, are -inf
 
 
 def _packed_ids(rng, B, length, pieces):
@@ -99,6 +100,7 @@ CASES = [
     Case("bias_full", bias=(2, 4, 37, 37)),
     Case("bias_broadcast", S=45, bias=(1, 4, 1, 45), options=lambda c, r: {"is_causal": True}),
     Case("bias_TS", bias=(37, 37), options=lambda c, r: {"local_window_size": 7}),
+    Case("bias_neg_inf", bias=(2, 1, 37, 37), bias_neg_inf=True, jax_nn=False),
     Case("scale", options=lambda c, r: {"scale": 0.9}),
     Case("everything", S=45, Hv=6, bias=(1, 4, 37, 45), jax_nn=False, options=lambda c, r: {
         "is_causal": True, "local_window_size": (20, 3),
@@ -116,6 +118,9 @@ def make_inputs(case: Case, dtype=jnp.float32):
     k = rng.randn(case.B, case.S, case.K, case.H)
     v = rng.randn(case.B, case.S, case.K, case.Hv)
     bias = None if case.bias is None else rng.randn(*case.bias)
+    if case.bias_neg_inf:
+        bias[rng.rand(*case.bias) < 0.3] = -np.inf
+        bias[..., 3, :] = -np.inf
     arrays = [jnp.asarray(x, dtype) if x is not None else None for x in (q, k, v, bias)]
     cotangents = (jnp.asarray(rng.randn(case.B, case.T, case.N, case.Hv), jnp.float32),
                   jnp.asarray(rng.randn(case.B, case.N, case.T), jnp.float32))

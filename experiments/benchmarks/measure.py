@@ -1,0 +1,65 @@
+"""Timing and memory of a compiled JAX function, compilation excluded.
+
+Each function is compiled ahead of time (``jit(...).lower(...).compile()``); memory is read
+from the compiled executable's memory analysis (temporaries + outputs, arguments excluded:
+they are the same for every method), so a case that would not fit is reported without running
+it. Time is the median of repeated calls of the compiled executable, each waited for with
+``block_until_ready``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+
+
+@dataclasses.dataclass
+class Measurement:
+    seconds: float | None  # median wall time of one call; None when not run
+    runs: int  # timed calls behind the median
+    memory_bytes: int  # compiled temporaries + outputs
+    note: str = ""  # why it was not run, if it was not
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else total physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def measure(fn: Callable, *args, repeats: int = 3, memory_budget: int | None = None,
+            single_run_above_s: float = 5.0) -> Measurement:
+    """Compile ``fn`` for ``args``, then time it unless its memory exceeds ``memory_budget``.
+
+    The first call is timed too (it is not a compilation); when it takes longer than
+    ``single_run_above_s`` it is the only one, otherwise ``repeats`` more calls are timed and
+    their median reported.
+    """
+    compiled = jax.jit(fn).lower(*args).compile()
+    analysis = compiled.memory_analysis()
+    memory = int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
+    budget = available_memory_bytes() * 0.8 if memory_budget is None else memory_budget
+    if memory > budget:
+        return Measurement(None, 0, memory, f"needs {memory / 2**30:.1f} GiB")
+
+    def once() -> float:
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        return time.perf_counter() - start
+
+    first = once()
+    if first > single_run_above_s or repeats <= 1:
+        return Measurement(first, 1, memory)
+    times = [once() for _ in range(repeats)]
+    return Measurement(statistics.median(times), len(times), memory)

@@ -1,0 +1,54 @@
+"""Experiment plumbing: presets from the command line, the measurement helper, the CPU
+benchmark end to end on a tiny configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax.numpy as jnp
+import pytest
+
+from experiments.benchmarks import attention_cpu
+from experiments.benchmarks.measure import measure
+from experiments.common.config import parse_config
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    lens: tuple[int, ...] = (1, 2)
+    rate: float = 0.5
+    flag: bool = False
+    name: str = "a"
+
+
+def test_parse_config_overrides_preset_fields():
+    presets = {"small": _Config(), "big": _Config(lens=(8,), name="b")}
+    assert parse_config(presets, []) == _Config()
+    got = parse_config(presets, ["--preset", "big", "--lens", "3,4", "--flag", "true",
+                                 "--rate", "0.25"])
+    assert got == _Config(lens=(3, 4), rate=0.25, flag=True, name="b")
+    with pytest.raises(SystemExit):
+        parse_config(presets, ["--flag", "maybe"])
+
+
+def test_measure_reports_memory_without_running_what_does_not_fit():
+    x = jnp.ones((256, 256))
+    result = measure(lambda a: a @ a, x, memory_budget=1)
+    assert result.seconds is None and result.runs == 0 and "GiB" in result.note
+    assert result.memory_bytes >= 256 * 256 * 4
+    ran = measure(lambda a: a @ a, x, repeats=2)
+    assert ran.seconds > 0 and ran.runs == 2
+
+
+def test_attention_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench"
+    attention_cpu.main(["--seq-lens", "64", "--heads", "2", "--head-dim", "8", "--repeats", "1",
+                        "--methods", "jattn chunked,jax.nn xla", "--out", str(out)])
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 2  # causal x mode x method
+    assert all(r["seconds"] > 0 and r["memory_bytes"] > 0 for r in rows)
+    summary = (out / "summary.md").read_text()
+    assert "| 64 | yes |" in summary and "jattn chunked" in summary
+    assert (out / "figures" / "attention_cpu.png").stat().st_size > 10_000
+    assert json.loads((out / "config.json").read_text())["seq_lens"] == [64]
