@@ -13,8 +13,9 @@ import jattn
 from jattn.chunked import BlockSizes
 
 # Small tiles so that T=37, S=45 span several query and key blocks, none of them a multiple
-# of the block: the padding, tile skipping and FULL/PARTIAL paths all run.
-SMALL_BLOCKS = BlockSizes(block_q=16, block_kv=8)
+# of the block: the padding, tile skipping and FULL/PARTIAL paths all run; the backward pass
+# tiles differently from the forward pass.
+SMALL_BLOCKS = BlockSizes(block_q=16, block_kv=8, block_q_bwd=8, block_kv_bwd=16)
 jattn.register_implementation("chunked_small_blocks")(
     functools.partial(jattn.chunked_attention, block_sizes=SMALL_BLOCKS))
 

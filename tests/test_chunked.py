@@ -29,7 +29,7 @@ def test_custom_vjp_against_finite_differences():
 
         def f(q, k, v, bias):
             out, lse = chunked_attention(q, k, v, bias, mask, scale=0.4, logits_soft_cap=3.0,
-                                         block_sizes=BlockSizes(8, 4))
+                                         block_sizes=BlockSizes(8, 4, 4, 8))
             return out, jnp.where(jnp.isfinite(lse), lse, 0)
 
         check_grads(f, (q, k, v, bias), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
@@ -43,19 +43,23 @@ def test_custom_vjp_against_finite_differences():
     (masks.segments(np.repeat(np.arange(4), 8)[None].astype(np.int32)), 32, 32, 8, 8),
 ])
 def test_schedule_visits_exactly_the_non_empty_tiles(mask, T, S, bq, bk):
-    schedule = tile_schedule(mask, T, S, BlockSizes(bq, bk))
+    schedule = tile_schedule(mask, T, S, bq, bk)
     dense = np.ones((T, S), bool) if mask is None else np.asarray(mask.materialize(T, S))[0, 0]
     nq, nk = -(-T // bq), -(-S // bk)
     for i in range(nq):
-        nonempty = [j for j in range(nk)
-                    if dense[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk].any()]
-        count = int(schedule.counts[i])
-        assert count == len(nonempty)
-        assert np.asarray(schedule.order[i, :count]).tolist() == nonempty
+        tiles = [dense[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk] for j in range(nk)]
+        # A key block running past S is padded, so it always needs masking.
+        full = [j for j, t in enumerate(tiles) if t.all() and (j + 1) * bk <= S]
+        partial = [j for j, t in enumerate(tiles) if t.any() and j not in full]
+        order = np.asarray(schedule.order[i]).tolist()
+        assert int(schedule.full[i]) == len(full)
+        assert int(schedule.counts[i]) == len(full) + len(partial)
+        assert order[:len(full)] == full
+        assert order[len(full):len(full) + len(partial)] == partial
 
 
 def test_causal_visits_about_half_the_tiles():
-    counts = tile_schedule(masks.causal(), 8192, 8192, BlockSizes(512, 512)).counts
+    counts = tile_schedule(masks.causal(), 8192, 8192, 512, 512).counts
     assert int(counts.sum()) == 16 * 17 // 2
 
 
@@ -64,8 +68,9 @@ def test_empty_tiles_are_never_read():
     q, k, v, _ = _inputs(T=64, S=64, N=2, K=2)
     v = v.at[:, 40:48].set(jnp.nan)  # key block 5 (block size 8)
     mask = masks.local_window(3, 0)
-    out, _ = chunked_attention(q, k, v, None, mask, scale=0.5, block_sizes=BlockSizes(8, 8))
-    kinds = np.asarray(tile_schedule(mask, 64, 64, BlockSizes(8, 8)).kinds)
+    out, _ = chunked_attention(q, k, v, None, mask, scale=0.5,
+                               block_sizes=BlockSizes(8, 8, 8, 8))
+    kinds = np.asarray(tile_schedule(mask, 64, 64, 8, 8).kinds)
     finite_rows = np.isfinite(np.asarray(out)).all((0, 2, 3))
     for i in range(8):
         if kinds[i, 5] == EMPTY:
@@ -80,7 +85,7 @@ def test_memory_is_linear_in_sequence_length():
 
     def loss(q, k, v):
         out, _ = chunked_attention(q, k, v, None, masks.causal(), scale=0.25,
-                                   block_sizes=BlockSizes(256, 256))
+                                   block_sizes=BlockSizes(256, 256, 256, 256))
         return out.sum()
 
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, q, q).compile()
@@ -90,7 +95,8 @@ def test_memory_is_linear_in_sequence_length():
                                                             scores_bytes)
 
 
-@pytest.mark.parametrize("kwargs", [{"block_q": 0}, {"block_kv": -3}, {"block_q": 2.5}])
+@pytest.mark.parametrize("kwargs", [{"block_q": 0}, {"block_kv": -3}, {"block_q": 2.5},
+                                    {"block_q_bwd": 0}])
 def test_block_sizes_are_validated(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         BlockSizes(**kwargs)
