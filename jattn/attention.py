@@ -21,9 +21,11 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jattn import chunked as _chunked
 from jattn import masks as _masks
+from jattn.chunked import BlockSizes
 from jattn.masks import Mask
 from jattn.typing import (
     Array,
@@ -73,13 +75,12 @@ def implementations() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-# Scores at or below this many elements (64 MiB in float32) are cheap to materialise, and
-# materialising them is faster on every platform; above it "chunked" saves the memory.
-_XLA_MAX_SCORES = 1 << 24
-
-
-def _auto_order(B: int, N: int, T: int, S: int) -> list[str]:
-    if B * N * T * S <= _XLA_MAX_SCORES:
+def _auto_order(T: int, S: int) -> list[str]:
+    """"xla" while the problem fits in one chunked tile (nothing to skip, no loop overhead),
+    "chunked" beyond: it is faster from T = S = 1024 on (docs/benchmarks.md) and its
+    memory does not grow with T * S."""
+    one_tile = BlockSizes()
+    if T <= one_tile.block_q and S <= one_tile.block_kv:
         return ["xla", "chunked"]
     return ["chunked", "xla"]
 
@@ -87,7 +88,8 @@ def _auto_order(B: int, N: int, T: int, S: int) -> list[str]:
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,
                           is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
                           local_window_size=None, query_segment_ids=None, kv_segment_ids=None,
-                          logits_soft_cap=None, return_lse=False, implementation=None):
+                          logits_soft_cap=None, return_lse=False, implementation=None,
+                          return_residual=False):
     r"""Scaled dot-product attention, a superset of ``jax.nn.dot_product_attention``.
 
     .. math::
@@ -120,10 +122,12 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
             float32; -inf for rows with nothing to attend to. Differentiable.
         implementation: None (the best available here), a name from ``implementations()``,
             or a list of names tried in turn.
+        return_residual: jax.nn's form of ``return_lse``, kept so jax.nn code runs unchanged:
+            the log-sum-exp as [B, T, N] (or [T, N]) in the input dtype, without gradient.
 
     Returns:
         output [B, T, N, Hv] (or [T, N, Hv]) in the input dtype; with ``return_lse`` the pair
-        (output, lse).
+        (output, lse); with ``return_residual`` the pair (output, residual).
 
     Raises:
         TypeError: non-floating q/k/v, mismatched dtypes, non-boolean mask, non-integer ids
@@ -143,6 +147,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         P68 Sigma (DiffQKV: different K/V head counts and head dims); P75 Dataset
         Decomposition (document masks); P23 CAB (causal/non-causal, self/cross patterns).
     """
+    if return_lse and return_residual:
+        raise ValueError("return_lse, return_residual: ask for one of them")
     query, key, value = (jnp.asarray(x) for x in (query, key, value))
     check_rank("query", query, (3, 4), "[B, T, N, H] or [T, N, H]")
     batch_free = query.ndim == 3
@@ -193,6 +199,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
                          logits_soft_cap=logits_soft_cap)
     if batch_free:
         out, lse = out[0], lse[0]
+    if return_residual:
+        return out, lax.stop_gradient(jnp.swapaxes(lse, -1, -2).astype(out.dtype))
     return (out, lse) if return_lse else out
 
 
@@ -271,10 +279,8 @@ def _ids_array(name, x, B, length, batch_free) -> Array:
 
 
 def _dispatch(implementation, query, key, value, bias, mask, *, scale, logits_soft_cap):
-    B, T, N, _ = query.shape
-    S = key.shape[1]
     if implementation is None:
-        names = _auto_order(B, N, T, S)
+        names = _auto_order(query.shape[1], key.shape[1])
     elif isinstance(implementation, str):
         names = [implementation]
     else:

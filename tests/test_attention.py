@@ -218,6 +218,20 @@ def test_parity_with_jax_nn(implementation, case):
     assert err <= 2e-5
 
 
+def test_return_residual_as_in_jax_nn(implementation):
+    case = next(c for c in CASES if c.name == "causal")
+    (q, k, v, _), options, _ = make_inputs(case)
+    out, residual = jattn.dot_product_attention(q, k, v, return_residual=True,
+                                                implementation=implementation, **options)
+    want_out, want_residual = jax.nn.dot_product_attention(q, k, v, return_residual=True,
+                                                           **options)
+    assert residual.shape == want_residual.shape == (case.B, case.T, case.N)
+    np.testing.assert_allclose(out, want_out, atol=2e-5)
+    np.testing.assert_allclose(residual, want_residual, atol=2e-5)
+    with pytest.raises(ValueError, match="return_lse"):
+        jattn.dot_product_attention(q, k, v, return_residual=True, return_lse=True)
+
+
 def test_batch_free_inputs(implementation):
     case = next(c for c in CASES if c.name == "everything")
     arrays, options, _ = make_inputs(case)
