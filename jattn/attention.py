@@ -32,7 +32,9 @@ from jattn.typing import (
     accumulation_dtype,
     check_broadcastable,
     check_floating,
+    check_integer,
     check_rank,
+    check_shape,
     check_values_in_range,
     left_pad_rank,
 )
@@ -245,36 +247,30 @@ def _combine_masks(mask, *, B, N, T, S, batch_free, is_causal, query_seq_lengths
         if (query_segment_ids is None or kv_segment_ids is None) and T != S:
             raise ValueError(f"query_segment_ids, kv_segment_ids: give both when T={T} != S={S}")
         parts.append(_masks.Segments(
-            _ids_array("query_segment_ids", q_ids, B, T, batch_free),
-            _ids_array("kv_segment_ids", kv_ids, B, S, batch_free)))
+            _per_example_ints("query_segment_ids", q_ids, (B, T), "BT", batch_free),
+            _per_example_ints("kv_segment_ids", kv_ids, (B, S), "BS", batch_free)))
     for part in parts:
         part.check(T, S, "mask")
         check_broadcastable("mask", part.dims(), (B, N), "BN")
     return _masks.all_of(parts)
 
 
-def _lengths_array(name, x, B, limit, batch_free) -> Array | None:
-    if x is None:
-        return None
+def _per_example_ints(name: str, x, shape: tuple[int, ...], letters: str,
+                      batch_free: bool) -> Array:
+    """Integer data with a leading batch axis (added for batch-free calls), of ``shape``."""
     x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise TypeError(f"{name}: expected an integer dtype, got {x.dtype} (shape {x.shape})")
-    if batch_free and x.ndim == 0:
+    check_integer(name, x)
+    if batch_free and x.ndim == len(shape) - 1:
         x = x[None]
-    if x.shape != (B,):
-        raise ValueError(f"{name}: expected shape ({B},) [B], got {x.shape}")
-    check_values_in_range(name, x, 0, limit)
+    check_shape(name, x, shape, letters)
     return x
 
 
-def _ids_array(name, x, B, length, batch_free) -> Array:
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise TypeError(f"{name}: expected an integer dtype, got {x.dtype} (shape {x.shape})")
-    if batch_free and x.ndim == 1:
-        x = x[None]
-    if x.shape != (B, length):
-        raise ValueError(f"{name}: expected shape ({B}, {length}), got {x.shape}")
+def _lengths_array(name, x, B, limit, batch_free) -> Array | None:
+    if x is None:
+        return None
+    x = _per_example_ints(name, x, (B,), "B", batch_free)
+    check_values_in_range(name, x, 0, limit)
     return x
 
 

@@ -273,12 +273,26 @@ def _rows(x: Array) -> Array:
 # --------------------------------------------------------------------------------------------
 
 
+class _Shapes(NamedTuple):
+    B: int
+    T: int
+    N: int
+    H: int
+    K: int
+    G: int
+    Hv: int
+
+
+def _shapes(query: Array, key: Array, value: Array) -> _Shapes:
+    B, T, N, H = query.shape
+    K, Hv = key.shape[2], value.shape[-1]
+    return _Shapes(B, T, N, H, K, N // K, Hv)
+
+
 def _forward(st: _Static, query, key, value, bias, mask):
     tl = st.fwd
     schedule = _schedule(mask, tl)
-    B, T, N, _ = query.shape
-    K, Hv = key.shape[2], value.shape[-1]
-    G = N // K
+    B, T, N, _, K, G, Hv = _shapes(query, key, value)
     acc_t = accumulation_dtype(query.dtype)
     q, k, v, bias = _padded_inputs(query, key, value, bias, tl)
 
@@ -332,9 +346,7 @@ def _attention_bwd(st, residuals, cotangents):
     d_out, d_lse = cotangents
     tl = st.bwd
     schedule = _schedule(mask, tl)
-    B, T, N, H = query.shape
-    K, Hv = key.shape[2], value.shape[-1]
-    G = N // K
+    B, T, N, H, K, G, Hv = _shapes(query, key, value)
     acc_t = accumulation_dtype(query.dtype)
     q, k, v, padded_bias = _padded_inputs(query, key, value, bias, tl)
     Tp, Sp = tl.nq * tl.bq, tl.nk * tl.bk

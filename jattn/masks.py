@@ -80,6 +80,17 @@ def _per_tile(x: Array, axis: int, block: int) -> Array:
     return x.reshape(shape)
 
 
+def _check_token_data(name: str, *fields: tuple[str, Array, int], high: int | None = None):
+    """Per-token integer data: each (field, array [B, length], length), values <= high."""
+    for what, x, length in fields:
+        check_integer(f"{name}.{what}", x)
+        check_rank(f"{name}.{what}", x, (2,), "[B, length]")
+        if x.shape[1] != length:
+            raise ValueError(f"{name}.{what}: expected length {length}, got shape {x.shape}")
+        if high is not None:
+            check_values_in_range(f"{name}.{what}", x, 0, high)
+
+
 def _kind(full: Array, empty: Array) -> Array:
     return jnp.where(empty, EMPTY, jnp.where(full, FULL, PARTIAL)).astype(jnp.int8)
 
@@ -162,7 +173,9 @@ class Band(Mask):
         dmax = k1[None, :] - q0[:, None]
         lo = -math.inf if self.lo is None else self.lo
         hi = math.inf if self.hi is None else self.hi
-        empty = (dmax < lo) | (dmin > hi)
+        # The tile's offsets kv - q fill [dmin, dmax]; it is empty when that range misses
+        # [lo, hi] (always, if lo > hi), full when it lies inside.
+        empty = np.maximum(dmin, lo) > np.minimum(dmax, hi)
         full = (dmin >= lo) & (dmax <= hi)
         return _kind(jnp.asarray(full), jnp.asarray(empty))[None, None]
 
@@ -233,11 +246,7 @@ class Segments(Mask):
         return (max(self.q_ids.shape[0], self.kv_ids.shape[0]), 1)
 
     def check(self, T, S, name):
-        for what, x, length in (("q_ids", self.q_ids, T), ("kv_ids", self.kv_ids, S)):
-            check_integer(f"{name}.{what}", x)
-            check_rank(f"{name}.{what}", x, (2,), "[B, length]")
-            if x.shape[1] != length:
-                raise ValueError(f"{name}.{what}: expected length {length}, got shape {x.shape}")
+        _check_token_data(name, ("q_ids", self.q_ids, T), ("kv_ids", self.kv_ids, S))
 
     def evaluate(self, q_pos, kv_pos):
         q = jnp.take(self.q_ids, q_pos, axis=1, mode="clip")
@@ -271,12 +280,8 @@ class TokenTypes(Mask):
         return (max(self.q_types.shape[0], self.kv_types.shape[0]), 1)
 
     def check(self, T, S, name):
-        for what, x, length in (("q_types", self.q_types, T), ("kv_types", self.kv_types, S)):
-            check_integer(f"{name}.{what}", x)
-            check_rank(f"{name}.{what}", x, (2,), "[B, length]")
-            if x.shape[1] != length:
-                raise ValueError(f"{name}.{what}: expected length {length}, got shape {x.shape}")
-            check_values_in_range(f"{name}.{what}", x, 0, self.num_types - 1)
+        _check_token_data(name, ("q_types", self.q_types, T), ("kv_types", self.kv_types, S),
+                          high=self.num_types - 1)
 
     def _table(self) -> np.ndarray:
         table = np.zeros((self.num_types, self.num_types), bool)
@@ -346,10 +351,14 @@ class Dense(Mask):
 # --------------------------------------------------------------------------------------------
 
 
-@_pytree(data=("a", "b"))
-class And(Mask):
+@dataclasses.dataclass(frozen=True)
+class _Binary(Mask):
+    """Shared by And and Or: elementwise ``values`` on patterns, ``kinds`` on block maps."""
+
     a: Mask
     b: Mask
+    values = None  # (bool, bool) -> bool
+    kinds = None  # (kind, kind) -> kind; kinds are ordered EMPTY < PARTIAL < FULL
 
     def dims(self):
         return _broadcast_dims(self.a.dims(), self.b.dims())
@@ -359,31 +368,23 @@ class And(Mask):
         self.b.check(T, S, name)
 
     def evaluate(self, q_pos, kv_pos):
-        return self.a.evaluate(q_pos, kv_pos) & self.b.evaluate(q_pos, kv_pos)
+        return self.values(self.a.evaluate(q_pos, kv_pos), self.b.evaluate(q_pos, kv_pos))
 
     def block_map(self, T, S, block_q, block_kv):
-        return jnp.minimum(self.a.block_map(T, S, block_q, block_kv),
-                           self.b.block_map(T, S, block_q, block_kv))
+        return self.kinds(self.a.block_map(T, S, block_q, block_kv),
+                          self.b.block_map(T, S, block_q, block_kv))
 
 
 @_pytree(data=("a", "b"))
-class Or(Mask):
-    a: Mask
-    b: Mask
+class And(_Binary):
+    values = staticmethod(jnp.logical_and)
+    kinds = staticmethod(jnp.minimum)
 
-    def dims(self):
-        return _broadcast_dims(self.a.dims(), self.b.dims())
 
-    def check(self, T, S, name):
-        self.a.check(T, S, name)
-        self.b.check(T, S, name)
-
-    def evaluate(self, q_pos, kv_pos):
-        return self.a.evaluate(q_pos, kv_pos) | self.b.evaluate(q_pos, kv_pos)
-
-    def block_map(self, T, S, block_q, block_kv):
-        return jnp.maximum(self.a.block_map(T, S, block_q, block_kv),
-                           self.b.block_map(T, S, block_q, block_kv))
+@_pytree(data=("a", "b"))
+class Or(_Binary):
+    values = staticmethod(jnp.logical_or)
+    kinds = staticmethod(jnp.maximum)
 
 
 @_pytree(data=("a",))

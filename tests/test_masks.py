@@ -243,3 +243,9 @@ def test_check_rejects_data_of_the_wrong_length():
         masks.segments(np.zeros((1, 5), np.int32)).check(4, 4, "mask")
     with pytest.raises(ValueError, match=r"mask\.q_types"):
         masks.token_types(np.array([[0, 5]]), allowed=[(0, 0)], num_types=2).check(2, 2, "mask")
+
+
+def test_empty_band_has_empty_tiles():
+    # Found by hypothesis: lo > hi allows nothing, so every tile is EMPTY.
+    kinds = np.asarray(masks.Band(1, 0).block_map(1, 2, 1, 2))
+    assert kinds.tolist() == [[[[EMPTY]]]]
