@@ -52,3 +52,11 @@ def test_attention_benchmark_smoke(tmp_path):
     assert "| 64 | yes |" in summary and "jattn chunked" in summary
     assert (out / "figures" / "attention_cpu.png").stat().st_size > 10_000
     assert json.loads((out / "config.json").read_text())["seq_lens"] == [64]
+
+
+def test_mqar_data_benchmark_smoke(tmp_path):
+    from experiments.benchmarks import mqar_data
+
+    mqar_data.main(["--rows", "50", "--baseline-rows", "5", "--out", str(tmp_path)])
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.count("\n| ") == 1 + len(mqar_data.GRID)  # header + one row per length

@@ -1,0 +1,1 @@
+"""Zoology MQAR (P24): data, mixers, model, sweeps."""
