@@ -24,7 +24,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from jattn.masks import EMPTY, FULL, PARTIAL, Mask
-from jattn.typing import Array, accumulation_dtype
+from jattn.typing import (
+    Array,
+    accumulation_dtype,
+    check_broadcastable,
+    check_floating,
+    check_rank,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +117,7 @@ def chunked_attention(query: Array, key: Array, value: Array, bias: Array | None
         >>> out.shape, lse.shape
         ((1, 8, 2, 4), (1, 2, 8))
     """
+    _check_normalised(query, key, value, bias, mask)
     T, S = query.shape[1], key.shape[1]
     bs = block_sizes
     st = _Static(scale=float(scale),
@@ -118,6 +125,25 @@ def chunked_attention(query: Array, key: Array, value: Array, bias: Array | None
                  fwd=_Tiling.of(T, S, bs.block_q, bs.block_kv),
                  bwd=_Tiling.of(T, S, bs.block_q_bwd, bs.block_kv_bwd))
     return _attention(st, query, key, value, bias, mask)
+
+
+def _check_normalised(query, key, value, bias, mask) -> None:
+    """The normalised form dot_product_attention hands over, for direct callers."""
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        check_rank(name, x, (4,), "[B, T|S, N|K, H|Hv]")
+        check_floating(name, x)
+    B, _, N, H = query.shape
+    if key.shape[0] != B or key.shape[3] != H or value.shape[:3] != key.shape[:3]:
+        raise ValueError(f"key, value: expected [B={B}, S, K, H={H}] and [B, S, K, Hv], got "
+                         f"{key.shape} and {value.shape}")
+    if N % key.shape[2] or not query.dtype == key.dtype == value.dtype:
+        raise ValueError(f"query, key: need N % K == 0 and one dtype, got {query.shape} "
+                         f"{query.dtype}, {key.shape} {key.dtype}")
+    if bias is not None:
+        check_rank("bias", bias, (4,), "[B|1, N|1, T|1, S|1]")
+        check_broadcastable("bias", bias.shape, (B, N, query.shape[1], key.shape[1]), "BNTS")
+    if mask is not None and not isinstance(mask, Mask):
+        raise TypeError(f"mask: expected a jattn.masks.Mask or None, got {type(mask).__name__}")
 
 
 class TileSchedule(NamedTuple):

@@ -100,3 +100,16 @@ def test_memory_is_linear_in_sequence_length():
 def test_block_sizes_are_validated(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         BlockSizes(**kwargs)
+
+
+@pytest.mark.parametrize("change,error,name", [
+    ({"query": jnp.zeros((4, 2, 4))}, ValueError, "query"),
+    ({"key": jnp.zeros((1, 5, 3, 4)), "value": jnp.zeros((1, 5, 3, 4))}, ValueError, "key"),
+    ({"bias": jnp.zeros((1, 1, 3, 5))}, ValueError, "bias"),
+    ({"mask": jnp.ones((4, 5), bool)}, TypeError, "mask"),
+])
+def test_direct_calls_are_validated(change, error, name):
+    args = {"query": jnp.zeros((1, 4, 2, 4)), "key": jnp.zeros((1, 5, 1, 4)),
+            "value": jnp.zeros((1, 5, 1, 4)), "bias": None, "mask": None} | change
+    with pytest.raises(error, match=name):
+        chunked_attention(**args, scale=1.0)
