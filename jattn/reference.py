@@ -84,3 +84,16 @@ def _masked_softmax_average(logits: Array, allowed: Array, v: Array) -> tuple[Ar
     out = jnp.einsum("bnts,bsnh->btnh", probs, v)
     lse = jnp.where(nonempty, row_max + jnp.log(jnp.where(nonempty, total, 1)), neg)[..., 0]
     return out, lse
+
+
+def causal_conv(x: Array, filt: Array) -> Array:
+    """y[b, t, d] = sum_{s=0}^{min(t, K-1)} filt[s, d] * x[b, t - s, d], as a Toeplitz matmul.
+
+    The reference for ``jattn.mixers.fft_causal_conv`` (filt [L, D]) and, with the kernel
+    reversed, ``short_causal_conv`` (kernel [K, D]).
+    """
+    L, K = x.shape[1], filt.shape[0]
+    lag = jnp.arange(L)[:, None] - jnp.arange(L)[None, :]  # t - tau
+    valid = (lag >= 0) & (lag < K)
+    toeplitz = jnp.where(valid[..., None], filt[jnp.clip(lag, 0, K - 1)], 0)  # [L, L, D]
+    return jnp.einsum("tud,bud->btd", toeplitz, x)
