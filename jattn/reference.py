@@ -9,6 +9,7 @@ and gradients. Signatures match the public functions.
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 
 from jattn.masks import Mask
 from jattn.typing import Array, left_pad_rank
@@ -97,3 +98,24 @@ def causal_conv(x: Array, filt: Array) -> Array:
     valid = (lag >= 0) & (lag < K)
     toeplitz = jnp.where(valid[..., None], filt[jnp.clip(lag, 0, K - 1)], 0)  # [L, L, D]
     return jnp.einsum("tud,bud->btd", toeplitz, x)
+
+
+def selective_scan(u, delta, A, B, C, D=None):
+    """The selective-scan recurrence one step at a time (lax.scan over the length).
+
+    h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t;  y_t = <h_t, C_t> + D u_t.
+    """
+    dtype = jnp.promote_types(u.dtype, jnp.float32)
+
+    def step(h, inputs):
+        u_t, delta_t, B_t, C_t = inputs  # [b, d], [b, d], [b, n], [b, n]
+        h = jnp.exp(delta_t[..., None] * A) * h + (delta_t * u_t)[..., None] * B_t[:, None, :]
+        return h, jnp.einsum("bdn,bn->bd", h, C_t)
+
+    h0 = jnp.zeros((u.shape[0], u.shape[2], A.shape[1]), dtype)
+    xs = tuple(jnp.swapaxes(x.astype(dtype), 0, 1) for x in (u, delta, B, C))
+    _, y = lax.scan(step, h0, xs)
+    y = jnp.swapaxes(y, 0, 1)
+    if D is not None:
+        y = y + D * u.astype(dtype)
+    return y.astype(u.dtype)

@@ -8,6 +8,7 @@ from jattn.mixers.conv import (
     positional_features,
     short_causal_conv,
 )
+from jattn.mixers.ssm import selective_scan
 
 __all__ = [
     "decay_rates",
@@ -15,5 +16,6 @@ __all__ = [
     "hyena_mix",
     "implicit_filter",
     "positional_features",
+    "selective_scan",
     "short_causal_conv",
 ]

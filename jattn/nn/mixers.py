@@ -5,7 +5,7 @@ Initialisation follows PyTorch's defaults for Linear and Conv1d (uniform in
 (the Zoology figure-2 model does) overwrite it.
 
 References:
-    P24 Zoology (BaseConv; implicit long convolution).
+    P24 Zoology (BaseConv; implicit long convolution; Hyena; Mamba).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jattn.mixers import conv
+from jattn.mixers import conv, selective_scan
 
 
 def _uniform(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int) -> nnx.Param:
@@ -129,3 +129,43 @@ class BaseConv(nnx.Module):
 
     def __call__(self, u: jax.Array) -> jax.Array:
         return self.conv(u) * self.projection(u) + u
+
+
+class Mamba(nnx.Module):
+    """Mamba block: in_proj to (x, z), causal conv + SiLU on x, input-dependent (delta, B, C)
+    from x, selective scan (``jattn.mixers.selective_scan``), gate by SiLU(z), out_proj.
+
+    Initialisation as in Mamba: A = -[1..d_state] per channel (stored as log), D = 1, and
+    the dt projection's bias set so that softplus(bias) is log-uniform in [dt_min, dt_max].
+    """
+
+    def __init__(self, d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | None = None, dt_min: float = 1e-3, dt_max: float = 1e-1,
+                 rngs: nnx.Rngs):
+        d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
+        self.d_state = d_state
+        self.in_proj = nnx.Linear(d_model, 2 * d_inner, use_bias=False, rngs=rngs)
+        self.conv = ShortConv(d_inner, d_conv, rngs=rngs)
+        self.x_proj = nnx.Linear(d_inner, self.dt_rank + 2 * d_state, use_bias=False, rngs=rngs)
+        dt = jnp.exp(jax.random.uniform(rngs.params(), (d_inner,), jnp.float32,
+                                        math.log(dt_min), math.log(dt_max)))
+        dt = jnp.maximum(dt, 1e-4)
+        bound = self.dt_rank ** -0.5
+        self.dt_proj = nnx.Linear(
+            self.dt_rank, d_inner, rngs=rngs,
+            kernel_init=lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound,
+                                                                     bound),
+            bias_init=lambda key, shape, dtype: (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype))
+        self.A_log = nnx.Param(jnp.log(jnp.tile(jnp.arange(1, d_state + 1, dtype=jnp.float32),
+                                                (d_inner, 1))))
+        self.D = nnx.Param(jnp.ones((d_inner,), jnp.float32))
+        self.out_proj = nnx.Linear(d_inner, d_model, use_bias=False, rngs=rngs)
+
+    def __call__(self, u: jax.Array) -> jax.Array:
+        x, z = jnp.split(self.in_proj(u), 2, axis=-1)
+        x = jax.nn.silu(self.conv(x))
+        dt, B, C = jnp.split(self.x_proj(x), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
+        delta = jax.nn.softplus(self.dt_proj(dt))
+        y = selective_scan(x, delta, -jnp.exp(self.A_log[...]), B, C, self.D[...])
+        return self.out_proj(y * jax.nn.silu(z))
