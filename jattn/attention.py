@@ -238,7 +238,7 @@ def _combine_masks(mask, *, B, N, T, S, batch_free, is_causal, query_seq_lengths
         except (TypeError, ValueError) as e:
             raise type(e)(f"local_window_size: {e}") from None
     if query_seq_lengths is not None or key_value_seq_lengths is not None:
-        parts.append(_masks.Lengths(
+        parts.append(_masks.lengths(
             _lengths_array("query_seq_lengths", query_seq_lengths, B, T, batch_free),
             _lengths_array("key_value_seq_lengths", key_value_seq_lengths, B, S, batch_free)))
     if query_segment_ids is not None or kv_segment_ids is not None:
@@ -246,7 +246,7 @@ def _combine_masks(mask, *, B, N, T, S, batch_free, is_causal, query_seq_lengths
         kv_ids = kv_segment_ids if kv_segment_ids is not None else query_segment_ids
         if (query_segment_ids is None or kv_segment_ids is None) and T != S:
             raise ValueError(f"query_segment_ids, kv_segment_ids: give both when T={T} != S={S}")
-        parts.append(_masks.Segments(
+        parts.append(_masks.segments(
             _per_example_ints("query_segment_ids", q_ids, (B, T), "BT", batch_free),
             _per_example_ints("kv_segment_ids", kv_ids, (B, S), "BS", batch_free)))
     for part in parts:

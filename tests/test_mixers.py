@@ -95,6 +95,10 @@ def test_short_conv_module_and_gradients():
      TypeError, "x"),
     (lambda: conv.fft_causal_conv(jnp.zeros((1, 5, 4)), jnp.zeros((4, 4))), ValueError, "filt"),
     (lambda: conv.positional_features(8, 4), ValueError, "emb_dim"),
+    (lambda: conv.hyena_mix(*[jnp.zeros((1, 5, 4))] * 3, jnp.zeros((5, 4)), jnp.zeros(3)),
+     ValueError, "skip"),
+    (lambda: conv.hyena_mix(jnp.zeros((1, 5, 3)), *[jnp.zeros((1, 5, 4))] * 2,
+                            jnp.zeros((5, 4)), jnp.zeros(4)), ValueError, "x1"),
     (lambda: BaseConv(4, 8, kernel_size=0, rngs=nnx.Rngs(0)), ValueError, "kernel_size"),
 ])
 def test_bad_input(call, error, name):

@@ -145,6 +145,13 @@ def hyena_mix(x1: Array, x2: Array, v: Array, filt: Array, skip: Array) -> Array
 
     Returns:
         [B, L, D].
+
+    Raises:
+        ValueError: x1, x2, v of different shapes, or a skip that is not [D].
     """
+    check_rank("v", v, (3,), "[B, L, D]")
+    for name, x in (("x1", x1), ("x2", x2)):
+        check_shape(name, x, v.shape, "BLD")
+    check_shape("skip", skip, (v.shape[2],), "D")
     gated = x1 * v
     return x2 * (fft_causal_conv(gated, filt) + skip * gated)
