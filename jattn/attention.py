@@ -16,7 +16,7 @@ An implementation raises ``NotImplementedError`` for what it lacks and the dispa
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -49,14 +49,24 @@ class Implementation(Protocol):
         mask: None or a Mask whose dims() broadcast to (B, N).
         scale: Python float.
         logits_soft_cap: None or a positive Python float.
+        dropout: None or a :class:`Dropout` (an implementation without it raises
+            NotImplementedError).
 
     Returns:
         (output [B, T, N, Hv] in the input dtype, lse [B, N, T] in float32 or wider).
     """
 
     def __call__(self, query: Array, key: Array, value: Array, bias: Array | None,
-                 mask: Mask | None, *, scale: float,
-                 logits_soft_cap: float | None) -> tuple[Array, Array]: ...
+                 mask: Mask | None, *, scale: float, logits_soft_cap: float | None,
+                 dropout: Dropout | None) -> tuple[Array, Array]: ...
+
+
+class Dropout(NamedTuple):
+    """Attention-probability dropout: each probability is zeroed with chance ``rate`` and the
+    kept ones are scaled by 1 / (1 - rate); ``rng`` is a JAX key."""
+
+    rate: float
+    rng: Array
 
 
 _REGISTRY: dict[str, Implementation] = {}
@@ -91,7 +101,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
                           is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
                           local_window_size=None, query_segment_ids=None, kv_segment_ids=None,
                           logits_soft_cap=None, return_lse=False, implementation=None,
-                          return_residual=False):
+                          return_residual=False, dropout_rate=0.0, dropout_rng=None):
     r"""Scaled dot-product attention, a superset of ``jax.nn.dot_product_attention``.
 
     .. math::
@@ -126,6 +136,10 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
             or a list of names tried in turn.
         return_residual: jax.nn's form of ``return_lse``, kept so jax.nn code runs unchanged:
             the log-sum-exp as [B, T, N] (or [T, N]) in the input dtype, without gradient.
+        dropout_rate: chance in [0, 1) of zeroing each attention probability (kept ones are
+            scaled by 1 / (1 - rate)), as in training-time attention dropout; 0 = off.
+            Supported by "xla"; the log-sum-exp is that of the logits, before dropout.
+        dropout_rng: a JAX key, required when ``dropout_rate`` > 0.
 
     Returns:
         output [B, T, N, Hv] (or [T, N, Hv]) in the input dtype; with ``return_lse`` the pair
@@ -135,7 +149,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         TypeError: non-floating q/k/v, mismatched dtypes, non-boolean mask, non-integer ids
             or lengths.
         ValueError: wrong ranks or shapes, heads that do not divide, lengths out of range,
-            negative windows, a non-positive soft cap, an unknown implementation.
+            negative windows, a non-positive soft cap, a dropout rate outside [0, 1) or
+            without a key, an unknown implementation.
         NotImplementedError: no requested implementation supports the call.
 
     Example:
@@ -197,8 +212,16 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     if logits_soft_cap is not None and not logits_soft_cap > 0:
         raise ValueError(f"logits_soft_cap: expected a positive number, got {logits_soft_cap}")
 
+    dropout = None
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate: expected a number in [0, 1), got {dropout_rate}")
+    if dropout_rate > 0.0:
+        if dropout_rng is None:
+            raise ValueError(f"dropout_rng: a key is required with dropout_rate={dropout_rate}")
+        dropout = Dropout(float(dropout_rate), dropout_rng)
+
     out, lse = _dispatch(implementation, query, key, value, bias, combined, scale=scale,
-                         logits_soft_cap=logits_soft_cap)
+                         logits_soft_cap=logits_soft_cap, dropout=dropout)
     if batch_free:
         out, lse = out[0], lse[0]
     if return_residual:
@@ -274,7 +297,8 @@ def _lengths_array(name, x, B, limit, batch_free) -> Array | None:
     return x
 
 
-def _dispatch(implementation, query, key, value, bias, mask, *, scale, logits_soft_cap):
+def _dispatch(implementation, query, key, value, bias, mask, *, scale, logits_soft_cap,
+              dropout):
     if implementation is None:
         names = _auto_order(query.shape[1], key.shape[1])
     elif isinstance(implementation, str):
@@ -289,7 +313,7 @@ def _dispatch(implementation, query, key, value, bias, mask, *, scale, logits_so
     for name in names:
         try:
             return _REGISTRY[name](query, key, value, bias, mask, scale=scale,
-                                   logits_soft_cap=logits_soft_cap)
+                                   logits_soft_cap=logits_soft_cap, dropout=dropout)
         except NotImplementedError as e:
             reasons.append(f"{name}: {e}")
     raise NotImplementedError("no implementation supports this call: " + "; ".join(reasons))
@@ -301,7 +325,7 @@ def _dispatch(implementation, query, key, value, bias, mask, *, scale, logits_so
 
 
 @register_implementation("xla")
-def xla_attention(query, key, value, bias, mask, *, scale, logits_soft_cap):
+def xla_attention(query, key, value, bias, mask, *, scale, logits_soft_cap, dropout):
     """Materialised scores [B, N, T, S], differentiated by JAX. Memory O(B N T S).
 
     Masked logits are set to the dtype's lowest finite value (not -inf) so jax.nn.softmax
@@ -328,7 +352,11 @@ def xla_attention(query, key, value, bias, mask, *, scale, logits_soft_cap):
         allowed = finite if allowed is None else allowed & finite
     if allowed is not None:
         logits = jnp.where(allowed, logits, jnp.finfo(acc).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if dropout is not None:
+        keep = jax.random.bernoulli(dropout.rng, 1.0 - dropout.rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout.rate), 0.0)
+    probs = probs.astype(value.dtype)
     lse = jax.nn.logsumexp(logits, axis=-1)
     if G == 1:
         out = jnp.einsum("bnts,bsnh->btnh", probs, value, preferred_element_type=acc)
@@ -342,11 +370,8 @@ def xla_attention(query, key, value, bias, mask, *, scale, logits_soft_cap):
     return out.astype(query.dtype), lse
 
 
-@register_implementation("chunked")
-def chunked_attention(query, key, value, bias, mask, *, scale, logits_soft_cap):
-    """Online softmax over key blocks; see :func:`jattn.chunked.chunked_attention`."""
-    return _chunked.chunked_attention(query, key, value, bias, mask, scale=scale,
-                                      logits_soft_cap=logits_soft_cap)
+# Online softmax over key blocks (its block sizes keep their defaults here).
+register_implementation("chunked")(_chunked.chunked_attention)
 
 
 def _cudnn_mask_options(mask: Mask | None):
@@ -373,7 +398,7 @@ def _cudnn_mask_options(mask: Mask | None):
 
 
 @register_implementation("cudnn")
-def cudnn_attention(query, key, value, bias, mask, *, scale, logits_soft_cap):
+def cudnn_attention(query, key, value, bias, mask, *, scale, logits_soft_cap, dropout):
     """jax.nn's cuDNN flash attention (GPU, float16/bfloat16, H == Hv <= 256, H % 8 == 0)."""
     if jax.default_backend() != "gpu":
         raise NotImplementedError(f"cuDNN needs a GPU, the backend is {jax.default_backend()}")
@@ -384,6 +409,8 @@ def cudnn_attention(query, key, value, bias, mask, *, scale, logits_soft_cap):
         raise NotImplementedError(f"cuDNN needs H == Hv <= 256 and H % 8 == 0, got {H}, {Hv}")
     if logits_soft_cap is not None:
         raise NotImplementedError("cuDNN path has no logits soft cap")
+    if dropout is not None:
+        raise NotImplementedError("jax.nn's cuDNN path has no attention dropout")
     is_causal, window, q_len, kv_len = _cudnn_mask_options(mask)
     B = query.shape[0]
 

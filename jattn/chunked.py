@@ -90,7 +90,7 @@ class _Static:
 
 def chunked_attention(query: Array, key: Array, value: Array, bias: Array | None = None,
                       mask: Mask | None = None, *, scale: float,
-                      logits_soft_cap: float | None = None,
+                      logits_soft_cap: float | None = None, dropout=None,
                       block_sizes: BlockSizes = BlockSizes()) -> tuple[Array, Array]:
     """Softmax attention computed tile by tile, with empty tiles skipped.
 
@@ -103,6 +103,7 @@ def chunked_attention(query: Array, key: Array, value: Array, bias: Array | None
         mask: None or a :class:`jattn.masks.Mask` with dims broadcastable to (B, N).
         scale: logits scale.
         logits_soft_cap: None or c > 0 (logits -> c tanh(logits / c), before masking).
+        dropout: must be None (attention dropout is an "xla" feature).
         block_sizes: query and key tile sizes, forward and backward.
 
     Returns:
@@ -117,6 +118,8 @@ def chunked_attention(query: Array, key: Array, value: Array, bias: Array | None
         >>> out.shape, lse.shape
         ((1, 8, 2, 4), (1, 2, 8))
     """
+    if dropout is not None:
+        raise NotImplementedError("chunked has no attention dropout")
     _check_normalised(query, key, value, bias, mask)
     T, S = query.shape[1], key.shape[1]
     bs = block_sizes

@@ -350,6 +350,9 @@ BAD_INPUTS = [
     ("window_form", dict(local_window_size=(1, 2, 3)), ValueError, "local_window_size"),
     ("soft_cap", dict(logits_soft_cap=0.0), ValueError, "logits_soft_cap"),
     ("implementation", dict(implementation="nope"), ValueError, "implementation"),
+    ("dropout_rate", dict(dropout_rate=1.0, dropout_rng=jax.random.key(0)), ValueError,
+     "dropout_rate"),
+    ("dropout_rng", dict(dropout_rate=0.1), ValueError, "dropout_rng"),
 ]
 
 
@@ -359,3 +362,36 @@ def test_bad_input(name, changes, error, argument):
     call = {"query": Q, "key": KV, "value": KV} | changes
     with pytest.raises(error, match=argument):
         jattn.dot_product_attention(**call)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention dropout
+# --------------------------------------------------------------------------------------------
+
+
+def test_dropout_equals_masked_probabilities():
+    """out = (keep * softmax / (1 - p)) v for the Bernoulli keep-mask the key draws."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 6, 3, 4)) for i in range(3))
+    rng, rate = jax.random.key(7), 0.25
+    got = jattn.dot_product_attention(q, k, v, is_causal=True, dropout_rate=rate,
+                                      dropout_rng=rng, implementation="xla")
+    keep = np.asarray(jax.random.bernoulli(rng, 1 - rate, (2, 3, 6, 6)))
+    qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+    logits = np.einsum("btnh,bsnh->bnts", qn, kn) / 2.0
+    logits = np.where(np.tril(np.ones((6, 6), bool)), logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want = np.einsum("bnts,bsnh->btnh", probs * keep / (1 - rate), vn)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert 0 < (~keep).mean() < 0.5  # the draw really dropped something
+
+
+def test_dropout_is_unbiased_and_needs_a_capable_implementation():
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 8, 1, 4)) for i in range(3))
+    plain = jattn.dot_product_attention(q, k, v)
+    draws = jax.vmap(lambda r: jattn.dot_product_attention(
+        q, k, v, dropout_rate=0.5, dropout_rng=r))(jax.random.split(jax.random.key(1), 4000))
+    np.testing.assert_allclose(draws.mean(0), plain, atol=0.08)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        jattn.dot_product_attention(q, k, v, dropout_rate=0.5, dropout_rng=jax.random.key(0),
+                                    implementation="chunked")
