@@ -8,14 +8,30 @@ from jattn.mixers.conv import (
     positional_features,
     short_causal_conv,
 )
+from jattn.mixers.h3 import (
+    DiagonalSSM,
+    ShiftSSM,
+    diag_ssm_kernel,
+    discretize,
+    h3_mix,
+    h3_ssm,
+    shift_ssm_kernel,
+)
 from jattn.mixers.ssm import selective_scan
 
 __all__ = [
+    "DiagonalSSM",
+    "ShiftSSM",
     "decay_rates",
+    "diag_ssm_kernel",
+    "discretize",
     "fft_causal_conv",
+    "h3_mix",
+    "h3_ssm",
     "hyena_mix",
     "implicit_filter",
     "positional_features",
     "selective_scan",
+    "shift_ssm_kernel",
     "short_causal_conv",
 ]

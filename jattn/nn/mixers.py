@@ -1,11 +1,10 @@
 """NNX modules for the convolutional mixers of jattn.mixers.
 
-Initialisation follows PyTorch's defaults for Linear and Conv1d (uniform in
-+-1/sqrt(fan_in)), as in the Zoology code these modules reproduce; models that re-initialise
-(the Zoology figure-2 model does) overwrite it.
+Initialisation follows PyTorch's defaults for Linear and Conv1d (jattn.nn._init), as in the
+Zoology code these modules reproduce.
 
 References:
-    P24 Zoology (BaseConv; implicit long convolution; Hyena; Mamba).
+    P24 Zoology (BaseConv; implicit long convolution; Hyena; H3; Mamba).
 """
 
 from __future__ import annotations
@@ -17,20 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jattn.mixers import conv, selective_scan
-
-
-def _uniform(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int) -> nnx.Param:
-    bound = 1.0 / math.sqrt(fan_in)
-    return nnx.Param(jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound))
-
-
-def _torch_linear(d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
-    """nnx.Linear initialised like torch.nn.Linear: weight and bias uniform(+-1/sqrt(d_in))."""
-    bound = 1.0 / math.sqrt(d_in)
-    return nnx.Linear(
-        d_in, d_out, rngs=rngs,
-        kernel_init=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-        bias_init=lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound))
+from jattn.mixers.h3 import DISCRETIZATIONS, DiagonalSSM, ShiftSSM, h3_ssm
+from jattn.nn._init import torch_linear, torch_uniform
 
 
 class ShortConv(nnx.Module):
@@ -39,8 +26,8 @@ class ShortConv(nnx.Module):
     def __init__(self, d_model: int, kernel_size: int, *, rngs: nnx.Rngs):
         if kernel_size < 1:
             raise ValueError(f"kernel_size: expected >= 1, got {kernel_size}")
-        self.kernel = _uniform(rngs, (kernel_size, d_model), kernel_size)
-        self.bias = _uniform(rngs, (d_model,), kernel_size)
+        self.kernel = torch_uniform(rngs, (kernel_size, d_model), kernel_size)
+        self.bias = torch_uniform(rngs, (d_model,), kernel_size)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return conv.short_causal_conv(x, self.kernel[...], self.bias[...])
@@ -59,11 +46,11 @@ class ImplicitFilter(nnx.Module):
                  num_inner_mlps: int = 2, frequency: float = 1.0, rngs: nnx.Rngs):
         self.l_max = l_max
         self.emb_dim = emb_dim
-        self.w_in = _uniform(rngs, (emb_dim, order), emb_dim)
-        self.b_in = _uniform(rngs, (order,), emb_dim)
-        self.w_inner = _uniform(rngs, (num_inner_mlps, order, order), order)
-        self.b_inner = _uniform(rngs, (num_inner_mlps, order), order)
-        self.w_out = _uniform(rngs, (order, d_model), order)
+        self.w_in = torch_uniform(rngs, (emb_dim, order), emb_dim)
+        self.b_in = torch_uniform(rngs, (order,), emb_dim)
+        self.w_inner = torch_uniform(rngs, (num_inner_mlps, order, order), order)
+        self.b_inner = torch_uniform(rngs, (num_inner_mlps, order), order)
+        self.w_out = torch_uniform(rngs, (order, d_model), order)
         self.frequency = nnx.Param(jnp.full((order,), frequency, jnp.float32))
 
     def __call__(self, length: int) -> jax.Array:
@@ -98,11 +85,11 @@ class Hyena(nnx.Module):
 
     def __init__(self, d_model: int, l_max: int, *, filter_order: int = 64,
                  short_filter_order: int = 3, rngs: nnx.Rngs):
-        self.in_proj = _torch_linear(d_model, 3 * d_model, rngs)
+        self.in_proj = torch_linear(d_model, 3 * d_model, rngs)
         self.short_conv = ShortConv(3 * d_model, short_filter_order, rngs=rngs)
         self.filter = ImplicitFilter(d_model, l_max, order=filter_order, rngs=rngs)
         self.skip = nnx.Param(jax.random.normal(rngs.params(), (d_model,)))
-        self.out_proj = _torch_linear(d_model, d_model, rngs)
+        self.out_proj = torch_linear(d_model, d_model, rngs)
 
     def __call__(self, u: jax.Array) -> jax.Array:
         x1, x2, v = jnp.split(self.short_conv(self.in_proj(u)), 3, axis=-1)
@@ -118,7 +105,7 @@ class BaseConv(nnx.Module):
     """
 
     def __init__(self, d_model: int, l_max: int, kernel_size: int = 3, *, rngs: nnx.Rngs):
-        self.projection = _torch_linear(d_model, d_model, rngs)
+        self.projection = torch_linear(d_model, d_model, rngs)
         if kernel_size == -1:
             self.conv = ImplicitLongConv(d_model, l_max, rngs=rngs)
         elif kernel_size >= 1:
@@ -169,3 +156,77 @@ class Mamba(nnx.Module):
         delta = jax.nn.softplus(self.dt_proj(dt))
         y = selective_scan(x, delta, -jnp.exp(self.A_log[...]), B, C, self.D[...])
         return self.out_proj(y * jax.nn.silu(z))
+
+
+class H3(nnx.Module):
+    """H3 (``jattn.mixers.h3``): q/k/v projections, shift SSM on k, diagonal SSM on k v^T
+    per head, contraction with q, output projection.
+
+    Defaults are Zoology's figure-2 settings: ``head_dim=2`` and ``d_state=l_max`` (the
+    original's own defaults are 64 and 1). Initialisation as in the public code: shift SSM
+    B = e_1, C uniform(+-1/sqrt(d_state)), skip standard normal per channel; S4D-Lin diagonal
+    SSM with d_state // 2 complex modes A = -1/2 + i pi z, B = 1, C complex standard normal,
+    log dt uniform in [log dt_min, log dt_max], skip standard normal per head; projections
+    like torch.nn.Linear.
+
+    Deviations: the original truncates its kernels to ``l_max`` taps for longer inputs; here
+    a longer input is an error. Its output channels come out ordered (head_dim, head) before
+    the output projection, here (head, head_dim): a fixed permutation that the output
+    projection absorbs (same function class, same initial distribution).
+    """
+
+    def __init__(self, d_model: int, l_max: int, *, head_dim: int = 2,
+                 d_state: int | None = None, dt_min: float = 1e-3, dt_max: float = 1e-1,
+                 discretization: str = "bilinear", rngs: nnx.Rngs):
+        if head_dim < 1 or d_model % head_dim:
+            raise ValueError(f"head_dim: expected a divisor of d_model={d_model}, "
+                             f"got {head_dim}")
+        d_state = l_max if d_state is None else d_state
+        if d_state < 2:
+            raise ValueError(f"d_state: expected >= 2 (d_state // 2 complex modes), "
+                             f"got {d_state}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"dt_min, dt_max: expected 0 < dt_min <= dt_max, "
+                             f"got {dt_min}, {dt_max}")
+        if discretization not in DISCRETIZATIONS:
+            raise ValueError(f"discretization: expected one of {DISCRETIZATIONS}, "
+                             f"got {discretization!r}")
+        self.l_max = l_max
+        self.head_dim = head_dim
+        self.num_heads = heads = d_model // head_dim
+        self.discretization = discretization
+        modes = d_state // 2
+        self.q_proj = torch_linear(d_model, d_model, rngs)
+        self.k_proj = torch_linear(d_model, d_model, rngs)
+        self.v_proj = torch_linear(d_model, d_model, rngs)
+        # torch's kaiming_uniform_(a=sqrt(5)) on C [channels, 1, d_state]: fan_in = d_state.
+        self.shift_B = nnx.Param(
+            jnp.zeros((heads, head_dim, d_state), jnp.float32).at[..., 0].set(1.0))
+        self.shift_C = torch_uniform(rngs, (heads, head_dim, d_state), d_state)
+        self.shift_D = nnx.Param(jax.random.normal(rngs.params(), (heads, head_dim)))
+        self.log_dt = nnx.Param(jax.random.uniform(
+            rngs.params(), (heads,), jnp.float32, math.log(dt_min), math.log(dt_max)))
+        self.log_A_real = nnx.Param(jnp.full((heads, modes), math.log(0.5), jnp.float32))
+        self.A_imag = nnx.Param(jnp.tile(math.pi * jnp.arange(modes, dtype=jnp.float32),
+                                         (heads, 1)))
+        self.B = nnx.Param(jnp.zeros((heads, modes, 2), jnp.float32).at[..., 0].set(1.0))
+        # A complex standard normal: real and imaginary parts of variance 1/2.
+        self.C = nnx.Param(jax.random.normal(rngs.params(), (heads, modes, 2)) * math.sqrt(0.5))
+        self.D = nnx.Param(jax.random.normal(rngs.params(), (heads,)))
+        self.out_proj = torch_linear(d_model, d_model, rngs)
+
+    def shift_ssm(self) -> ShiftSSM:
+        return ShiftSSM(self.shift_B[...], self.shift_C[...], self.shift_D[...])
+
+    def diag_ssm(self) -> DiagonalSSM:
+        return DiagonalSSM(self.log_dt[...], self.log_A_real[...], self.A_imag[...],
+                           self.B[...], self.C[...], self.D[...])
+
+    def __call__(self, u: jax.Array) -> jax.Array:
+        if u.ndim != 3 or u.shape[1] > self.l_max:
+            raise ValueError(f"u: expected [B, L <= l_max={self.l_max}, D], got {u.shape}")
+        heads = (*u.shape[:2], self.num_heads, self.head_dim)
+        q, k, v = (proj(u).reshape(heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        y = h3_ssm(q, k, v, self.shift_ssm(), self.diag_ssm(),
+                   discretization=self.discretization)
+        return self.out_proj(y.reshape((*u.shape[:2], -1)))

@@ -1,0 +1,130 @@
+"""NNX modules for linear attention over [B, L, d_model] sequences (:mod:`jattn.linear`).
+
+Linear layers start as torch.nn.Linear does (jattn.nn._init), as in the Zoology code that
+:class:`BasedLinearAttention` reproduces.
+
+References:
+    P24 Zoology (Based: linear attention with a second-order Taylor feature map of feature
+    dimension 8, 1 head); P22 Lightning Attention (chunked causal form, per-head decay).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jattn.linear import FeatureMap, LinearAttentionState, linear_attention
+from jattn.nn._init import torch_linear
+
+
+def _heads(d_model: int, num_heads: int, num_kv_heads: int | None) -> int:
+    """Checked number of key/value heads (default: num_heads)."""
+    if num_heads < 1 or d_model % num_heads:
+        raise ValueError(f"num_heads: must be >= 1 and divide d_model={d_model}, "
+                         f"got {num_heads}")
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads: must be >= 1 and divide num_heads={num_heads}, "
+                         f"got {num_kv_heads}")
+    return num_kv_heads
+
+
+class LinearAttention(nnx.Module):
+    """Multi-head linear attention: q/k/v projections, :func:`jattn.linear_attention`, out_proj.
+
+    Heads have ``d_model // num_heads`` dims; ``num_kv_heads`` < ``num_heads`` gives GQA.
+    ``decay`` (fixed, one gamma in (0, 1] per head) weights key s at query t by
+    gamma^(t - s), as in Lightning Attention. ``initial_state`` / ``return_state`` carry the
+    running sums across calls (streaming, step-by-step decoding).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> layer = LinearAttention(16, num_heads=2, rngs=nnx.Rngs(0))
+        >>> layer(jnp.ones((1, 5, 16))).shape
+        (1, 5, 16)
+    """
+
+    def __init__(self, d_model: int, num_heads: int = 1, *, num_kv_heads: int | None = None,
+                 feature_map: str | FeatureMap = "elu+1", causal: bool = True,
+                 decay: Sequence[float] | None = None, normalize: bool = True,
+                 eps: float = 1e-6, use_bias: bool = True, form: str = "chunked",
+                 chunk_size: int = 64, rngs: nnx.Rngs):
+        num_kv_heads = _heads(d_model, num_heads, num_kv_heads)
+        head_dim = d_model // num_heads
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.feature_map = feature_map
+        self.causal = causal
+        # A tuple of floats: a fixed hyper-parameter, not a trained one.
+        self.decay = None if decay is None else tuple(float(g) for g in decay)
+        self.normalize, self.eps = normalize, eps
+        self.form, self.chunk_size = form, chunk_size
+        self.q_proj = torch_linear(d_model, num_heads * head_dim, rngs, use_bias=use_bias)
+        self.k_proj = torch_linear(d_model, num_kv_heads * head_dim, rngs, use_bias=use_bias)
+        self.v_proj = torch_linear(d_model, num_kv_heads * head_dim, rngs, use_bias=use_bias)
+        self.out_proj = torch_linear(num_heads * head_dim, d_model, rngs, use_bias=use_bias)
+
+    def __call__(self, x: jax.Array, *, initial_state: LinearAttentionState | None = None,
+                 return_state: bool = False):
+        """x [B, L, d_model] -> [B, L, d_model] (and the state with ``return_state``)."""
+        return _attend(self, x, initial_state, return_state, self.feature_map,
+                       None if self.decay is None else jnp.asarray(self.decay))
+
+
+class BasedLinearAttention(nnx.Module):
+    """Based's linear attention (Zoology): Taylor-feature causal linear attention.
+
+    q_proj and k_proj map d_model to ``feature_dim`` per head (the Taylor map then makes
+    1 + feature_dim + feature_dim^2 features, 73 for the default 8); v_proj keeps
+    d_model // num_heads dims per head; out_proj maps back to d_model. No biases and a
+    denominator eps of 1e-12, as in the original.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> layer = BasedLinearAttention(16, rngs=nnx.Rngs(0))
+        >>> y, state = layer(jnp.ones((1, 5, 16)), return_state=True)
+        >>> y.shape, state.kv.shape
+        ((1, 5, 16), (1, 1, 73, 16))
+    """
+
+    def __init__(self, d_model: int, *, feature_dim: int = 8, num_heads: int = 1,
+                 num_kv_heads: int | None = None, causal: bool = True, eps: float = 1e-12,
+                 form: str = "chunked", chunk_size: int = 64, rngs: nnx.Rngs):
+        if feature_dim < 1:
+            raise ValueError(f"feature_dim: expected >= 1, got {feature_dim}")
+        num_kv_heads = _heads(d_model, num_heads, num_kv_heads)
+        head_dim = d_model // num_heads
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.causal, self.eps = causal, eps
+        self.normalize = True
+        self.form, self.chunk_size = form, chunk_size
+        self.q_proj = torch_linear(d_model, num_heads * feature_dim, rngs, use_bias=False)
+        self.k_proj = torch_linear(d_model, num_kv_heads * feature_dim, rngs, use_bias=False)
+        self.v_proj = torch_linear(d_model, num_kv_heads * head_dim, rngs, use_bias=False)
+        self.out_proj = torch_linear(num_heads * head_dim, d_model, rngs, use_bias=False)
+
+    def __call__(self, x: jax.Array, *, initial_state: LinearAttentionState | None = None,
+                 return_state: bool = False):
+        """x [B, L, d_model] -> [B, L, d_model] (and the state with ``return_state``)."""
+        return _attend(self, x, initial_state, return_state, "taylor", None)
+
+
+def _attend(layer, x, initial_state, return_state, feature_map, decay):
+    """Project, split heads, call linear_attention, merge heads, project back."""
+    if x.ndim != 3:
+        raise ValueError(f"x: expected rank 3 [B, L, d_model], got shape {x.shape}")
+    B, L, _ = x.shape
+    q = layer.q_proj(x).reshape(B, L, layer.num_heads, -1)
+    k = layer.k_proj(x).reshape(B, L, layer.num_kv_heads, -1)
+    v = layer.v_proj(x).reshape(B, L, layer.num_kv_heads, -1)
+    result = linear_attention(
+        q, k, v, feature_map=feature_map, is_causal=layer.causal, decay=decay,
+        normalize=layer.normalize, eps=layer.eps, form=layer.form,
+        chunk_size=layer.chunk_size, initial_state=initial_state, return_state=return_state)
+    out, state = result if return_state else (result, None)
+    y = layer.out_proj(out.reshape(B, L, -1))
+    return (y, state) if return_state else y

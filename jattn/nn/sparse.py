@@ -1,0 +1,116 @@
+"""NNX modules for input-dependent sparse attention (``jattn.sparse``).
+
+References:
+    P24 Zoology (input-dependent sparse attention; ``SelectiveLookups`` and
+    ``SigmoidLookups`` in its public code).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jattn.attention import dot_product_attention
+from jattn.nn._init import torch_linear
+from jattn.sparse import (
+    ACTIVATIONS,
+    selection_penalty,
+    selection_weights,
+    selective_lookup,
+    topk_attention,
+)
+
+
+class SelectionPenalty(nnx.Variable):
+    """The auxiliary loss of the last training call of a :class:`SelectiveLookups` layer."""
+
+
+def _check_heads(d_model: int, num_heads: int) -> None:
+    if num_heads < 1 or d_model % num_heads:
+        raise ValueError(f"num_heads: expected a divisor of d_model={d_model}, "
+                         f"got {num_heads}")
+
+
+class SparseAttention(nnx.Module):
+    """Top-k attention (``jattn.topk_attention``): each query attends to its ``top_k``
+    best-scoring allowed keys (None: ceil(sqrt(L)) for an input of length L).
+
+    A fused qkv projection and an output projection, both with biases and initialised like
+    torch.nn.Linear (as Zoology's attention mixer).
+    """
+
+    def __init__(self, d_model: int, num_heads: int = 1, top_k: int | None = None, *,
+                 is_causal: bool = True, rngs: nnx.Rngs):
+        _check_heads(d_model, num_heads)
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k: expected a positive int or None, got {top_k}")
+        self.num_heads = num_heads
+        self.top_k = top_k
+        self.is_causal = is_causal
+        self.qkv_proj = torch_linear(d_model, 3 * d_model, rngs)
+        self.out_proj = torch_linear(d_model, d_model, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        B, L, d = x.shape
+        q, k, v = (self.qkv_proj(x).reshape(B, L, 3, self.num_heads, -1)[:, :, i]
+                   for i in range(3))
+        y = topk_attention(q, k, v, top_k=self.top_k, is_causal=self.is_causal)
+        return self.out_proj(y.reshape(B, L, d))
+
+
+class SelectiveLookups(nnx.Module):
+    """Zoology's learned input-dependent sparse attention (``jattn.sparse.selective_lookup``).
+
+    y = x + s * out_proj(causal_attention(qkv_proj(x))), with s a learned selection weight
+    per position (a linear map of x to one logit, then a softmax over the sequence or a
+    sigmoid). In training mode (``deterministic=False``, nnx's ``.train()``) every position
+    is updated; in evaluation mode (``.eval()``) only the ``n_lookups`` (default
+    ceil(sqrt(L))) positions with the largest s. With ``activation="sigmoid"`` each training
+    call stores the auxiliary loss ``jattn.sparse.selection_penalty`` in
+    ``self.auxiliary_loss`` (a :class:`SelectionPenalty` variable, 0 otherwise), to be added
+    to the training loss (read it inside the differentiated function, e.g. through
+    ``nnx.state(model, SelectionPenalty)``).
+
+    As in the public code the mixer adds its own input (the residual is inside), and the
+    softmax selection and the evaluation-time top-k look at the whole sequence, so they are
+    not causal. Attention dropout uses the ``dropout`` stream of ``rngs`` (the public
+    configs use 0.1).
+    """
+
+    def __init__(self, d_model: int, num_heads: int = 1, *, activation: str = "softmax",
+                 n_lookups: int | None = None, penalty: float = 1e-3,
+                 dropout_rate: float = 0.0, deterministic: bool = False, rngs: nnx.Rngs):
+        _check_heads(d_model, num_heads)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+        self.num_heads = num_heads
+        self.activation = activation
+        self.n_lookups = n_lookups
+        self.penalty = penalty
+        self.dropout_rate = dropout_rate
+        self.deterministic = deterministic
+        self.qkv_proj = torch_linear(d_model, 3 * d_model, rngs)
+        # SelectiveLookups has a bias on its selection logit, SigmoidLookups none.
+        self.selecting = torch_linear(d_model, 1, rngs, use_bias=activation == "softmax")
+        self.out_proj = torch_linear(d_model, d_model, rngs)
+        self.rngs = rngs["dropout"].fork() if dropout_rate > 0 else nnx.data(None)
+        self.auxiliary_loss = SelectionPenalty(jnp.zeros((), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        B, L, d = x.shape
+        q, k, v = (self.qkv_proj(x).reshape(B, L, 3, self.num_heads, -1)[:, :, i]
+                   for i in range(3))
+        dropout = self.dropout_rate if not self.deterministic else 0.0
+        context = dot_product_attention(
+            q, k, v, is_causal=True, dropout_rate=dropout,
+            dropout_rng=self.rngs() if dropout > 0 else None)
+        attended = self.out_proj(context.reshape(B, L, d))
+        selection = selection_weights(self.selecting(x)[..., 0], activation=self.activation)
+        penalty = jnp.zeros((), jnp.float32)
+        if not self.deterministic and self.activation == "sigmoid":
+            penalty = selection_penalty(selection, n_lookups=self.n_lookups,
+                                        weight=self.penalty)
+        self.auxiliary_loss[...] = penalty
+        return selective_lookup(x, attended, selection, top_k=self.n_lookups,
+                                select=self.deterministic)
