@@ -1,0 +1,143 @@
+"""Training throughput of the figure-2 MQAR model per mixer, against the original's speed.
+
+    python -m experiments.benchmarks.mqar_throughput --preset quick   # d_model 64, 2 mixers
+    python -m experiments.benchmarks.mqar_throughput --preset full    # the issue's grid
+
+One training step = forward, backward and the AdamW update of the trainer
+(:func:`experiments.common.trainer.make_train_step`), on one batch of MQAR rows at L=128,
+kv=8, V=8192, batch 512, float32: compiled ahead of time, then the median of ``repeats``
+timed steps. Two variants run in this process:
+
+* ``ours``: the LM head only at the supervised positions (exact for loss and accuracy);
+* ``full head``: the head and softmax at every position with -100 ignored, as the original
+  computes it; the same model otherwise.
+
+The original PyTorch implementation's speed on a machine like this one (2 cores) is taken
+from ../shared/notes/zoology.md (its own code, PyTorch CPU, 2 threads, median of 30 steps);
+it was not re-run side by side here, so the ratio against it carries the notes' run-to-run
+spread (up to 1.9x).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import optax
+from tqdm import tqdm
+
+from experiments.benchmarks.measure import measure
+from experiments.common.config import parse_config, save_config
+from experiments.common.trainer import initial_state, make_train_step
+from experiments.zoology import data
+from experiments.zoology.run import RunConfig, build_model, label_positions, task_functions
+
+# Seconds per training step of the original (notes/zoology.md), by (mixer, d_model).
+ORIGINAL_SECONDS = {("attention", 64): 9.4, ("attention", 128): 14.2,
+                    ("base_conv", 64): 7.3, ("base_conv", 128): 13.8}  # BaseConv: fastest run
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    mixers: tuple[str, ...] = ("attention", "base_conv", "hyena", "mamba")
+    d_models: tuple[int, ...] = (64, 128)
+    seq_len: int = 128
+    num_kv_pairs: int = 8
+    batch_size: int = 512
+    vocab_size: int = 8192
+    repeats: int = 10
+    full_head: bool = True
+    out: str = "results/mqar_throughput"
+
+
+PRESETS = {
+    "quick": Config(mixers=("attention", "base_conv"), d_models=(64,), repeats=3),
+    "full": Config(),
+}
+
+
+def _full_head_loss(model):
+    """The original's loss: logits at every position, -100 ignored."""
+    from flax import nnx
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(params, batch, rng):
+        logits = nnx.merge(graphdef, params, rest)(batch["inputs"], dropout_rng=rng)
+        labels = batch["labels"]
+        mask = (labels != data.IGNORE) * batch["weight"][:, None]
+        ce = optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), jnp.where(labels == data.IGNORE, 0, labels))
+        return (ce * mask).sum(), mask.sum()
+
+    return params, loss_fn
+
+
+def run(config: Config) -> list[dict]:
+    inputs, labels = data.mqar(vocab_size=config.vocab_size, input_seq_len=config.seq_len,
+                               num_kv_pairs=config.num_kv_pairs,
+                               num_examples=config.batch_size, seed=0)
+    batch = {"inputs": jnp.asarray(inputs), "labels": jnp.asarray(labels),
+             "weight": jnp.ones(config.batch_size)}
+    batch |= {k: jnp.asarray(v) for k, v in label_positions(labels).items()}
+    tokens = config.batch_size * config.seq_len
+    rows = []
+    cases = [(m, d) for m in config.mixers for d in config.d_models]
+    for mixer, d in tqdm(cases, desc="mixers"):
+        run_config = RunConfig(mixer=mixer, seq_len=config.seq_len,
+                               num_kv_pairs=config.num_kv_pairs, d_model=d,
+                               learning_rate=1e-3, batch_size=config.batch_size,
+                               vocab_size=config.vocab_size)
+        model = build_model(run_config)
+        variants = {"ours": task_functions(model)[:2]}
+        if config.full_head:
+            variants["full head"] = _full_head_loss(model)
+        row = {"mixer": mixer, "d_model": d}
+        for name, (params, loss_fn) in variants.items():
+            tx = optax.adamw(1e-3, weight_decay=0.1)
+            m = measure(make_train_step(loss_fn, tx, seed=0), initial_state(params, tx), batch,
+                        repeats=config.repeats, single_run_above_s=60.0)
+            row[name] = {"seconds_per_step": m.seconds, "runs": m.runs,
+                         "tokens_per_second": tokens / m.seconds if m.seconds else None,
+                         "memory_mib": m.memory_bytes / 2**20}
+        original = ORIGINAL_SECONDS.get((mixer, d))
+        row["original_seconds_per_step"] = original
+        row["speedup_vs_original"] = (original / row["ours"]["seconds_per_step"]
+                                      if original else None)
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], config: Config) -> str:
+    lines = [f"MQAR training step, L={config.seq_len}, kv={config.num_kv_pairs}, "
+             f"batch {config.batch_size}, V={config.vocab_size}, float32; median of "
+             f"{config.repeats} steps after compilation.", "",
+             "| mixer | d_model | ours s/step | ours tokens/s | full head s/step | "
+             "original s/step (notes) | ours vs original |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        full = r.get("full head", {}).get("seconds_per_step")
+        lines.append(
+            f"| {r['mixer']} | {r['d_model']} | {r['ours']['seconds_per_step']:.3f} | "
+            f"{r['ours']['tokens_per_second']:,.0f} | "
+            f"{'—' if full is None else f'{full:.3f}'} | "
+            f"{r['original_seconds_per_step'] or '—'} | "
+            + (f"{r['speedup_vs_original']:.0f}x |" if r["speedup_vs_original"] else "— |"))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    config = parse_config(PRESETS, argv, description=__doc__)
+    out = Path(config.out)
+    save_config(config, out)
+    rows = run(config)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    table = markdown(rows, config)
+    (out / "results.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

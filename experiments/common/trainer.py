@@ -1,0 +1,318 @@
+"""A resumable, data-parallel training loop shared by the experiments.
+
+What it guarantees:
+
+* **Exact resume.** Everything a step depends on is either in the checkpoint (parameters,
+  optimizer state, step, the running epoch loss) or a pure function of (seed, step): the
+  epoch's shuffle and the dropout key. A run interrupted at any point and restarted from
+  its last checkpoint therefore computes the same steps again and ends bit for bit where an
+  uninterrupted run ends (on one device; XLA's CPU reductions are deterministic).
+* **Checkpoints** with orbax every ``checkpoint_every`` steps and at the end; killing a run
+  loses at most the steps since the last one. A finished run writes ``result.json`` and is
+  not trained again.
+* **Data parallel** over every local device: the batch is sharded over a mesh axis "data",
+  parameters are replicated, gradients are reduced by XLA. The same code runs on one CPU,
+  simulated CPU devices, a GPU or a TPU slice; multi-host runs call
+  :func:`initialize_distributed` first and each process feeds its slice of the batch.
+* **Logs**: ``metrics.jsonl`` (one record per ``log_every`` steps and one per epoch, with the
+  validation metrics), a tqdm progress bar.
+
+Recipe (Zoology's): AdamW with decoupled weight decay on all parameters, default betas; the
+learning rate follows a cosine from its peak to 0 over ``max_epochs``, changed once per
+epoch; no warm-up, no clipping; early stop once a validation metric exceeds a threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+Batch = Mapping[str, Any]
+# loss_fn(params, batch, rng) -> (sum of the loss over the batch's items, number of items).
+# The batch carries "weight" [B]: 1 for real rows, 0 for the padding of a last short batch;
+# a loss_fn must give padded rows neither loss nor count.
+LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, jax.Array]]
+# eval_fn(params, batch) -> {name: per-row values [B]}; the trainer averages over real rows.
+EvalFn = Callable[[Any, Batch], Mapping[str, jax.Array]]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping settings of one run."""
+
+    learning_rate: float
+    batch_size: int
+    max_epochs: int
+    weight_decay: float = 0.1
+    early_stop_metric: str | None = "accuracy"
+    early_stop_threshold: float = 0.99
+    eval_batch_size: int | None = None  # default: batch_size
+    checkpoint_every: int = 200  # steps
+    log_every: int = 50  # steps
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run reports (also written to result.json)."""
+
+    step: int
+    epoch: int
+    stopped_early: bool
+    metrics: dict[str, float]  # the last validation metrics
+    train_loss: float  # mean loss of the last epoch
+    seconds: float  # wall time of this process's training (not of earlier, resumed parts)
+
+
+def initialize_distributed() -> None:
+    """``jax.distributed.initialize()`` when launched as one of several processes.
+
+    Detects the launchers that set a coordinator (JAX_COORDINATOR_ADDRESS), SLURM with more
+    than one task, and multi-host TPU slices; on a single process it does nothing.
+    """
+    multi = ("JAX_COORDINATOR_ADDRESS" in os.environ
+             or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+             or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
+    if multi and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def data_mesh() -> Mesh:
+    """A one-axis mesh "data" over every device of every process."""
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def cosine_per_epoch(peak: float, steps_per_epoch: int, max_epochs: int) -> optax.Schedule:
+    """lr(step) = peak * (1 + cos(pi * epoch / max_epochs)) / 2, epoch = step // steps_per_epoch
+    (PyTorch's CosineAnnealingLR stepped once per epoch)."""
+
+    def schedule(step):
+        epoch = step // steps_per_epoch
+        return peak * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / max_epochs))
+
+    return schedule
+
+
+def _num_rows(data: Mapping[str, np.ndarray], name: str) -> int:
+    sizes = {k: len(v) for k, v in data.items()}
+    if len(set(sizes.values())) != 1 or not sizes:
+        raise ValueError(f"{name}: expected arrays with one common number of rows, got {sizes}")
+    return next(iter(sizes.values()))
+
+
+class _Feeder:
+    """Host rows -> a global batch sharded over "data" (each process gives its slice)."""
+
+    def __init__(self, mesh: Mesh, batch_size: int):
+        devices = mesh.devices.size
+        if batch_size % devices:
+            raise ValueError(f"batch_size: must be a multiple of the {devices} devices, "
+                             f"got {batch_size}")
+        self.sharding = NamedSharding(mesh, PartitionSpec("data"))
+        self.batch_size = batch_size
+        per_process = batch_size // jax.process_count()
+        self.rows = slice(jax.process_index() * per_process,
+                          (jax.process_index() + 1) * per_process)
+
+    def __call__(self, data: Mapping[str, np.ndarray], indices: np.ndarray) -> dict:
+        real = len(indices)
+        # A short last batch is padded (with row 0) to keep one compiled shape; weight 0.
+        padded = np.concatenate([indices, np.zeros(self.batch_size - real, indices.dtype)])
+        weight = (np.arange(self.batch_size) < real).astype(np.float32)
+        host = {k: np.asarray(v)[padded] for k, v in data.items()} | {"weight": weight}
+        return {k: jax.make_array_from_process_local_data(self.sharding, v[self.rows])
+                for k, v in host.items()}
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class _Log:
+    """metrics.jsonl, cut back to ``step`` on resume so a resumed log reads as one run."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        kept = []
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def fit(params, *, loss_fn: LossFn, eval_fn: EvalFn, train: Mapping[str, np.ndarray],
+        valid: Mapping[str, np.ndarray], config: TrainConfig, workdir: str | os.PathLike,
+        mesh: Mesh | None = None, stop_after_steps: int | None = None
+        ) -> tuple[Any, TrainResult | None]:
+    """Train ``params`` (any pytree, e.g. an ``nnx.State``), resuming from ``workdir``.
+
+    Args:
+        params: initial parameters (ignored when ``workdir`` holds a checkpoint).
+        loss_fn, eval_fn: see :data:`LossFn` and :data:`EvalFn`.
+        train, valid: dicts of host arrays with one row per example.
+        config: a :class:`TrainConfig`.
+        workdir: checkpoints/, metrics.jsonl and result.json go here.
+        mesh: a mesh with a "data" axis; default :func:`data_mesh`.
+        stop_after_steps: return (without saving) once this global step is reached, as if the
+            process had been killed there; for tests of resumption.
+
+    Returns:
+        (params, result); result is None when stopped by ``stop_after_steps``.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = mesh or data_mesh()
+    n_train = _num_rows(train, "train")
+    _num_rows(valid, "valid")
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    total_steps = steps_per_epoch * config.max_epochs
+    feed = _Feeder(mesh, config.batch_size)
+    feed_eval = _Feeder(mesh, config.eval_batch_size or config.batch_size)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    schedule = cosine_per_epoch(config.learning_rate, steps_per_epoch, config.max_epochs)
+    tx = optax.adamw(schedule, weight_decay=config.weight_decay)
+    state = initial_state(params, tx)
+    manager = ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    if manager.latest_step() is not None:
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+        state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+        print(f"{workdir}: resuming at step {int(state['step'])}", file=sys.stderr)
+    state = jax.device_put(state, replicated)
+    step = int(state["step"])
+    result_path = workdir / "result.json"
+    if result_path.exists():
+        manager.close()
+        return state["params"], TrainResult(**json.loads(result_path.read_text()))
+    (workdir / "train_config.json").write_text(json.dumps(asdict(config), indent=1))
+    log = _Log(workdir / "metrics.jsonl", step)
+
+    train_step = jax.jit(make_train_step(loss_fn, tx, config.seed))
+
+    @jax.jit
+    def eval_step(params, batch):
+        values = eval_fn(params, batch)
+        return {k: (v * batch["weight"]).sum() for k, v in values.items()}
+
+    def evaluate(params) -> dict[str, float]:
+        n = _num_rows(valid, "valid")
+        sums: dict[str, float] = {}
+        for start in range(0, n, feed_eval.batch_size):
+            idx = np.arange(start, min(start + feed_eval.batch_size, n))
+            for k, v in eval_step(params, feed_eval(valid, idx)).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return {k: v / n for k, v in sums.items()}
+
+    def save(state, *, force: bool = False) -> None:
+        manager.save(int(state["step"]), args=ocp.args.StandardSave(state), force=force)
+
+    started = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=step, disable=not config.progress, unit="step",
+               dynamic_ncols=True, desc=workdir.name)
+    result = None
+    while step < total_steps and not bool(state["done"]):
+        epoch, position = divmod(step, steps_per_epoch)
+        order = _epoch_order(config.seed, epoch, n_train)
+        batch_rows = order[position * config.batch_size:(position + 1) * config.batch_size]
+        before = (float(state["loss_sum"]), float(state["loss_count"])) \
+            if (step + 1) % config.log_every == 0 else None
+        state = train_step(state, feed(train, batch_rows))
+        step += 1
+        bar.update(1)
+        if before is not None:
+            loss = ((float(state["loss_sum"]) - before[0])
+                    / max(float(state["loss_count"]) - before[1], 1.0))
+            bar.set_postfix(loss=f"{loss:.4f}")
+            log.write({"step": step, "epoch": epoch, "train_loss": loss,
+                       "lr": float(schedule(step - 1)), "time": time.time()})
+        if step == stop_after_steps:
+            bar.close()
+            manager.wait_until_finished()
+            manager.close()
+            return state["params"], None
+        if step % steps_per_epoch == 0:
+            metrics = evaluate(state["params"])
+            train_loss = float(state["loss_sum"]) / max(float(state["loss_count"]), 1.0)
+            log.write({"step": step, "epoch": epoch, "train_loss_epoch": train_loss,
+                       **{f"valid_{k}": v for k, v in metrics.items()},
+                       "time": time.time()})
+            bar.set_postfix({"loss": f"{train_loss:.4f}",
+                             **{k: f"{v:.3f}" for k, v in metrics.items()}})
+            stop = (config.early_stop_metric is not None
+                    and metrics.get(config.early_stop_metric, -math.inf)
+                    > config.early_stop_threshold)
+            done = stop or step == total_steps
+            state = {**state, "loss_sum": jnp.float32(0), "loss_count": jnp.float32(0),
+                     "done": jnp.bool_(done)}
+            if done:
+                result = TrainResult(step=step, epoch=epoch + 1, stopped_early=stop,
+                                     metrics=metrics, train_loss=train_loss,
+                                     seconds=time.perf_counter() - started)
+                save(state, force=True)
+                break
+        if step % config.checkpoint_every == 0:
+            save(state)
+    bar.close()
+    if result is None:  # resumed from the final checkpoint of a run killed before the end
+        metrics = evaluate(state["params"])
+        result = TrainResult(step=step, epoch=math.ceil(step / steps_per_epoch),
+                             stopped_early=step < total_steps, metrics=metrics,
+                             train_loss=math.nan, seconds=0.0)
+    manager.wait_until_finished()
+    manager.close()
+    result_path.write_text(json.dumps(asdict(result), indent=1))
+    return state["params"], result
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, seed: int):
+    """state -> state after one optimizer step on ``batch`` (not jitted).
+
+    ``state`` holds params, opt_state, step, the epoch's loss sum/count and ``done``; the
+    dropout key is ``fold_in(key(seed), step)``, so it needs no saving.
+    """
+
+    def train_step(state, batch):
+        rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+        grad_fn = jax.value_and_grad(lambda p: _mean_loss(loss_fn(p, batch, rng)), has_aux=True)
+        (_, (loss_sum, count)), grads = grad_fn(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+                "step": state["step"] + 1, "loss_sum": state["loss_sum"] + loss_sum,
+                "loss_count": state["loss_count"] + count, "done": state["done"]}
+
+    return train_step
+
+
+def initial_state(params, tx: optax.GradientTransformation) -> dict:
+    """The training state before the first step."""
+    # "done" marks the final checkpoint, so a run killed before result.json still ends.
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
+            "loss_sum": jnp.float32(0), "loss_count": jnp.float32(0), "done": jnp.bool_(False)}
+
+
+def _mean_loss(sum_and_count):
+    loss_sum, count = sum_and_count
+    return loss_sum / jnp.maximum(count, 1.0), (loss_sum, count)

@@ -1,0 +1,28 @@
+"""python -m experiments.zoology --preset quick|cpu|paper [--field value ...]
+
+Trains the grid of the preset (resuming where it stopped) and writes results.jsonl,
+summary.md and figures/figure2.png under its ``out`` directory.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from experiments.common.config import parse_config
+from experiments.common.trainer import initialize_distributed
+from experiments.zoology.presets import PRESETS
+from experiments.zoology.sweep import sweep
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(PRESETS, argv, description=__doc__)
+    initialize_distributed()
+    sweep(config)
+    out = Path(config.out)
+    print((out / "summary.md").read_text())
+    print(f"figure: {out / 'figures' / 'figure2.png'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

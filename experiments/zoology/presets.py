@@ -1,0 +1,32 @@
+"""Presets of ``python -m experiments.zoology`` (the first one is the default).
+
+* ``quick``: the README's main job; attention vs BaseConv vs Hyena at one small (L, kv),
+  sized to finish in under 10 minutes on a 2-core CPU.
+* ``cpu``: a reduced figure-2 grid that shows the trend across L in a few hours on a 2-core
+  CPU (fewer widths, learning rates and epochs than the paper; the same data sizes).
+* ``paper``: the full figure-2 grid (V=8192, 100k/3k rows, L in 64..512, d_model in 64..512,
+  four learning rates, up to 64 epochs), for GPUs/TPUs; see the README for its cost.
+"""
+
+from __future__ import annotations
+
+from experiments.zoology.sweep import SweepConfig
+
+PAPER_LEARNING_RATES = (1e-4, 4.64e-4, 2.15e-3, 1e-2)  # logspace(-4, -2, 4)
+
+PRESETS: dict[str, SweepConfig] = {
+    "quick": SweepConfig(
+        mixers=("attention", "base_conv", "hyena"), seq_lens=(64,), num_kv_pairs=(4,),
+        batch_sizes=(256,), d_models=(64,), learning_rates=(1e-2,), vocab_size=512,
+        num_train=20_000, num_test=1_000, max_epochs=8, out="results/zoology/quick"),
+    "cpu": SweepConfig(
+        mixers=("attention", "base_conv", "hyena", "based", "h3", "mamba"),
+        seq_lens=(64, 128, 256), num_kv_pairs=(4, 8, 16), batch_sizes=(512, 512, 256),
+        d_models=(64, 128), learning_rates=(2.15e-3,), max_epochs=8,
+        out="results/zoology/cpu"),
+    "paper": SweepConfig(
+        mixers=("attention", "base_conv", "hyena", "h3", "based", "mamba"),
+        seq_lens=(64, 128, 256, 512), num_kv_pairs=(4, 8, 16, 64),
+        batch_sizes=(512, 512, 256, 128), d_models=(64, 128, 256, 512),
+        learning_rates=PAPER_LEARNING_RATES, max_epochs=64, out="results/zoology/paper"),
+}
