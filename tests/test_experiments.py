@@ -60,3 +60,16 @@ def test_mqar_data_benchmark_smoke(tmp_path):
     mqar_data.main(["--rows", "50", "--baseline-rows", "5", "--out", str(tmp_path)])
     summary = (tmp_path / "summary.md").read_text()
     assert summary.count("\n| ") == 1 + len(mqar_data.GRID)  # header + one row per length
+
+
+def test_mqar_throughput_benchmark_smoke(tmp_path):
+    from experiments.benchmarks import mqar_throughput
+
+    mqar_throughput.main(["--mixers", "attention", "--d-models", "16", "--seq-len", "16",
+                          "--num-kv-pairs", "2", "--batch-size", "8", "--vocab-size", "64",
+                          "--repeats", "1", "--out", str(tmp_path)])
+    (row,) = json.loads((tmp_path / "results.json").read_text())
+    assert row["ours"]["seconds_per_step"] > 0 and row["full head"]["seconds_per_step"] > 0
+    assert row["ours"]["tokens_per_second"] == pytest.approx(
+        8 * 16 / row["ours"]["seconds_per_step"])
+    assert "| attention | 16 |" in (tmp_path / "results.md").read_text()

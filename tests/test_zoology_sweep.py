@@ -25,6 +25,7 @@ def test_cli_runs_the_grid_then_skips_finished_runs(tmp_path, monkeypatch, capsy
         ("attention", 1e-3), ("attention", 3e-3), ("base_conv", 1e-3), ("base_conv", 3e-3)]
     assert all(0.0 <= r["metrics"]["accuracy"] <= 1.0 and r["epoch"] == 1 for r in records)
     assert (out / "figures" / "figure2.png").stat().st_size > 1000
+    assert (out / "figures" / "curves.png").stat().st_size > 1000
     assert "| attention | 16 |" in (out / "summary.md").read_text()
     assert "summary" not in capsys.readouterr().err
 

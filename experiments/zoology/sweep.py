@@ -6,7 +6,8 @@ finished runs, resuming unfinished ones), then writes ``out/results.jsonl`` (one
 finished run), ``out/summary.md`` (the best accuracy over learning rates per mixer, L and
 d_model, next to the paper's numbers where the notes have them) and
 ``out/figures/figure2.png`` (the paper's layout: one panel per L, accuracy against d_model,
-one line per mixer).
+one line per mixer) and ``out/figures/curves.png`` (test accuracy per epoch of the best run of
+each mixer and d_model, one panel per L).
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def write_outputs(out: Path, runs: Sequence[RunConfig]) -> list[dict]:
     (out / "summary.md").write_text(summary_table(best, runs))
     if best:
         plot_figure2(best, out / "figures" / "figure2.png")
+        plot_learning_curves(best, out, out / "figures" / "curves.png")
     return records
 
 
@@ -145,18 +147,30 @@ def summary_table(best: dict[tuple[str, int, int], dict], runs: Sequence[RunConf
     return "\n".join(lines)
 
 
-def plot_figure2(best: dict[tuple[str, int, int], dict], path: Path) -> None:
-    """The paper's layout: a panel per L, accuracy against d_model, a line per mixer."""
+def _panels(lens: Sequence[int]):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lens = sorted({L for _, L, _ in best})
-    mixers = list(dict.fromkeys(m for m, _, _ in best))
     fig, axes = plt.subplots(1, len(lens), figsize=(3.2 * len(lens), 3.0), sharey=True,
                              squeeze=False)
-    for ax, L in zip(axes[0], lens, strict=True):
+    return plt, fig, axes[0]
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_figure2(best: dict[tuple[str, int, int], dict], path: Path) -> None:
+    """The paper's layout: a panel per L, accuracy against d_model, a line per mixer."""
+    lens = sorted({L for _, L, _ in best})
+    mixers = list(dict.fromkeys(m for m, _, _ in best))
+    plt, fig, axes = _panels(lens)
+    for ax, L in zip(axes, lens, strict=True):
         for mixer in mixers:
             points = sorted((d, r["metrics"]["accuracy"]) for (m, length, d), r in best.items()
                             if m == mixer and length == L)
@@ -167,9 +181,28 @@ def plot_figure2(best: dict[tuple[str, int, int], dict], path: Path) -> None:
         ax.set_xlabel("model dimension")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("MQAR accuracy")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    axes[0].set_ylabel("MQAR accuracy")
+    axes[-1].legend(fontsize=8, loc="lower right")
+    _save(plt, fig, path)
+
+
+def plot_learning_curves(best: dict[tuple[str, int, int], dict], out: Path, path: Path) -> None:
+    """Test accuracy after each epoch of the best run per (mixer, d_model); a panel per L."""
+    lens = sorted({L for _, L, _ in best})
+    plt, fig, axes = _panels(lens)
+    for ax, L in zip(axes, lens, strict=True):
+        for (mixer, length, d), record in best.items():
+            if length != L:
+                continue
+            run = RunConfig(**{f.name: record[f.name] for f in dataclasses.fields(RunConfig)})
+            log = (out / "runs" / run.name / "metrics.jsonl").read_text().splitlines()
+            epochs = [r for r in map(json.loads, log) if "valid_accuracy" in r]
+            ax.plot([r["epoch"] + 1 for r in epochs], [r["valid_accuracy"] for r in epochs],
+                    marker=".", label=f"{mixer} d={d}")
+        ax.set_title(f"L = {L}")
+        ax.set_xlabel("epoch")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("MQAR test accuracy")
+    axes[-1].legend(fontsize=7, loc="best")
+    _save(plt, fig, path)
