@@ -99,15 +99,27 @@ def run(config: Config) -> list[dict]:
             tx = optax.adamw(1e-3, weight_decay=0.1)
             m = measure(make_train_step(loss_fn, tx, seed=0), initial_state(params, tx), batch,
                         repeats=config.repeats, single_run_above_s=60.0)
-            row[name] = {"seconds_per_step": m.seconds, "runs": m.runs,
+            row[name] = {"seconds_per_step": m.seconds, "runs": m.runs, "note": m.note,
                          "tokens_per_second": tokens / m.seconds if m.seconds else None,
                          "memory_mib": m.memory_bytes / 2**20}
         original = ORIGINAL_SECONDS.get((mixer, d))
         row["original_seconds_per_step"] = original
-        row["speedup_vs_original"] = (original / row["ours"]["seconds_per_step"]
-                                      if original else None)
+        ours = row["ours"]["seconds_per_step"]
+        row["speedup_vs_original"] = original / ours if original and ours else None
         rows.append(row)
     return rows
+
+
+def _seconds(cell: dict | None) -> str:
+    if cell is None:
+        return "—"
+    if cell["seconds_per_step"] is None:
+        return f"not run (needs {cell['memory_mib'] / 1024:.0f} GiB)"
+    return f"{cell['seconds_per_step']:.3f}"
+
+
+def _tokens(cell: dict) -> str:
+    return "—" if cell["tokens_per_second"] is None else f"{cell['tokens_per_second']:,.0f}"
 
 
 def markdown(rows: list[dict], config: Config) -> str:
@@ -118,25 +130,26 @@ def markdown(rows: list[dict], config: Config) -> str:
              "original s/step (notes) | ours vs original |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        full = r.get("full head", {}).get("seconds_per_step")
-        lines.append(
-            f"| {r['mixer']} | {r['d_model']} | {r['ours']['seconds_per_step']:.3f} | "
-            f"{r['ours']['tokens_per_second']:,.0f} | "
-            f"{'—' if full is None else f'{full:.3f}'} | "
-            f"{r['original_seconds_per_step'] or '—'} | "
-            + (f"{r['speedup_vs_original']:.0f}x |" if r["speedup_vs_original"] else "— |"))
+        lines.append(f"| {r['mixer']} | {r['d_model']} | {_seconds(r['ours'])} | "
+                     f"{_tokens(r['ours'])} | {_seconds(r.get('full head'))} | "
+                     f"{r['original_seconds_per_step'] or '—'} | "
+                     + (f"{r['speedup_vs_original']:.1f}x |" if r["speedup_vs_original"]
+                        else "— |"))
     return "\n".join(lines) + "\n"
+
+
+def write(rows: list[dict], config: Config, out: Path) -> str:
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    table = markdown(rows, config)
+    (out / "results.md").write_text(table)
+    return table
 
 
 def main(argv=None) -> None:
     config = parse_config(PRESETS, argv, description=__doc__)
     out = Path(config.out)
     save_config(config, out)
-    rows = run(config)
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
-    table = markdown(rows, config)
-    (out / "results.md").write_text(table)
-    print(table)
+    print(write(run(config), config, out))
 
 
 if __name__ == "__main__":
