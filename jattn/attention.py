@@ -33,6 +33,7 @@ from jattn.typing import (
     check_broadcastable,
     check_floating,
     check_integer,
+    check_qkv,
     check_rank,
     check_shape,
     check_values_in_range,
@@ -172,27 +173,9 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     layout = "[T, N, H]" if batch_free else "[B, T, N, H]"
     check_rank("key", key, (query.ndim,), f"matching query's {layout}")
     check_rank("value", value, (query.ndim,), f"matching query's {layout}")
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        check_floating(name, x)
-    if not query.dtype == key.dtype == value.dtype:
-        raise TypeError(f"query, key, value: expected one dtype, got {query.dtype}, "
-                        f"{key.dtype}, {value.dtype}")
     if batch_free:
         query, key, value = query[None], key[None], value[None]
-
-    B, T, N, H = query.shape
-    _, S, K, _ = key.shape
-    if key.shape[0] != B or key.shape[3] != H:
-        raise ValueError(f"key: expected [B={B}, S, K, H={H}] to match query {query.shape}, "
-                         f"got {key.shape}")
-    if value.shape[:3] != key.shape[:3]:
-        raise ValueError(f"value: expected [B, S, K] = {key.shape[:3]} as key, "
-                         f"got {value.shape}")
-    if N % K:
-        raise ValueError(f"query, key: query heads N={N} must be a multiple of key/value "
-                         f"heads K={K} (query {query.shape}, key {key.shape})")
-    if T == 0 or S == 0:
-        raise ValueError(f"query, key: lengths must be positive, got T={T}, S={S}")
+    B, T, N, H, S, _, _ = check_qkv(query, key, value)
 
     if bias is not None:
         bias = jnp.asarray(bias)

@@ -41,7 +41,7 @@ from jattn.typing import (
     Array,
     accumulation_dtype,
     check_floating,
-    check_rank,
+    check_qkv,
     check_shape,
     is_concrete,
 )
@@ -205,25 +205,7 @@ def linear_attention(query, key, value, *, feature_map: str | FeatureMap = "elu+
         Attention" (elu + 1, the recurrent form).
     """
     query, key, value = (jnp.asarray(x) for x in (query, key, value))
-    check_rank("query", query, (4,), "[B, T, N, H]")
-    check_rank("key", key, (4,), "[B, S, K, H]")
-    check_rank("value", value, (4,), "[B, S, K, Hv]")
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        check_floating(name, x)
-    if not query.dtype == key.dtype == value.dtype:
-        raise TypeError(f"query, key, value: expected one dtype, got {query.dtype}, "
-                        f"{key.dtype}, {value.dtype}")
-    B, T, N, H = query.shape
-    S, K = key.shape[1], key.shape[2]
-    Hv = value.shape[3]
-    if key.shape[0] != B or key.shape[3] != H:
-        raise ValueError(f"key: expected [B={B}, S, K, H={H}], got {key.shape}")
-    if value.shape[:3] != key.shape[:3]:
-        raise ValueError(f"value: expected [B, S, K] = {key.shape[:3]} followed by Hv, "
-                         f"got {value.shape}")
-    if K == 0 or N % K:
-        raise ValueError(f"key: its {K} heads must divide the query's {N} heads "
-                         f"(query {query.shape}, key {key.shape})")
+    B, T, N, H, S, K, Hv = check_qkv(query, key, value)
     if is_causal and S != T:
         raise ValueError(f"key: causal linear attention needs S == T, got query "
                          f"{query.shape} and key {key.shape}")

@@ -32,7 +32,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jattn.typing import Array, accumulation_dtype, check_floating, check_rank, check_shape
+from jattn.typing import (
+    Array,
+    accumulation_dtype,
+    check_floating,
+    check_qkv,
+    check_rank,
+    check_shape,
+)
 
 ACTIVATIONS = ("softmax", "sigmoid")
 
@@ -84,27 +91,7 @@ def topk_attention(query: Array, key: Array, value: Array, *, top_k: int | None 
     References:
         P24 Zoology (input-dependent sparse attention, top ceil(sqrt(L)) positions).
     """
-    check_rank("query", query, (4,), "[B, T, N, H]")
-    check_rank("key", key, (4,), "[B, S, K, H]")
-    check_rank("value", value, (4,), "[B, S, K, Hv]")
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        check_floating(name, x)
-    if not query.dtype == key.dtype == value.dtype:
-        raise TypeError(f"query, key, value: expected one dtype, got {query.dtype}, "
-                        f"{key.dtype}, {value.dtype}")
-    B, T, N, H = query.shape
-    _, S, K, _ = key.shape
-    if key.shape[0] != B or key.shape[3] != H:
-        raise ValueError(f"key: expected [B={B}, S, K, H={H}] to match query {query.shape}, "
-                         f"got {key.shape}")
-    if value.shape[:3] != key.shape[:3]:
-        raise ValueError(f"value: expected [B, S, K] = {key.shape[:3]} as key, "
-                         f"got {value.shape}")
-    if N % K:
-        raise ValueError(f"query, key: query heads N={N} must be a multiple of key/value "
-                         f"heads K={K} (query {query.shape}, key {key.shape})")
-    if T == 0 or S == 0:
-        raise ValueError(f"query, key: lengths must be positive, got T={T}, S={S}")
+    B, T, N, H, S, K, _ = check_qkv(query, key, value)
     k = _check_top_k(top_k, S)
     scale = H ** -0.5 if scale is None else scale
 

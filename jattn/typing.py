@@ -20,6 +20,7 @@ with a message that starts with the argument's name.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,43 @@ def check_rank(name: str, x: Array, ranks: Sequence[int], what: str = "") -> Non
         want = " or ".join(str(r) for r in ranks)
         layout = f" {what}" if what else ""
         raise ValueError(f"{name}: expected rank {want}{layout}, got shape {x.shape}")
+
+
+class QKVDims(NamedTuple):
+    B: int
+    T: int
+    N: int
+    H: int
+    S: int
+    K: int
+    Hv: int
+
+
+def check_qkv(query: Array, key: Array, value: Array) -> QKVDims:
+    """Validate query [B, T, N, H], key [B, S, K, H], value [B, S, K, Hv] (one floating
+    dtype, N % K == 0, T, S > 0) and return their sizes."""
+    check_rank("query", query, (4,), "[B, T, N, H]")
+    check_rank("key", key, (4,), "[B, S, K, H]")
+    check_rank("value", value, (4,), "[B, S, K, Hv]")
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        check_floating(name, x)
+    if not query.dtype == key.dtype == value.dtype:
+        raise TypeError(f"query, key, value: expected one dtype, got {query.dtype}, "
+                        f"{key.dtype}, {value.dtype}")
+    B, T, N, H = query.shape
+    _, S, K, _ = key.shape
+    if key.shape[0] != B or key.shape[3] != H:
+        raise ValueError(f"key: expected [B={B}, S, K, H={H}] to match query {query.shape}, "
+                         f"got {key.shape}")
+    if value.shape[:3] != key.shape[:3]:
+        raise ValueError(f"value: expected [B, S, K] = {key.shape[:3]} as key, "
+                         f"got {value.shape}")
+    if K == 0 or N % K:
+        raise ValueError(f"query, key: query heads N={N} must be a multiple of key/value "
+                         f"heads K={K} (query {query.shape}, key {key.shape})")
+    if T == 0 or S == 0:
+        raise ValueError(f"query, key: lengths must be positive, got T={T}, S={S}")
+    return QKVDims(B, T, N, H, S, K, value.shape[3])
 
 
 def check_shape(name: str, x: Array, expected: Shape, letters: str = "") -> None:

@@ -274,7 +274,7 @@ def _bad_calls():
         ((q[0], k, v), ok, ValueError, "query: expected rank 4"),
         ((q, k[..., :2], v), ok, ValueError, "key: expected"),
         ((q, k, v[:, :3]), ok, ValueError, "value: expected"),
-        ((q[:, :, :3], k, v), ok, ValueError, "key: its 2 heads must divide"),
+        ((q[:, :, :3], k, v), ok, ValueError, "query heads N=3 must be a multiple"),
         ((q[:, :3], k, v), ok, ValueError, "key: causal linear attention needs S == T"),
         ((q.astype(jnp.int32), k, v), ok, TypeError, "query: expected a floating dtype"),
         ((q, k.astype(jnp.bfloat16), v), ok, TypeError, "query, key, value: expected one"),
