@@ -48,10 +48,12 @@ def test_best_over_learning_rates_and_the_table():
     assert "0.900 (lr 1e-02, 3 ep) / ~1.0" in table
 
 
-def test_grid_lists_must_match_the_lengths():
+def test_grid_lists_must_match_the_lengths_and_mixers_exist():
     config = SweepConfig(**{**PRESETS["paper"].__dict__, "batch_sizes": (512,)})
     with pytest.raises(ValueError, match="batch_sizes"):
         config.runs()
+    with pytest.raises(ValueError, match="mixers: unknown"):
+        SweepConfig(**{**PRESETS["paper"].__dict__, "mixers": ("rwkv",)}).runs()
 
 
 def test_paper_preset_is_the_figure_2_grid():
@@ -61,3 +63,9 @@ def test_paper_preset_is_the_figure_2_grid():
         (64, 4, 512), (128, 8, 512), (256, 16, 256), (512, 64, 128)}
     assert all(r.vocab_size == 8192 and r.num_train == 100_000 and r.num_test == 3_000
                and r.max_epochs == 64 for r in runs)
+
+
+def test_cli_help_lists_every_mixer():
+    from experiments.zoology.model import MIXERS
+
+    assert [m for m in MIXERS if m not in cli.__doc__] == []

@@ -1,7 +1,9 @@
 """python -m experiments.zoology --preset quick|cpu|paper [--field value ...]
 
 Trains the grid of the preset (resuming where it stopped) and writes results.jsonl,
-summary.md and figures/figure2.png under its ``out`` directory.
+summary.md, figures/figure2.png and figures/curves.png under its ``out`` directory. Mixers:
+attention, sliding_window, base_conv, hyena, h3, mamba, linear_attention, based (BaseConv +
+Based linear attention), sparse_attention (BaseConv + top-ceil(sqrt(L)) attention).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from experiments.zoology.model import MIXERS
 from experiments.zoology.run import RunConfig, make_data, train_run
 
 # Figure 2 of the paper, read off the plot (notes/zoology.md): (mixer, L, d_model) -> text.
@@ -54,6 +55,9 @@ class SweepConfig:
     progress: bool = True
 
     def runs(self) -> list[RunConfig]:
+        unknown = [m for m in self.mixers if m not in MIXERS]
+        if unknown:
+            raise ValueError(f"mixers: unknown {unknown}; expected some of {sorted(MIXERS)}")
         for name in ("num_kv_pairs", "batch_sizes"):
             if len(getattr(self, name)) != len(self.seq_lens):
                 raise ValueError(f"{name}: expected one value per sequence length "
