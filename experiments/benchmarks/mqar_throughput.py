@@ -12,16 +12,21 @@ timed steps. Two variants run in this process:
 * ``full head``: the head and softmax at every position with -100 ignored, as the original
   computes it; the same model otherwise.
 
-The original PyTorch implementation's speed on a machine like this one (2 cores) is taken
-from ../shared/notes/zoology.md (its own code, PyTorch CPU, 2 threads, median of 30 steps);
-it was not re-run side by side here, so the ratio against it carries the notes' run-to-run
-spread (up to 1.9x).
+The original PyTorch implementation is timed side by side when ``--original-python`` (a
+Python with PyTorch, einops, pydantic, torchvision) and ``--original-path`` (a checkout of
+HazyResearch/zoology at dbcb60d) are given: right after our step for the same (mixer,
+d_model), :mod:`experiments.benchmarks.original_zoology_step` runs in that Python and times
+the original's own model and training step (2 threads, ``original_warmup`` steps, then the
+median of ``original_repeats``). Without them, the ratio is against the original's speed
+from ../shared/notes/zoology.md (same config, a machine like this one, run-to-run spread up
+to 1.9x).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -49,6 +54,10 @@ class Config:
     vocab_size: int = 8192
     repeats: int = 10
     full_head: bool = True
+    original_python: str = ""  # a Python with PyTorch: time the original side by side
+    original_path: str = ""  # a HazyResearch/zoology checkout (dbcb60d)
+    original_warmup: int = 3
+    original_repeats: int = 10
     out: str = "results/mqar_throughput"
 
 
@@ -103,11 +112,30 @@ def run(config: Config) -> list[dict]:
                          "tokens_per_second": tokens / m.seconds if m.seconds else None,
                          "memory_mib": m.memory_bytes / 2**20}
         original = ORIGINAL_SECONDS.get((mixer, d))
+        row["original_source"] = "notes"
+        if config.original_python and mixer in ORIGINAL_MIXERS:
+            original = time_original(config, mixer, d)
+            row["original_source"] = "measured"
         row["original_seconds_per_step"] = original
         ours = row["ours"]["seconds_per_step"]
         row["speedup_vs_original"] = original / ours if original and ours else None
         rows.append(row)
     return rows
+
+
+ORIGINAL_MIXERS = ("attention", "base_conv")  # what original_zoology_step builds
+
+
+def time_original(config: Config, mixer: str, d_model: int) -> float:
+    """Median seconds per training step of the original PyTorch model, same config."""
+    spec = {"mixer": mixer, "d_model": d_model, "seq_len": config.seq_len,
+            "num_kv_pairs": config.num_kv_pairs, "batch_size": config.batch_size,
+            "vocab_size": config.vocab_size, "warmup": config.original_warmup,
+            "repeats": config.original_repeats}
+    script = Path(__file__).with_name("original_zoology_step.py")
+    done = subprocess.run([config.original_python, str(script), config.original_path,
+                           json.dumps(spec)], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["seconds_per_step"]
 
 
 def _seconds(cell: dict | None) -> str:
@@ -127,12 +155,13 @@ def markdown(rows: list[dict], config: Config) -> str:
              f"batch {config.batch_size}, V={config.vocab_size}, float32; median of "
              f"{config.repeats} steps after compilation.", "",
              "| mixer | d_model | ours s/step | ours tokens/s | full head s/step | "
-             "original s/step (notes) | ours vs original |",
+             "original s/step | ours vs original |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mixer']} | {r['d_model']} | {_seconds(r['ours'])} | "
                      f"{_tokens(r['ours'])} | {_seconds(r.get('full head'))} | "
-                     f"{r['original_seconds_per_step'] or '—'} | "
+                     + (f"{r['original_seconds_per_step']:.2f} ({r['original_source']}) | "
+                        if r["original_seconds_per_step"] else "— | ")
                      + (f"{r['speedup_vs_original']:.1f}x |" if r["speedup_vs_original"]
                         else "— |"))
     return "\n".join(lines) + "\n"
