@@ -62,12 +62,12 @@ class SweepConfig:
             if len(getattr(self, name)) != len(self.seq_lens):
                 raise ValueError(f"{name}: expected one value per sequence length "
                                  f"{self.seq_lens}, got {getattr(self, name)}")
-        return [RunConfig(mixer=mixer, seq_len=L, num_kv_pairs=kv, d_model=d,
-                          learning_rate=lr, batch_size=batch, vocab_size=self.vocab_size,
-                          num_train=self.num_train, num_test=self.num_test,
-                          n_layers=self.n_layers, max_epochs=self.max_epochs,
-                          faithful=self.faithful, seed=self.seed,
-                          checkpoint_every=self.checkpoint_every, progress=self.progress)
+        # The settings every run shares: the RunConfig fields after the grid's own ones.
+        grid = ("mixer", "seq_len", "num_kv_pairs", "d_model", "learning_rate", "batch_size")
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(RunConfig)
+                  if f.name not in grid}
+        return [RunConfig(**shared, mixer=mixer, seq_len=L, num_kv_pairs=kv, d_model=d,
+                          learning_rate=lr, batch_size=batch)
                 for L, kv, batch in zip(self.seq_lens, self.num_kv_pairs, self.batch_sizes,
                                         strict=True)
                 for mixer in self.mixers for d in self.d_models for lr in self.learning_rates]
