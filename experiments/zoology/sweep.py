@@ -162,6 +162,13 @@ def _panels(lens: Sequence[int]):
     return plt, fig, axes[0]
 
 
+def _style(ax, L: int, xlabel: str) -> None:
+    ax.set_title(f"L = {L}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+
+
 def _save(plt, fig, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,10 +188,7 @@ def plot_figure2(best: dict[tuple[str, int, int], dict], path: Path) -> None:
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=mixer)
         ax.set_xscale("log", base=2)
-        ax.set_title(f"L = {L}")
-        ax.set_xlabel("model dimension")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
+        _style(ax, L, "model dimension")
     axes[0].set_ylabel("MQAR accuracy")
     axes[-1].legend(fontsize=8, loc="lower right")
     _save(plt, fig, path)
@@ -203,10 +207,7 @@ def plot_learning_curves(best: dict[tuple[str, int, int], dict], out: Path, path
             epochs = [r for r in map(json.loads, log) if "valid_accuracy" in r]
             ax.plot([r["epoch"] + 1 for r in epochs], [r["valid_accuracy"] for r in epochs],
                     marker=".", label=f"{mixer} d={d}")
-        ax.set_title(f"L = {L}")
-        ax.set_xlabel("epoch")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
+        _style(ax, L, "epoch")
     axes[0].set_ylabel("MQAR test accuracy")
     axes[-1].legend(fontsize=7, loc="best")
     _save(plt, fig, path)
