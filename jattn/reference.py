@@ -92,7 +92,7 @@ def _masked_softmax_average(logits: Array, allowed: Array, v: Array) -> tuple[Ar
 def causal_conv(x: Array, filt: Array) -> Array:
     """y[b, t, d] = sum_{s=0}^{min(t, K-1)} filt[s, d] * x[b, t - s, d], as a Toeplitz matmul.
 
-    The reference for ``jattn.mixers.fft_causal_conv`` (filt [L, D]) and, with the kernel
+    The reference for ``jattn.mixers.long_causal_conv`` (filt [L, D]) and, with the kernel
     reversed, ``short_causal_conv`` (kernel [K, D]).
     """
     L, K = x.shape[1], filt.shape[0]

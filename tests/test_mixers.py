@@ -26,19 +26,33 @@ def test_short_conv_matches_direct_convolution():
         np.testing.assert_allclose(got, want, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["fft", "direct"])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float64, 1e-10), (jnp.float32, 2e-5)])
-def test_fft_conv_matches_direct_convolution(dtype, tol):
+def test_long_conv_matches_direct_convolution(method, dtype, tol):
     with jax.enable_x64(True):
         x, h = _rand(3, 2, 33, 6, dtype=dtype), _rand(4, 40, 6, dtype=dtype)
-        got = conv.fft_causal_conv(x, h)
-        want = reference.causal_conv(x.astype(jnp.float64), h[:33].astype(jnp.float64))
+        got = conv.long_causal_conv(x, h, method=method)
+        x64, h64 = np.asarray(x, np.float64), np.asarray(h, np.float64)
+        want = np.stack([np.stack([np.convolve(x64[b, :, d], h64[:, d])[:33]
+                                   for d in range(6)], -1) for b in range(2)])
         assert got.dtype == dtype
-        np.testing.assert_allclose(got, want, atol=tol * float(jnp.abs(want).max()))
-        grad = jax.grad(lambda x, h: (conv.fft_causal_conv(x, h) ** 2).sum(), (0, 1))(x, h)
+        np.testing.assert_allclose(got, want, atol=tol * float(np.abs(want).max()))
+        grad = jax.grad(lambda x, h: (conv.long_causal_conv(x, h, method=method) ** 2).sum(),
+                        (0, 1))(x, h)
         grad_want = jax.grad(lambda x, h: (reference.causal_conv(x, h[:33]) ** 2).sum(),
                              (0, 1))(x.astype(jnp.float64), h.astype(jnp.float64))
         for g, w in zip(grad, grad_want, strict=True):
             np.testing.assert_allclose(g, w, atol=tol * 10 * float(jnp.abs(w).max()))
+
+
+def test_long_conv_auto_picks_by_length():
+    """"auto" equals the named methods (direct up to L=64, FFT beyond)."""
+    for L in (64, 65):
+        x, h = _rand(9, 1, L, 3), _rand(10, L, 3)
+        np.testing.assert_allclose(conv.long_causal_conv(x, h),
+                                   conv.long_causal_conv(x, h, method="fft"), atol=1e-4)
+    with pytest.raises(ValueError, match="method"):
+        conv.long_causal_conv(x, h, method="winograd")
 
 
 def _assert_causal(fn, L=24, D=4, t=11):
@@ -52,7 +66,8 @@ def _assert_causal(fn, L=24, D=4, t=11):
 
 def test_functions_are_causal():
     _assert_causal(lambda x: conv.short_causal_conv(x, _rand(7, 3, 4)))
-    _assert_causal(lambda x: conv.fft_causal_conv(x, _rand(8, 24, 4)))
+    _assert_causal(lambda x: conv.long_causal_conv(x, _rand(8, 24, 4), method="fft"))
+    _assert_causal(lambda x: conv.long_causal_conv(x, _rand(8, 24, 4), method="direct"))
 
 
 @pytest.mark.parametrize("kernel_size", [3, -1])
@@ -93,7 +108,7 @@ def test_short_conv_module_and_gradients():
      "kernel"),
     (lambda: conv.short_causal_conv(jnp.zeros((1, 5, 4), jnp.int32), jnp.zeros((3, 4))),
      TypeError, "x"),
-    (lambda: conv.fft_causal_conv(jnp.zeros((1, 5, 4)), jnp.zeros((4, 4))), ValueError, "filt"),
+    (lambda: conv.long_causal_conv(jnp.zeros((1, 5, 4)), jnp.zeros((4, 4))), ValueError, "filt"),
     (lambda: conv.positional_features(8, 4), ValueError, "emb_dim"),
     (lambda: conv.hyena_mix(*[jnp.zeros((1, 5, 4))] * 3, jnp.zeros((5, 4)), jnp.zeros(3)),
      ValueError, "skip"),

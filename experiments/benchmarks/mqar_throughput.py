@@ -111,7 +111,10 @@ def run(config: Config) -> list[dict]:
             row[name] = {"seconds_per_step": m.seconds, "runs": m.runs, "note": m.note,
                          "tokens_per_second": tokens / m.seconds if m.seconds else None,
                          "memory_mib": m.memory_bytes / 2**20}
-        original = ORIGINAL_SECONDS.get((mixer, d))
+        # The notes' numbers are for the default shape and vocabulary only.
+        notes_shape = all(getattr(config, f) == getattr(Config, f)
+                          for f in ("seq_len", "num_kv_pairs", "batch_size", "vocab_size"))
+        original = ORIGINAL_SECONDS.get((mixer, d)) if notes_shape else None
         row["original_source"] = "notes"
         if config.original_python and mixer in ORIGINAL_MIXERS:
             original = time_original(config, mixer, d)

@@ -233,9 +233,12 @@ def fit(params, *, loss_fn: LossFn, eval_fn: EvalFn, train: Mapping[str, np.ndar
     bar = tqdm(total=total_steps, initial=step, disable=not config.progress, unit="step",
                dynamic_ncols=True, desc=workdir.name)
     result = None
-    while step < total_steps and not bool(state["done"]):
+    done = bool(state["done"])  # host copies: syncing on the device state each step would
+    order_epoch, order = -1, None  # stall the asynchronous dispatch of the next step
+    while step < total_steps and not done:
         epoch, position = divmod(step, steps_per_epoch)
-        order = _epoch_order(config.seed, epoch, n_train)
+        if epoch != order_epoch:
+            order_epoch, order = epoch, _epoch_order(config.seed, epoch, n_train)
         batch_rows = order[position * config.batch_size:(position + 1) * config.batch_size]
         before = (float(state["loss_sum"]), float(state["loss_count"])) \
             if (step + 1) % config.log_every == 0 else None

@@ -2,9 +2,9 @@
 
 from jattn.mixers.conv import (
     decay_rates,
-    fft_causal_conv,
     hyena_mix,
     implicit_filter,
+    long_causal_conv,
     positional_features,
     short_causal_conv,
 )
@@ -25,11 +25,11 @@ __all__ = [
     "decay_rates",
     "diag_ssm_kernel",
     "discretize",
-    "fft_causal_conv",
     "h3_mix",
     "h3_ssm",
     "hyena_mix",
     "implicit_filter",
+    "long_causal_conv",
     "positional_features",
     "selective_scan",
     "shift_ssm_kernel",

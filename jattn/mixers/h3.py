@@ -7,8 +7,8 @@ Per head (N heads of P = head_dim channels; layout [B, L, N, P]):
     y[t]    = q[t]^T (diag_ssm(kv)[t] + D * kv[t])            (contract the first P axis)
 
 Both SSMs are linear and time-invariant, so each is a causal convolution with the SSM's
-impulse response K[l] = C A^l B, computed once and applied with an FFT
-(``jattn.mixers.conv.fft_causal_conv``).
+impulse response K[l] = C A^l B, computed once and applied as a long convolution
+(``jattn.mixers.conv.long_causal_conv``).
 
 * Shift SSM (state size M = d_state): A is the down-shift matrix, so the state is the last
   M inputs weighted by B, and K[l] = sum_m B[m] C[m + l] for l < M, 0 after. With B = e_1
@@ -50,7 +50,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jax import lax
 
-from jattn.mixers.conv import fft_causal_conv
+from jattn.mixers.conv import long_causal_conv
 from jattn.typing import Array, check_floating, check_rank, check_shape
 
 DISCRETIZATIONS = ("bilinear", "zoh")
@@ -266,13 +266,13 @@ def h3_mix(q: Array, k: Array, v: Array, shift_kernel: Array, diag_kernel: Array
 
     dtype = jnp.promote_types(v.dtype, jnp.float32)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
-    shifted = fft_causal_conv(k.reshape(Bsz, L, N * P),
+    shifted = long_causal_conv(k.reshape(Bsz, L, N * P),
                               shift_kernel[:L].reshape(L, N * P)).reshape(k.shape)
     if shift_D is not None:
         shifted = shifted + shift_D.astype(dtype) * k
     kv = shifted[..., :, None] * v[..., None, :]  # [B, L, N, P, P]
     filt = jnp.broadcast_to(diag_kernel[:L, :, None], (L, N, P * P)).reshape(L, N * P * P)
-    state = fft_causal_conv(kv.reshape(Bsz, L, N * P * P), filt).reshape(kv.shape)
+    state = long_causal_conv(kv.reshape(Bsz, L, N * P * P), filt).reshape(kv.shape)
     state = state + D.astype(dtype)[:, None, None] * kv
     return jnp.einsum("blni,blnij->blnj", q, state).astype(v.dtype)
 

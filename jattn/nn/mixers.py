@@ -66,13 +66,13 @@ class ImplicitFilter(nnx.Module):
 
 
 class ImplicitLongConv(nnx.Module):
-    """y = fft_causal_conv(x, h) + x with h an :class:`ImplicitFilter` (width 16)."""
+    """y = long_causal_conv(x, h) + x with h an :class:`ImplicitFilter` (width 16)."""
 
     def __init__(self, d_model: int, l_max: int, *, rngs: nnx.Rngs):
         self.filter = ImplicitFilter(d_model, l_max, order=16, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return conv.fft_causal_conv(x, self.filter(x.shape[1])) + x
+        return conv.long_causal_conv(x, self.filter(x.shape[1])) + x
 
 
 class Hyena(nnx.Module):
