@@ -3,7 +3,7 @@
 The public API; this file only re-exports.
 """
 
-from jattn import masks, reference
+from jattn import masks, reference, rf_lens
 from jattn.attention import dot_product_attention, implementations, register_implementation
 from jattn.chunked import BlockSizes, TileSchedule, chunked_attention, tile_schedule
 from jattn.linear import LinearAttentionState, linear_attention
@@ -22,6 +22,7 @@ __all__ = [
     "masks",
     "reference",
     "register_implementation",
+    "rf_lens",
     "tile_schedule",
     "topk_attention",
 ]

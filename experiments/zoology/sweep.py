@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from experiments.common.plots import panels, save
 from experiments.zoology.model import MIXERS
 from experiments.zoology.run import RunConfig, make_data, train_run
 
@@ -151,17 +152,6 @@ def summary_table(best: dict[tuple[str, int, int], dict], runs: Sequence[RunConf
     return "\n".join(lines)
 
 
-def _panels(lens: Sequence[int]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(lens), figsize=(3.2 * len(lens), 3.0), sharey=True,
-                             squeeze=False)
-    return plt, fig, axes[0]
-
-
 def _style(ax, L: int, xlabel: str) -> None:
     ax.set_title(f"L = {L}")
     ax.set_xlabel(xlabel)
@@ -169,18 +159,11 @@ def _style(ax, L: int, xlabel: str) -> None:
     ax.grid(alpha=0.3)
 
 
-def _save(plt, fig, path: Path) -> None:
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def plot_figure2(best: dict[tuple[str, int, int], dict], path: Path) -> None:
     """The paper's layout: a panel per L, accuracy against d_model, a line per mixer."""
     lens = sorted({L for _, L, _ in best})
     mixers = list(dict.fromkeys(m for m, _, _ in best))
-    plt, fig, axes = _panels(lens)
+    plt, fig, axes = panels(len(lens))
     for ax, L in zip(axes, lens, strict=True):
         for mixer in mixers:
             points = sorted((d, r["metrics"]["accuracy"]) for (m, length, d), r in best.items()
@@ -191,13 +174,13 @@ def plot_figure2(best: dict[tuple[str, int, int], dict], path: Path) -> None:
         _style(ax, L, "model dimension")
     axes[0].set_ylabel("MQAR accuracy")
     axes[-1].legend(fontsize=8, loc="lower right")
-    _save(plt, fig, path)
+    save(plt, fig, path)
 
 
 def plot_learning_curves(best: dict[tuple[str, int, int], dict], out: Path, path: Path) -> None:
     """Test accuracy after each epoch of the best run per (mixer, d_model); a panel per L."""
     lens = sorted({L for _, L, _ in best})
-    plt, fig, axes = _panels(lens)
+    plt, fig, axes = panels(len(lens))
     for ax, L in zip(axes, lens, strict=True):
         for (mixer, length, d), record in best.items():
             if length != L:
@@ -210,4 +193,4 @@ def plot_learning_curves(best: dict[tuple[str, int, int], dict], out: Path, path
         _style(ax, L, "epoch")
     axes[0].set_ylabel("MQAR test accuracy")
     axes[-1].legend(fontsize=7, loc="best")
-    _save(plt, fig, path)
+    save(plt, fig, path)

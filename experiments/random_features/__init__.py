@@ -1,0 +1,1 @@
+"""Theory checks of the random-features lens on attention (P63)."""
