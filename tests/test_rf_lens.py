@@ -126,3 +126,13 @@ def test_checks_quick_preset_pass(tmp_path, capsys):
     assert len(curves["rf-mlp"]) == len(results["config"]["curve_sizes"])
     for name in ("learning_curves", "error_vs_keys", "bias", "ridge_peak", "heads"):
         assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 0
+
+
+def test_checks_are_reproducible():
+    """Fixed seeds: the same config gives the same numbers twice in one process."""
+    from experiments.random_features.checks import CheckConfig, check_bias
+
+    config = CheckConfig(num_heads=10, num_test=100, bias_n=60)
+    with jax.enable_x64(True):
+        first, second = check_bias(config), check_bias(config)
+    assert first == second
