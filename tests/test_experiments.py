@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments.benchmarks import attention_cpu
@@ -74,3 +75,31 @@ def test_mqar_throughput_benchmark_smoke(tmp_path):
         8 * 16 / row["ours"]["seconds_per_step"])
     assert row["original_seconds_per_step"] is None  # the notes' numbers are for L=128 only
     assert "| attention | 16 |" in (tmp_path / "results.md").read_text()
+
+
+def test_cab_efficiency_length_solves_the_fitted_curves():
+    from experiments.benchmarks import cab
+
+    L = np.array([256.0, 512, 1024, 2048])
+    vanilla = cab.fit(L, 2e-6 * L**2 + 1e-3 * L + 0.5, 2)
+    linear = cab.fit(L, 3e-3 * L + 0.1, 1)
+    assert vanilla.r2 == pytest.approx(1.0) and linear.r2 == pytest.approx(1.0)
+    # 2e-6 L^2 - 2e-3 L + 0.4 = 0  ->  L = (2e-3 + sqrt(4e-6 - 3.2e-6)) / 4e-6
+    want = (2e-3 + np.sqrt(4e-6 - 4 * 2e-6 * 0.4)) / 4e-6
+    assert cab.efficiency_length(vanilla, linear) == pytest.approx(want, rel=1e-6)
+    constant = cab.fit(L, np.full(4, 5.0), 1)  # 1e-9 L^2 = 5 at L = sqrt(5e9)
+    assert cab.efficiency_length(cab.fit(L, 1e-9 * L**2, 2), constant) == pytest.approx(
+        np.sqrt(5e9), rel=1e-6)
+
+
+def test_cab_benchmark_smoke(tmp_path):
+    from experiments.benchmarks import cab
+
+    cab.main(["--seq-lens", "16,32,64", "--batch", "1", "--heads", "2", "--head-dim", "8",
+              "--repeats", "1", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == set(cab.methods())
+    assert all(r["seconds"] > 0 for r in rows)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Efficiency length" in summary and "| causal self | fwd | linear elu+1 |" in summary
+    assert (tmp_path / "figures" / "cab_causal_self.png").stat().st_size > 0
