@@ -256,3 +256,331 @@ def topk_attention(query, key, value, *, top_k=None, is_causal=True, scale=None)
     keep = allowed & (beats.sum(-1) < top_k)
     out, _ = _masked_softmax_average(logits, keep, v)
     return out.astype(query.dtype)
+
+
+def neighborhood_mask(spatial, kernel_size, dilation=1, is_causal=False):
+    """Dense boolean [L, L] (L = prod(spatial), row-major flat positions): query p may attend
+    key q, built position by position from NATTEN's definition (P72).
+
+    Per spatial axis of length n, kernel k, dilation d: positions split into d groups by
+    index mod d; key q is in query p's window when it is in p's group and its rank in the
+    group (index // d) lies in [lo, lo + k) with lo = r - k // 2 clipped to [0, len - k]
+    (r: p's rank, len: the group's size), or, causal, in [r - k + 1, r]. A key is allowed
+    when it is in the window along every axis.
+    """
+    import itertools
+
+    import numpy as np
+
+    spatial = tuple(spatial)
+    n = len(spatial)
+
+    def per_axis(x):
+        return tuple(x) if isinstance(x, (tuple, list)) else (x,) * n
+
+    kernel_size, dilation, is_causal = per_axis(kernel_size), per_axis(dilation), per_axis(
+        is_causal)
+
+    def in_window(axis, p, q):
+        length, k, d = spatial[axis], kernel_size[axis], dilation[axis]
+        if p % d != q % d:
+            return False
+        group_size = len(range(p % d, length, d))
+        rank, key_rank = p // d, q // d
+        if is_causal[axis]:
+            return rank - k + 1 <= key_rank <= rank
+        lo = min(max(rank - k // 2, 0), group_size - k)
+        return lo <= key_rank < lo + k
+
+    positions = list(itertools.product(*(range(s) for s in spatial)))
+    mask = np.zeros((len(positions), len(positions)), bool)
+    for i, p in enumerate(positions):
+        for j, q in enumerate(positions):
+            mask[i, j] = all(in_window(a, p[a], q[a]) for a in range(n))
+    return mask
+
+
+def neighborhood_attention(query, key, value, *, kernel_size, dilation=1, is_causal=False,
+                           scale=None, extra_key=None, extra_value=None):
+    """Neighbourhood attention as dense softmax attention under :func:`neighborhood_mask`,
+    with the extra keys appended as columns every query may attend. Same arguments and
+    meaning as :func:`jattn.neighborhood.neighborhood_attention`."""
+    import numpy as np
+
+    query, key, value = (jnp.asarray(x) for x in (query, key, value))
+    B, spatial, N, H = query.shape[0], query.shape[1:-2], query.shape[-2], query.shape[-1]
+    L = math.prod(spatial)
+    mask = neighborhood_mask(spatial, kernel_size, dilation, is_causal)
+    k = key.reshape(B, L, *key.shape[-2:])
+    v = value.reshape(B, L, *value.shape[-2:])
+    if extra_key is not None:
+        k = jnp.concatenate([k, jnp.asarray(extra_key)], axis=1)
+        v = jnp.concatenate([v, jnp.asarray(extra_value)], axis=1)
+        mask = np.concatenate([mask, np.ones((L, extra_key.shape[1]), bool)], axis=1)
+    out = dot_product_attention(query.reshape(B, L, N, H), k, v, mask=jnp.asarray(mask),
+                                scale=scale)
+    return out.reshape(B, *spatial, N, value.shape[-1])
+
+
+def _spatial_positions(spatial):
+    """Every position of a grid as a tuple of coordinates, in row-major order."""
+    import itertools
+    return list(itertools.product(*(range(n) for n in spatial)))
+
+
+def _flat_attention(query, key, value, allowed, bias, scale):
+    """Dense softmax attention over the row-major flattened grid, then back to the grid."""
+    spatial = query.shape[1:-2]
+    q, k, v = (x.reshape(x.shape[0], -1, *x.shape[-2:]) for x in (query, key, value))
+    out = dot_product_attention(q, k, v, bias=bias, mask=jnp.asarray(allowed), scale=scale)
+    return out.reshape(out.shape[0], *spatial, *out.shape[-2:])
+
+
+def window_attention(query, key, value, *, window_size, shift=0, relative_position_bias=None,
+                     scale=None, is_causal=False):
+    """Swin (shifted) window attention from a dense [L, L] mask and [N, L, L] bias, by loops.
+
+    Per axis the grid is padded to L_pad (a multiple of w) and position p sits at rolled
+    coordinate r = (p - shift) mod L_pad. Query p attends to key p' iff on every axis they
+    share the window floor(r / w) and Swin's region label (0: r < L_pad - w, 1:
+    r < L_pad - shift, 2: otherwise; all 0 without shift). The bias of the pair is the table
+    entry of the offset (r mod w) - (r' mod w) + w - 1, row-major over (2 w - 1) per axis.
+    Only real positions exist here, so padded keys are never attended. Same arguments and
+    meaning as :func:`jattn.window_attention` (no validation).
+    """
+    import numpy as np
+
+    spatial = query.shape[1:-2]
+    d = len(spatial)
+    w = (window_size,) * d if isinstance(window_size, int) else tuple(window_size)
+    s = (shift,) * d if isinstance(shift, int) else tuple(shift)
+    padded = [-(-n // ww) * ww for n, ww in zip(spatial, w, strict=True)]
+
+    def region(r, a):
+        if s[a] == 0 or r < padded[a] - w[a]:
+            return 0
+        return 1 if r < padded[a] - s[a] else 2
+
+    positions = _spatial_positions(spatial)
+    L = len(positions)
+    allowed = np.zeros((L, L), bool)
+    index = np.zeros((L, L), int)
+    for i, p in enumerate(positions):
+        for j, pk in enumerate(positions):
+            same, offset = True, 0
+            for a in range(d):
+                r, rk = (p[a] - s[a]) % padded[a], (pk[a] - s[a]) % padded[a]
+                same = same and r // w[a] == rk // w[a] and region(r, a) == region(rk, a)
+                offset = offset * (2 * w[a] - 1) + (r % w[a] - rk % w[a] + w[a] - 1)
+            allowed[i, j] = same
+            index[i, j] = offset if same else 0
+    bias = None
+    if relative_position_bias is not None:
+        bias = jnp.asarray(relative_position_bias)[:, index][None]  # [1, N, L, L]
+    return _flat_attention(query, key, value, allowed, bias, scale)
+
+
+def halo_attention(query, key, value, *, block_size, halo_size, is_causal=False, scale=None):
+    """HaloNet blocked attention with halos from a dense [L, L] mask built by loops.
+
+    Query p attends to key p' iff on every axis floor(p / b) b - h <= p' < floor(p / b) b + b
+    + h (keys outside the grid do not exist here), and p' <= p when causal (1-D). Same
+    arguments and meaning as :func:`jattn.halo_attention` (no validation).
+    """
+    import numpy as np
+
+    spatial = query.shape[1:-2]
+    d = len(spatial)
+    b = (block_size,) * d if isinstance(block_size, int) else tuple(block_size)
+    h = (halo_size,) * d if isinstance(halo_size, int) else tuple(halo_size)
+    positions = _spatial_positions(spatial)
+    L = len(positions)
+    allowed = np.zeros((L, L), bool)
+    for i, p in enumerate(positions):
+        for j, pk in enumerate(positions):
+            ok = all(p[a] // b[a] * b[a] - h[a] <= pk[a] < p[a] // b[a] * b[a] + b[a] + h[a]
+                     for a in range(d))
+            if is_causal:
+                ok = ok and pk <= p
+            allowed[i, j] = ok
+    return _flat_attention(query, key, value, allowed, None, scale)
+
+
+def agent_attention(query, key, value, *, n_agents=None, agents=None, agent_key_bias=None,
+                    query_agent_bias=None, is_causal=False, scale=None):
+    """Agent attention from its definition, materialising the [T, S] weights P2 P1.
+
+    Agents: the mean of the queries over positions [floor(a T / n), ceil((a + 1) T / n))
+    (a loop over segments), unless given. P1 = softmax(scale A K^T + B1) over the keys, P2 =
+    softmax(scale Q A^T + B2) over the agents, out = (P2 P1) V. Causal: agent a with last
+    position e_a sees keys j <= e_a, query t sees agents with e_a <= t. Same arguments and
+    meaning as :func:`jattn.agent_attention`.
+    """
+    _, T, N, H = query.shape
+    S, K = key.shape[1], key.shape[2]
+    dtype = jnp.promote_types(query.dtype, jnp.float32)
+    q = query.astype(dtype)
+    k = jnp.repeat(key.astype(dtype), N // K, axis=2)
+    v = jnp.repeat(value.astype(dtype), N // K, axis=2)
+    scale = H ** -0.5 if scale is None else scale
+    if agents is None:
+        last = []
+        pooled = []
+        for a in range(n_agents):
+            start = (a * T) // n_agents
+            end = math.ceil((a + 1) * T / n_agents)
+            pooled.append(q[:, start:end].mean(axis=1))
+            last.append(end - 1)
+        agents = jnp.stack(pooled, axis=1)
+    agents = agents.astype(dtype)
+    n = agents.shape[1]
+
+    logits1 = jnp.einsum("banh,bsnh->bnas", agents, k) * scale
+    if agent_key_bias is not None:
+        logits1 = logits1 + left_pad_rank(jnp.asarray(agent_key_bias), 4).astype(dtype)
+    logits2 = jnp.einsum("btnh,banh->bnta", q, agents) * scale
+    if query_agent_bias is not None:
+        logits2 = logits2 + left_pad_rank(jnp.asarray(query_agent_bias), 4).astype(dtype)
+    allowed1 = jnp.ones((n, S), bool)
+    allowed2 = jnp.ones((T, n), bool)
+    if is_causal:
+        e = jnp.asarray(last)
+        allowed1 = jnp.arange(S)[None, :] <= e[:, None]
+        allowed2 = e[None, :] <= jnp.arange(T)[:, None]
+
+    def softmax(logits, allowed):
+        logits = jnp.where(allowed, logits, -jnp.inf)
+        peak = jnp.max(logits, axis=-1, keepdims=True)
+        peak = jnp.where(jnp.isfinite(peak), peak, 0)
+        w = jnp.where(allowed, jnp.exp(jnp.where(allowed, logits, peak) - peak), 0)
+        total = w.sum(-1, keepdims=True)
+        return w / jnp.where(total > 0, total, 1)
+
+    weights = jnp.einsum("bnta,bnas->bnts", softmax(logits2, allowed2),
+                         softmax(logits1, allowed1))  # [B, N, T, S], rows sum to 1 or 0
+    return jnp.einsum("bnts,bsnv->btnv", weights, v).astype(query.dtype)
+
+
+def landmark_attention(query, key, value, landmark_keys, *, block_size, is_causal=True,
+                       top_k=None, scale=None):
+    """Landmark attention as the paper writes it, on the sequence with landmarks inserted.
+
+    Builds the extended key sequence (block 0's tokens, landmark 0, block 1's tokens,
+    landmark 1, ...; a landmark after every block, the last one too), with query i at
+    extended position i + i // block_size. For query i in block p: visible entries are those
+    at extended positions <= its own when causal (all when not); the group of a token is its
+    block, the group of another block's landmark is p, the own landmark is ignored. Grouped
+    softmax S (softmax within each group, written out pairwise), then the paper's weights:
+    0 for landmarks, S_ij for tokens of the own group, S_ij * S_i,landmark(j) for tokens of
+    other blocks. With top_k, the other blocks whose landmark is beaten by k or more visible
+    landmarks (higher score, or equal score and earlier) are removed, landmark and tokens.
+    Same arguments and meaning as :func:`jattn.landmark_attention`.
+    """
+    B, T, N, H = query.shape
+    S, K = key.shape[1], key.shape[2]
+    nb = landmark_keys.shape[1]
+    dtype = jnp.promote_types(query.dtype, jnp.float32)
+    scale = H ** -0.5 if scale is None else scale
+    keys, values, block, landmark = [], [], [], []
+    for c in range(nb):
+        for j in range(c * block_size, min((c + 1) * block_size, S)):
+            keys.append(key[:, j])
+            values.append(value[:, j])
+            block.append(c)
+            landmark.append(False)
+        keys.append(landmark_keys[:, c])
+        values.append(jnp.zeros_like(value[:, 0]))
+        block.append(c)
+        landmark.append(True)
+    E = len(keys)
+    k = jnp.repeat(jnp.stack(keys, 1).astype(dtype), N // K, axis=2)  # [B, E, N, H]
+    v = jnp.repeat(jnp.stack(values, 1).astype(dtype), N // K, axis=2)
+    block = jnp.asarray(block)
+    landmark = jnp.asarray(landmark)
+    # Extended index of block c's landmark: after the block's min((c+1) bs, S) - c bs tokens
+    # and the c earlier landmarks.
+    landmark_index = jnp.asarray([min((c + 1) * block_size, S) + c for c in range(nb)])
+    logits = jnp.einsum("btnh,benh->bnte", query.astype(dtype), k) * scale  # [B, N, T, E]
+
+    i = jnp.arange(T)
+    own = i // block_size  # [T]
+    query_pos = i + own
+    visible = (jnp.arange(E)[None, :] <= query_pos[:, None]) if is_causal else jnp.ones(
+        (T, E), bool)
+    own_landmark = landmark[None, :] & (block[None, :] == own[:, None])
+    other_landmark = landmark[None, :] & ~own_landmark & visible  # [T, E]
+    group = jnp.where(landmark[None, :], own[:, None], block[None, :])  # [T, E]
+    allowed = jnp.broadcast_to(visible & ~own_landmark, (B, N, T, E))
+    if top_k is not None:
+        mine = logits[..., :, None]  # landmark e
+        rival = logits[..., None, :]  # landmark e'
+        earlier = jnp.arange(E)[None, :] < jnp.arange(E)[:, None]  # [e, e']: e' before e
+        beats = other_landmark[:, None, :] & ((rival > mine) | ((rival == mine) & earlier))
+        dropped = other_landmark & (beats.sum(-1) >= top_k)  # [B, N, T, E] landmarks
+        # A block is dropped with its landmark: the landmark of token e's block is at the
+        # extended index of the last entry of that block.
+        dropped = dropped | (~landmark[None, :] & (block[None, :] != own[:, None])
+                             & jnp.take(dropped, landmark_index[block], axis=-1))
+        allowed = allowed & ~dropped
+
+    # Grouped softmax: S[e] = exp(l[e]) / sum over allowed e' of the same group exp(l[e']).
+    same = (group[:, :, None] == group[:, None, :]) & allowed[..., None, :]  # [B, N, T, E, E]
+    peak = jnp.max(jnp.where(same, logits[..., None, :], -jnp.inf), axis=-1)
+    peak = jnp.where(jnp.isfinite(peak), peak, 0)
+    terms = jnp.where(same, jnp.exp(jnp.where(same, logits[..., None, :], peak[..., None])
+                                    - peak[..., None]), 0)
+    denominator = terms.sum(-1)
+    probs = jnp.where(allowed, jnp.exp(jnp.where(allowed, logits, peak) - peak)
+                      / jnp.where(denominator > 0, denominator, 1), 0)
+
+    in_own_group = group == own[:, None]  # [T, E]
+    gate = jnp.take(probs, landmark_index[block], axis=-1)  # S_i,landmark(e)
+    weights = jnp.where(landmark[None, :], 0,
+                        jnp.where(in_own_group, probs, probs * gate))
+    return jnp.einsum("bnte,benv->btnv", weights, v).astype(query.dtype)
+
+
+
+def favor_features(x, projection):
+    """Performer's FAVOR+ positive random features, written from the definition.
+
+    phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m) with x' = x / H^(1/4) and W = ``projection``
+    [m, H]; no stabilisation. Pass ``feature_map=lambda x: favor_features(x, w)`` to
+    :func:`linear_attention` for the reference of ``jattn.linear_attention(...,
+    feature_map="favor+")`` with the same W.
+    """
+    h = x.shape[-1]
+    scaled = x / h ** 0.25
+    w = jnp.asarray(projection).astype(x.dtype)
+    exponent = scaled @ w.T - 0.5 * (scaled ** 2).sum(-1, keepdims=True)
+    return jnp.exp(exponent) / math.sqrt(w.shape[0])
+
+
+def cosformer_attention(query, key, value, *, query_positions, key_positions, max_length,
+                        is_causal=False, decay=None, normalize=True, eps=1e-6):
+    """cosFormer attention with the cos re-weighting materialised from its definition.
+
+    out_i = sum_j w_ij (relu(q_i) . relu(k_j)) v_j / (sum_j w_ij relu(q_i) . relu(k_j) + eps)
+    with w_ij = cos(pi/2 (p_i - p_j) / M) times, when causal, [p_j <= p_i] gamma^(p_i - p_j).
+    Positions are explicit (query_positions [T], key_positions [S], absolute), so a call that
+    continues a sequence from a state is checked against this one on the whole key sequence.
+    """
+    query, key, value = (jnp.asarray(x) for x in (query, key, value))
+    N, K = query.shape[2], key.shape[2]
+    dtype = jnp.promote_types(query.dtype, jnp.float32)
+    rq = jnp.maximum(query.astype(dtype), 0)
+    rk = jnp.maximum(jnp.repeat(key.astype(dtype), N // K, axis=2), 0)
+    v = jnp.repeat(value.astype(dtype), N // K, axis=2)
+    pi = jnp.asarray(query_positions)[:, None]
+    pj = jnp.asarray(key_positions)[None, :]
+    weight = jnp.cos(jnp.pi / 2 * (pi - pj).astype(dtype) / max_length)[None]  # [1, T, S]
+    if is_causal:
+        gamma = jnp.ones((N,), dtype) if decay is None else jnp.asarray(decay).astype(dtype)
+        seen = pj <= pi
+        lag = jnp.where(seen, pi - pj, 0)
+        weight = jnp.where(seen, weight * gamma[:, None, None] ** lag, 0)  # [N, T, S]
+    scores = jnp.einsum("btnh,bsnh->bnts", rq, rk) * weight
+    num = jnp.einsum("bnts,bsnv->btnv", scores, v)
+    if normalize:
+        num = num / (jnp.einsum("bnts->btn", scores) + eps)[..., None]
+    return num.astype(query.dtype)

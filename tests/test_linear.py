@@ -373,3 +373,353 @@ def test_module_arguments_are_checked():
 def test_public_exports():
     assert jattn.linear_attention is linear_attention
     assert jattn.LinearAttentionState is LinearAttentionState
+
+
+# ---- Parametric feature maps: FAVOR+ (Performer) and cosFormer -------------------------------
+
+FAVOR_KEY = jax.random.key(7)
+NUM_FEATURES = 8  # H = 3: blocks of 3 orthogonal rows, the last one cut
+PREFIX = 6  # tokens before the call, for the carried state
+MAX_LENGTH = 20  # cosFormer's M, >= PREFIX + T
+
+
+@functools.partial(jax.jit, static_argnames=("is_causal", "normalize", "eps", "return_state"))
+def _favor_reference(q, k, v, w, decay, initial_state, **kwargs):
+    phi = functools.partial(reference.favor_features, projection=w)
+    return reference.linear_attention(q, k, v, feature_map=phi, decay=decay,
+                                      initial_state=initial_state, **kwargs)
+
+
+_cos_reference = jax.jit(reference.cosformer_attention, static_argnames=(
+    "max_length", "is_causal", "normalize", "eps"))
+
+
+def _cos_state(k, v, decay, max_length, is_causal):
+    """The state after keys at positions 0..L-1 (k [B, L, K, H], v [B, L, K, Hv]) from the
+    definition: sum_s gamma^(L-1-s) [relu(k_s) cos(pi s / 2M), relu(k_s) sin(pi s / 2M)] v_s,
+    repeated over the query heads of each kv head."""
+    L = k.shape[1]
+    angle = np.pi / 2 * np.arange(L) / max_length
+    r = np.maximum(np.asarray(k, np.float64), 0)
+    feats = np.concatenate([r * np.cos(angle)[None, :, None, None],
+                            r * np.sin(angle)[None, :, None, None]], -1)  # [B, L, K, 2H]
+    feats = np.repeat(feats, N // K, axis=2)
+    gamma = np.ones(N) if decay is None or not is_causal else np.asarray(decay)
+    w = gamma[None, :] ** (L - 1 - np.arange(L))[:, None]  # [L, N]
+    kv = np.einsum("bsnf,sn,bsnv->bnfv", feats, w, np.repeat(np.asarray(v), N // K, axis=2))
+    return LinearAttentionState(jnp.asarray(kv), jnp.asarray(np.einsum("bsnf,sn->bnf", feats,
+                                                                       w)))
+
+
+PARAMETRIC_CASES = [("favor+", m) for m in MODES] + [("favor+-unnormalised", "causal_decay")] + [
+    ("cosformer", m) for m in MODES]
+
+
+@pytest.mark.parametrize("feature_map,mode", PARAMETRIC_CASES,
+                         ids=[f"{f}-{m}" for f, m in PARAMETRIC_CASES])
+def test_parametric_maps_every_form_matches_the_reference(feature_map, mode):
+    is_causal, decay = MODES[mode]
+    with jax.enable_x64(True):
+        q, k, v = _inputs(jnp.float64)
+        decay = None if decay is None else jnp.asarray(decay)
+        if feature_map.startswith("favor+"):
+            normalize = feature_map == "favor+"
+            w = linear.favor_projection(FAVOR_KEY, NUM_FEATURES, H, jnp.float64)
+            kp, vp = _rand(10, B, PREFIX, N, H, dtype=jnp.float64), _rand(
+                11, B, PREFIX, N, HV, dtype=jnp.float64)
+            pk = reference.favor_features(kp, w)
+            state = LinearAttentionState(jnp.einsum("bsnf,bsnv->bnfv", pk, vp), pk.sum(1))
+            # eps = 0: the plain definition (eps > 0 acts on the stabilised scale).
+            want, want_state = _favor_reference(q, k, v, w, decay, state, is_causal=is_causal,
+                                                normalize=normalize, eps=0.0,
+                                                return_state=True)
+            kwargs = dict(feature_map="favor+", key=FAVOR_KEY, num_features=NUM_FEATURES,
+                          normalize=normalize, eps=0.0)
+        else:
+            kp, vp = _rand(10, B, PREFIX, K, H, dtype=jnp.float64), _rand(
+                11, B, PREFIX, K, HV, dtype=jnp.float64)
+            state = _cos_state(kp, vp, decay, MAX_LENGTH, is_causal)
+            k_all, v_all = jnp.concatenate([kp, k], 1), jnp.concatenate([vp, v], 1)
+            want = _cos_reference(q, k_all, v_all, query_positions=PREFIX + jnp.arange(T),
+                                  key_positions=jnp.arange(PREFIX + T), max_length=MAX_LENGTH,
+                                  is_causal=is_causal, decay=decay)
+            want_state = _cos_state(k_all, v_all, decay, MAX_LENGTH, is_causal)
+            kwargs = dict(feature_map="cosformer", max_length=MAX_LENGTH, offset=PREFIX)
+        for form in FORMS:
+            got, got_state = linear_attention(q, k, v, form=form, chunk_size=CHUNK,
+                                              is_causal=is_causal, decay=decay,
+                                              initial_state=state, return_state=True, **kwargs)
+            assert got.dtype == jnp.float64
+            assert _err(got, want) < 1e-12, form
+            assert _err(got_state.kv, want_state[0]) < 1e-12, form
+            assert _err(got_state.k_sum, want_state[1]) < 1e-12, form
+
+
+def test_cosformer_cross_attention_and_default_length():
+    q, k, v = _inputs(T=7, S=12)
+    with jax.enable_x64(True):  # M defaults to max(T, S) = 12
+        want = _cos_reference(*to64((q, k, v)), query_positions=jnp.arange(7),
+                              key_positions=jnp.arange(12), max_length=12)
+    assert _err(linear_attention(q, k, v, feature_map="cosformer"), want) < 2e-5
+    # The cos weight really is there: plain relu features give another answer.
+    assert _err(linear_attention(q, k, v, feature_map="relu"), want) > 1e-3
+
+
+@pytest.mark.parametrize("feature_map", ["favor+", "cosformer"])
+def test_parametric_maps_gradients_match_the_reference(feature_map):
+    with jax.enable_x64(True):
+        q, k, v = _inputs(jnp.float64)
+        ct = _rand(20, B, T, N, HV, dtype=jnp.float64)
+        if feature_map == "favor+":
+            w = linear.favor_projection(FAVOR_KEY, NUM_FEATURES, H, jnp.float64)
+
+            def want_fn(q, k, v, decay):
+                return _favor_reference(q, k, v, w, decay, None, is_causal=True,
+                                        normalize=True, eps=0.0, return_state=False)
+            kwargs = dict(feature_map="favor+", key=FAVOR_KEY, num_features=NUM_FEATURES,
+                          eps=0.0)
+        else:
+            def want_fn(q, k, v, decay):
+                return reference.cosformer_attention(
+                    q, k, v, query_positions=3 + jnp.arange(T), key_positions=3 + jnp.arange(T),
+                    max_length=MAX_LENGTH, is_causal=True, decay=decay)
+            kwargs = dict(feature_map="cosformer", max_length=MAX_LENGTH, offset=3)
+
+        def loss(fn, *args):
+            return (fn(*args) * ct).sum()
+
+        args = (q, k, v, jnp.asarray(DECAY))
+        want = jax.jit(jax.grad(functools.partial(loss, want_fn), (0, 1, 2, 3)))(*args)
+        for form in ["chunked"]:  # the forward test checks that every form agrees
+            def got_fn(q, k, v, decay, form=form):
+                return linear_attention(q, k, v, is_causal=True, decay=decay, form=form,
+                                        chunk_size=CHUNK, **kwargs)
+            got = jax.jit(jax.grad(functools.partial(loss, got_fn), (0, 1, 2, 3)))(*args)
+            for name, g, wnt in zip("qkvd", got, want, strict=True):
+                assert _err(g, wnt) < 1e-11, (form, name)
+
+
+@pytest.mark.parametrize("feature_map", ["favor+", "cosformer"])
+def test_parametric_maps_bfloat16(feature_map):
+    q, k, v = _inputs(jnp.bfloat16)
+    extra = (dict(key=FAVOR_KEY, num_features=NUM_FEATURES, eps=0.0) if feature_map == "favor+"
+             else {})
+    out = linear_attention(q, k, v, feature_map=feature_map, is_causal=True, decay=DECAY,
+                           chunk_size=CHUNK, **extra)
+    assert out.dtype == jnp.bfloat16
+    with jax.enable_x64(True):
+        q64, k64, v64 = to64((q, k, v))
+        decay = jnp.asarray(DECAY)
+        if feature_map == "favor+":  # the float32 features the computation draws
+            w = linear.favor_projection(FAVOR_KEY, NUM_FEATURES, H).astype(jnp.float64)
+            want = _favor_reference(q64, k64, v64, w, decay, None, is_causal=True,
+                                    normalize=True, eps=0.0, return_state=False)
+        else:
+            want = _cos_reference(q64, k64, v64, query_positions=jnp.arange(T),
+                                  key_positions=jnp.arange(T), max_length=T, is_causal=True,
+                                  decay=decay)
+    assert _err(out, want) < 3e-2
+
+
+def test_favor_is_unbiased_and_its_error_shrinks_with_m():
+    h = 4
+    x = _rand(60, 2, h) * 0.7
+    q, k = x[0], x[1]
+    target = float(jnp.exp(q @ k / h ** 0.5))
+    keys = jax.random.split(jax.random.key(1), 2000)
+
+    @jax.jit
+    def products(keys):  # per key, the 32 products phi_f(q) phi_f(k) times 32
+        def one(key):
+            w = linear.favor_projection(key, 32, h)
+            return linear.favor_features(q, w) * linear.favor_features(k, w) * 32
+        return jax.vmap(one)(keys)
+
+    # The first m rows of a projection are a projection with m rows (same blocks): one draw
+    # gives the estimates of every m.
+    prods = np.asarray(products(keys), np.float64)
+    errors = {}
+    for m in (2, 8, 32):
+        est = prods[:, :m].mean(-1)  # one estimate of exp(q.k / sqrt(h)) per key
+        assert (est > 0).all()  # positive features: never a negative attention weight
+        # Unbiased: the mean over 2000 draws is within 4 standard errors of the target.
+        assert abs(est.mean() - target) < 4 * est.std() / np.sqrt(len(est)), m
+        errors[m] = np.sqrt(np.mean((est - target) ** 2)) / target
+    # The relative error of one draw shrinks like 1 / sqrt(m): 4x the features, half the error.
+    assert errors[8] < 0.7 * errors[2] and errors[32] < 0.7 * errors[8], errors
+
+
+def test_favor_rows_are_orthogonal_blocks_with_chi_norms():
+    h, m = 4, 10
+    w = np.asarray(linear.favor_projection(jax.random.key(3), m, h), np.float64)
+    assert w.shape == (m, h)
+    for start in range(0, m, h):  # within a block: orthogonal rows
+        block = w[start:start + h]
+        gram = block @ block.T
+        np.testing.assert_allclose(gram - np.diag(np.diag(gram)), 0, atol=1e-5)
+    assert abs(w[0] @ w[h]) > 1e-3  # rows of different blocks are independent, not orthogonal
+    # Norms are chi(h): |w|^2 has mean h and variance 2h (not unit rows).
+    many = np.asarray(linear.favor_projection(jax.random.key(4), 4000, h), np.float64)
+    sq = (many ** 2).sum(-1)
+    assert abs(sq.mean() - h) < 0.2 and abs(sq.var() - 2 * h) < 1.0
+    assert linear.default_num_features(64) == 267 and linear.feature_size("favor+", 3) == 4
+
+
+def test_favor_stabilised_for_large_queries_and_eps_convention():
+    q, k, v = _inputs()
+    big = q * 10  # plain float32 features of many of these queries underflow to 0
+    w32 = linear.favor_projection(FAVOR_KEY, NUM_FEATURES, H)
+    assert float((reference.favor_features(big, w32).max(-1) == 0).mean()) > 0.2
+    got = {eps: linear_attention(big, k, v, feature_map="favor+", key=FAVOR_KEY,
+                                 num_features=NUM_FEATURES, is_causal=True, chunk_size=CHUNK,
+                                 eps=eps) for eps in (0.0, 1e-6)}
+    with jax.enable_x64(True):
+        big64, k64, v64 = to64((big, k, v))
+        want = _favor_reference(big64, k64, v64, w32.astype(jnp.float64), None, None,
+                                is_causal=True, normalize=True, eps=0.0, return_state=False)
+        assert _err(got[0.0], want) < 1e-4
+        assert _err(got[1e-6], want) < 1e-3  # the default eps does not swamp these queries
+        # eps acts on each query's stabilised scale: num / (den + eps c_q), with
+        # c_q = exp(max_f (W q')_f - |q'|^2 / 2) (non-causal).
+        eps = 0.05
+        q64 = to64(q)
+        got = linear_attention(q64, k64, v64, feature_map="favor+", key=FAVOR_KEY,
+                               num_features=NUM_FEATURES, eps=eps)
+        w = linear.favor_projection(FAVOR_KEY, NUM_FEATURES, H, jnp.float64)
+        pq = reference.favor_features(q64, w)
+        pk = reference.favor_features(jnp.repeat(k64, N // K, 2), w)
+        qs = q64 / H ** 0.25
+        c = jnp.exp((qs @ w.T).max(-1) - 0.5 * (qs ** 2).sum(-1))
+        scores = jnp.einsum("btnf,bsnf->bnts", pq, pk)
+        num = jnp.einsum("bnts,bsnv->btnv", scores, jnp.repeat(v64, N // K, 2))
+        den = jnp.einsum("bnts->btn", scores)
+        assert _err(got, num / (den + eps * c)[..., None]) < 1e-12
+        assert _err(got, num / (den + eps)[..., None]) > 1e-4  # not the plain eps
+
+
+@pytest.mark.parametrize("feature_map", ["favor+", "cosformer"])
+def test_parametric_maps_state_carried_across_calls(feature_map):
+    extra = (dict(key=FAVOR_KEY, num_features=NUM_FEATURES) if feature_map == "favor+"
+             else dict(max_length=T))
+    with jax.enable_x64(True):
+        q, k, v = _inputs(jnp.float64)
+        kwargs = dict(feature_map=feature_map, is_causal=True, decay=DECAY, chunk_size=CHUNK,
+                      return_state=True, **extra)
+        whole, whole_state = linear_attention(q, k, v, **kwargs)
+        first, state = linear_attention(q[:, :5], k[:, :5], v[:, :5], **kwargs)
+        second, state = linear_attention(q[:, 5:], k[:, 5:], v[:, 5:], initial_state=state,
+                                         offset=5, **kwargs)
+        assert _err(jnp.concatenate([first, second], axis=1), whole) < 1e-12
+        assert _err(state.kv, whole_state.kv) < 1e-12
+
+    # Decoding token by token under jit, the position (offset) traced.
+    kwargs.update(form="recurrent")
+    q, k, v = _inputs()
+    whole = linear_attention(q, k, v, **kwargs)[0]
+
+    @jax.jit
+    def decode(state, t):
+        pick = functools.partial(lax_slice, t=t)
+        return linear_attention(pick(q), pick(k), pick(v), initial_state=state, offset=t,
+                                **kwargs)
+
+    state = LinearAttentionState.zeros(B, N, linear.feature_size(
+        feature_map, H, num_features=extra.get("num_features")), HV)
+    outs = []
+    for t in range(T):
+        out, state = decode(state, jnp.asarray(t))
+        outs.append(out)
+    assert _err(jnp.concatenate(outs, 1), whole) < 2e-5
+
+
+def lax_slice(x, t):
+    return jax.lax.dynamic_slice_in_dim(x, t, 1, axis=1)
+
+
+def test_favor_under_jit_and_vmap_with_a_traced_key():
+    q, k, v = _inputs()
+    qs, ks, vs = (jnp.stack([x, 2 * x, -x]) for x in (q, k, v))
+
+    @jax.jit
+    def batched(qs, ks, vs, key):
+        fn = functools.partial(linear_attention, feature_map="favor+", key=key, is_causal=True,
+                               chunk_size=CHUNK)
+        return jax.vmap(fn)(qs, ks, vs)
+
+    got = batched(qs, ks, vs, FAVOR_KEY)
+    for i in range(3):
+        want = linear_attention(qs[i], ks[i], vs[i], feature_map="favor+", key=FAVOR_KEY,
+                                is_causal=True, chunk_size=CHUNK)
+        assert _err(got[i], want) < 2e-5
+    other = linear_attention(q, k, v, feature_map="favor+", key=jax.random.key(8),
+                             is_causal=True, chunk_size=CHUNK)
+    assert _err(other, got[0]) > 1e-4  # another key, other features
+
+
+def _bad_parametric_calls():
+    q, k, v = _inputs(T=4)
+    state = LinearAttentionState.zeros(B, N, 2 * H, HV)
+    return [
+        (dict(feature_map="favor+"), ValueError, "key: feature_map='favor\\+'"),
+        (dict(feature_map="favor+", key=FAVOR_KEY, num_features=0), ValueError,
+         "num_features: expected a positive int"),
+        (dict(num_features=8), ValueError, "num_features: only used by"),
+        (dict(max_length=8), ValueError, "max_length: only used by"),
+        (dict(feature_map="cosformer", max_length=3), ValueError, "max_length: positions"),
+        (dict(feature_map="cosformer", max_length=0), ValueError, "max_length: expected"),
+        (dict(feature_map="cosformer", offset=2), ValueError, "max_length: cosformer with"),
+        (dict(feature_map="cosformer", initial_state=state), ValueError,
+         "max_length: cosformer with"),
+        (dict(feature_map="cosformer", max_length=8, offset=-1), ValueError,
+         "offset: expected >= 0"),
+        (dict(feature_map="cosformer", max_length=8, offset=1.5), ValueError,
+         "offset: expected an integer"),
+        (dict(feature_map="cosformer", max_length=8, offset=5), ValueError,
+         "max_length: positions up to offset"),
+    ], (q, k, v)
+
+
+@pytest.mark.parametrize("case", range(len(_bad_parametric_calls()[0])))
+def test_parametric_maps_bad_input(case):
+    cases, args = _bad_parametric_calls()
+    kwargs, error, match = cases[case]
+    with pytest.raises(error, match=match):
+        linear_attention(*args, **kwargs)
+    with pytest.raises(ValueError, match="favor_features or cosformer_features"):
+        linear.resolve_feature_map("favor+")
+
+
+def test_parametric_modules_are_the_functional_call():
+    x = _rand(54, B, T, D_MODEL)
+    layer = LinearAttention(D_MODEL, num_heads=4, num_kv_heads=2, feature_map="favor+",
+                            num_features=6, chunk_size=CHUNK, rngs=nnx.Rngs(3))
+    # The key is fixed state, not a trained parameter.
+    assert "feature_key" not in nnx.state(layer, nnx.Param)
+    assert isinstance(layer.feature_key, jattn.nn.linear.RandomFeatureKey)
+
+    def project(layer, lin, heads):
+        return (x @ lin.kernel[...] + lin.bias[...]).reshape(B, T, heads, -1)
+
+    def functional(layer, **kwargs):
+        out = linear_attention(project(layer, layer.q_proj, 4), project(layer, layer.k_proj, 2),
+                               project(layer, layer.v_proj, 2), is_causal=True,
+                               chunk_size=CHUNK, **kwargs)
+        return out.reshape(B, T, D_MODEL) @ layer.out_proj.kernel[...] + layer.out_proj.bias[...]
+
+    want = functional(layer, feature_map="favor+", key=layer.feature_key[...], num_features=6)
+    np.testing.assert_allclose(layer(x), want, atol=1e-5)
+    np.testing.assert_allclose(layer(x), layer(x), atol=0)  # same features every call
+    redrawn = functional(layer, feature_map="favor+", key=jax.random.key(9), num_features=6)
+    np.testing.assert_allclose(layer(x, key=jax.random.key(9)), redrawn, atol=1e-5)
+
+    cos = LinearAttention(D_MODEL, num_heads=4, num_kv_heads=2, feature_map="cosformer",
+                          max_length=T, chunk_size=CHUNK, rngs=nnx.Rngs(4))
+    np.testing.assert_allclose(cos(x), functional(cos, feature_map="cosformer", max_length=T),
+                               atol=1e-5)
+    y1, state = cos(x[:, :5], return_state=True)
+    y2 = cos(x[:, 5:], initial_state=state, offset=5)
+    np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), cos(x), atol=1e-5)
+    with pytest.raises(ValueError, match="num_features"):
+        LinearAttention(D_MODEL, num_features=4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="max_length"):
+        LinearAttention(D_MODEL, feature_map="favor+", max_length=4, rngs=nnx.Rngs(0))

@@ -5,7 +5,9 @@ Linear layers start as torch.nn.Linear does (jattn.nn._init), as in the Zoology 
 
 References:
     P24 Zoology (Based: linear attention with a second-order Taylor feature map of feature
-    dimension 8, 1 head); P22 Lightning Attention (chunked causal form, per-head decay).
+    dimension 8, 1 head); P22 Lightning Attention (chunked causal form, per-head decay);
+    "Rethinking Attention with Performers" (FAVOR+); "cosFormer: Rethinking Softmax in
+    Attention". Performer / RFA random features are not P63 (:mod:`jattn.rf_lens`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from flax import nnx
 
 from jattn.linear import FeatureMap, LinearAttentionState, linear_attention
 from jattn.nn._init import torch_linear
+
+
+class RandomFeatureKey(nnx.Variable):
+    """The fixed PRNG key of a layer's FAVOR+ random features: drawn once at init, not
+    trained (not an ``nnx.Param``), saved with the layer so the features stay the same."""
 
 
 def _heads(d_model: int, num_heads: int, num_kv_heads: int | None) -> int:
@@ -40,11 +47,22 @@ class LinearAttention(nnx.Module):
     gamma^(t - s), as in Lightning Attention. ``initial_state`` / ``return_state`` carry the
     running sums across calls (streaming, step-by-step decoding).
 
+    ``feature_map="favor+"`` (Performer): the key of the random features is drawn from
+    ``rngs.params()`` at init and kept in ``feature_key`` (a :class:`RandomFeatureKey`, not
+    trained), so every call uses the same W [num_features, head_dim]; pass ``key=`` to a
+    call to redraw them (as Performer does now and then during training).
+    ``feature_map="cosformer"``: ``max_length`` is M; to stream, give it and pass
+    ``offset`` (tokens before this call) with the state.
+
     Example:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> layer = LinearAttention(16, num_heads=2, rngs=nnx.Rngs(0))
         >>> layer(jnp.ones((1, 5, 16))).shape
+        (1, 5, 16)
+        >>> performer = LinearAttention(16, num_heads=2, feature_map="favor+", causal=False,
+        ...                             num_features=32, rngs=nnx.Rngs(0))
+        >>> performer(jnp.ones((1, 5, 16))).shape
         (1, 5, 16)
     """
 
@@ -52,7 +70,14 @@ class LinearAttention(nnx.Module):
                  feature_map: str | FeatureMap = "elu+1", causal: bool = True,
                  decay: Sequence[float] | None = None, normalize: bool = True,
                  eps: float = 1e-6, use_bias: bool = True, form: str = "chunked",
-                 chunk_size: int = 64, rngs: nnx.Rngs):
+                 chunk_size: int = 64, num_features: int | None = None,
+                 max_length: int | None = None, rngs: nnx.Rngs):
+        if num_features is not None and feature_map != "favor+":
+            raise ValueError(f"num_features: only used by feature_map='favor+', got "
+                             f"{feature_map!r}")
+        if max_length is not None and feature_map != "cosformer":
+            raise ValueError(f"max_length: only used by feature_map='cosformer', got "
+                             f"{feature_map!r}")
         num_kv_heads = _heads(d_model, num_heads, num_kv_heads)
         head_dim = d_model // num_heads
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
@@ -62,16 +87,29 @@ class LinearAttention(nnx.Module):
         self.decay = None if decay is None else tuple(float(g) for g in decay)
         self.normalize, self.eps = normalize, eps
         self.form, self.chunk_size = form, chunk_size
+        self.num_features, self.max_length = num_features, max_length
+        self.feature_key = (RandomFeatureKey(rngs.params()) if feature_map == "favor+"
+                            else None)
         self.q_proj = torch_linear(d_model, num_heads * head_dim, rngs, use_bias=use_bias)
         self.k_proj = torch_linear(d_model, num_kv_heads * head_dim, rngs, use_bias=use_bias)
         self.v_proj = torch_linear(d_model, num_kv_heads * head_dim, rngs, use_bias=use_bias)
         self.out_proj = torch_linear(num_heads * head_dim, d_model, rngs, use_bias=use_bias)
 
     def __call__(self, x: jax.Array, *, initial_state: LinearAttentionState | None = None,
-                 return_state: bool = False):
-        """x [B, L, d_model] -> [B, L, d_model] (and the state with ``return_state``)."""
+                 return_state: bool = False, offset=0, key=None):
+        """x [B, L, d_model] -> [B, L, d_model] (and the state with ``return_state``).
+
+        ``offset``: position of x's first token ("cosformer"); ``key``: redraw the "favor+"
+        features with this key instead of the stored ``feature_key``.
+        """
+        extra = {}
+        if self.feature_map == "favor+":
+            extra = dict(key=self.feature_key[...] if key is None else key,
+                         num_features=self.num_features)
+        elif self.feature_map == "cosformer":
+            extra = dict(max_length=self.max_length, offset=offset)
         return _attend(self, x, initial_state, return_state, self.feature_map,
-                       None if self.decay is None else jnp.asarray(self.decay))
+                       None if self.decay is None else jnp.asarray(self.decay), **extra)
 
 
 class BasedLinearAttention(nnx.Module):
@@ -113,7 +151,7 @@ class BasedLinearAttention(nnx.Module):
         return _attend(self, x, initial_state, return_state, "taylor", None)
 
 
-def _attend(layer, x, initial_state, return_state, feature_map, decay):
+def _attend(layer, x, initial_state, return_state, feature_map, decay, **extra):
     """Project, split heads, call linear_attention, merge heads, project back."""
     if x.ndim != 3:
         raise ValueError(f"x: expected rank 3 [B, L, d_model], got shape {x.shape}")
@@ -124,7 +162,8 @@ def _attend(layer, x, initial_state, return_state, feature_map, decay):
     result = linear_attention(
         q, k, v, feature_map=feature_map, is_causal=layer.causal, decay=decay,
         normalize=layer.normalize, eps=layer.eps, form=layer.form,
-        chunk_size=layer.chunk_size, initial_state=initial_state, return_state=return_state)
+        chunk_size=layer.chunk_size, initial_state=initial_state, return_state=return_state,
+        **extra)
     out, state = result if return_state else (result, None)
     y = layer.out_proj(out.reshape(B, L, -1))
     return (y, state) if return_state else y
