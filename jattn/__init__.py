@@ -4,9 +4,13 @@ The public API; this file only re-exports.
 """
 
 from jattn import masks, reference, rf_lens
+from jattn.agent import agent_attention, agent_segments, pool_agents
 from jattn.attention import dot_product_attention, implementations, register_implementation
 from jattn.chunked import BlockSizes, TileSchedule, chunked_attention, tile_schedule
+from jattn.landmark import landmark_attention, mean_landmark_keys, num_blocks
 from jattn.linear import LinearAttentionState, linear_attention
+from jattn.local import halo_attention, relative_position_index, window_attention
+from jattn.neighborhood import neighborhood_attention
 from jattn.sparse import topk_attention
 
 __version__ = "0.1.0"
@@ -15,14 +19,24 @@ __all__ = [
     "BlockSizes",
     "LinearAttentionState",
     "TileSchedule",
+    "agent_attention",
+    "agent_segments",
     "chunked_attention",
     "dot_product_attention",
+    "halo_attention",
     "implementations",
+    "landmark_attention",
     "linear_attention",
     "masks",
+    "mean_landmark_keys",
+    "neighborhood_attention",
+    "num_blocks",
+    "pool_agents",
     "reference",
     "register_implementation",
+    "relative_position_index",
     "rf_lens",
     "tile_schedule",
     "topk_attention",
+    "window_attention",
 ]

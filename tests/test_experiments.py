@@ -90,6 +90,10 @@ def test_cab_efficiency_length_solves_the_fitted_curves():
     constant = cab.fit(L, np.full(4, 5.0), 1)  # 1e-9 L^2 = 5 at L = sqrt(5e9)
     assert cab.efficiency_length(cab.fit(L, 1e-9 * L**2, 2), constant) == pytest.approx(
         np.sqrt(5e9), rel=1e-6)
+    quadratic = cab.fit(L, 1e-3 * L**2 + 1.0, 2)
+    assert cab.efficiency_length(quadratic, cab.fit(L, 0.5 + 0 * L, 1)) == 0.0  # always cheaper
+    concave = cab.fit(L, -1e-6 * L**2 + L + 1.0, 2)  # a noisy vanilla fit can bend down
+    assert cab.efficiency_length(concave, cab.fit(L, 2 * L + 10.0, 1)) == np.inf  # never
 
 
 def test_cab_benchmark_smoke(tmp_path):

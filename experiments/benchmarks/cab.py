@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +59,20 @@ def methods() -> dict[str, Method]:
             q, k, v, is_causal=c, implementation="chunked")),
         "linear elu+1": Method(lambda q, k, v, c: jattn.linear_attention(
             q, k, v, feature_map="elu+1", is_causal=c, form="chunked")),
+        "linear favor+": Method(lambda q, k, v, c: jattn.linear_attention(
+            q, k, v, feature_map="favor+", key=jax.random.key(0), is_causal=c, form="chunked")),
+        "linear cosformer": Method(lambda q, k, v, c: jattn.linear_attention(
+            q, k, v, feature_map="cosformer", is_causal=c, form="chunked")),
+        "neighborhood 127": Method(lambda q, k, v, c: jattn.neighborhood_attention(
+            q, k, v, kernel_size=min(127, q.shape[1]), is_causal=c)),
+        "window 128": Method(lambda q, k, v, c: jattn.window_attention(
+            q, k, v, window_size=min(128, q.shape[1])), patterns=("noncausal self",)),
+        "halo 128+64": Method(lambda q, k, v, c: jattn.halo_attention(
+            q, k, v, block_size=min(128, q.shape[1]), halo_size=64, is_causal=c)),
+        "agent 64": Method(lambda q, k, v, c: jattn.agent_attention(
+            q, k, v, n_agents=64, is_causal=c)),
+        "landmark 64, top-4": Method(lambda q, k, v, c: jattn.landmark_attention(
+            q, k, v, jattn.mean_landmark_keys(k, 64), block_size=64, top_k=4, is_causal=c)),
     }
 
 
@@ -135,14 +150,18 @@ def fit(lengths, costs, degree: int) -> Fit | None:
     return Fit(tuple(float(c) for c in coef), float(r2))
 
 
-def efficiency_length(vanilla: Fit, method: Fit) -> float | None:
-    """The larger real root of (a L^2 + b L + c) - (d L + e), or None if there is none > 0."""
+def efficiency_length(vanilla: Fit, method: Fit) -> float:
+    """The larger real root of (a L^2 + b L + c) - (d L + e); without a positive root, 0.0
+    if the method is the cheaper one at every L > 0 and inf if it never is."""
     a, b, c = vanilla.coef
     d, e = method.coef
-    roots = np.roots([a, b - d, c - e])
+    difference = [a, b - d, c - e]
+    roots = np.roots(difference)
     real = [float(r.real) for r in roots if abs(r.imag) < 1e-9 * max(1.0, abs(r.real))]
     positive = [r for r in real if r > 0]
-    return max(positive) if positive else None
+    if positive:
+        return max(positive)
+    return 0.0 if np.polyval(difference, 1.0) > 0 else math.inf
 
 
 def _series(rows, pattern, mode, method, key):
@@ -199,7 +218,7 @@ def _cell(row: dict | None) -> str:
 def _length(entry: dict | None) -> str:
     if entry is None:
         return "—"
-    length = "none" if entry["length"] is None else f"{entry['length']:,.0f}"
+    length = {0.0: "always", math.inf: "never"}.get(entry["length"], f"{entry['length']:,.0f}")
     return f"{length} (R^2 {entry['r2_vanilla']:.3f} / {entry['r2_method']:.3f})"
 
 

@@ -1,7 +1,10 @@
 """Flax NNX modules: parameters plus a call of the functional core, no maths of their own."""
 
+from jattn.nn.agent import AgentAttention
 from jattn.nn.attention import MultiHeadAttention
+from jattn.nn.landmark import LandmarkAttention
 from jattn.nn.linear import BasedLinearAttention, LinearAttention
+from jattn.nn.local import HaloAttention, WindowAttention
 from jattn.nn.mixers import (
     H3,
     BaseConv,
@@ -11,20 +14,26 @@ from jattn.nn.mixers import (
     Mamba,
     ShortConv,
 )
+from jattn.nn.neighborhood import NeighborhoodAttention
 from jattn.nn.sparse import SelectionPenalty, SelectiveLookups, SparseAttention
 
 __all__ = [
     "H3",
+    "AgentAttention",
     "BaseConv",
     "BasedLinearAttention",
+    "HaloAttention",
     "Hyena",
     "ImplicitFilter",
     "ImplicitLongConv",
+    "LandmarkAttention",
     "LinearAttention",
     "Mamba",
     "MultiHeadAttention",
+    "NeighborhoodAttention",
     "SelectionPenalty",
     "SelectiveLookups",
     "ShortConv",
     "SparseAttention",
+    "WindowAttention",
 ]
