@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,17 +25,20 @@ def _inputs(dtype, b=2, L=37, d=5, n=4, seed=0):
             jax.random.normal(k[5], (d,), dtype))
 
 
+# L=37: one chunk (None, 64) or chunks of 8 with a partial last one (the padding path).
+@pytest.mark.parametrize("chunk_size", [None, 8, 64])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float64, 1e-12), (jnp.float32, 2e-5)])
-def test_associative_scan_matches_sequential_recurrence(dtype, tol):
+def test_associative_scan_matches_sequential_recurrence(dtype, tol, chunk_size):
     with jax.enable_x64(True):
         args = _inputs(dtype)
+        scan = functools.partial(selective_scan, chunk_size=chunk_size)
         want = reference.selective_scan(*(a.astype(jnp.float64) for a in args))
-        np.testing.assert_allclose(selective_scan(*args), want, atol=tol)
+        np.testing.assert_allclose(scan(*args), want, atol=tol)
 
         def loss(fn):
             return lambda *a: (fn(*a) ** 2).sum()
 
-        got_grads = jax.grad(loss(selective_scan), argnums=range(6))(*args)
+        got_grads = jax.grad(loss(scan), argnums=range(6))(*args)
         want_grads = jax.grad(loss(reference.selective_scan), argnums=range(6))(
             *(a.astype(jnp.float64) for a in args))
         for g, w in zip(got_grads, want_grads, strict=True):
@@ -76,6 +81,7 @@ def test_mamba_initial_step_sizes():
     ({"A": jnp.ones((4, 4))}, "A"),
     ({"B": jnp.ones((2, 37, 3))}, "B"),
     ({"D": jnp.ones((4,))}, "D"),
+    ({"chunk_size": 0}, "chunk_size"),
 ])
 def test_bad_input(change, name):
     u, delta, A, B, C, D = _inputs(jnp.float32)

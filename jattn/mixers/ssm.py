@@ -16,6 +16,7 @@ References:
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -38,17 +39,28 @@ def _check(u, delta, A, B, C, D) -> None:
 
 
 def selective_scan(u: Array, delta: Array, A: Array, B: Array, C: Array,
-                   D: Array | None = None) -> Array:
+                   D: Array | None = None, *, chunk_size: int | None = 64) -> Array:
     """y[b, t, d] = sum_n h[b, t, d, n] C[b, t, n] + D[d] u[b, t, d] (see module docstring).
+
+    The sequence is processed in chunks of ``chunk_size`` positions: an associative scan
+    inside each chunk, the state h [B, D, N] carried across chunks by ``lax.scan``, and each
+    chunk recomputed in the backward pass (``jax.checkpoint``). Memory is then O(B C D N)
+    instead of the O(B L D N) of one scan over the whole length: forward+backward at B=512,
+    L=128, D=128, N=16 needs 7.9 GiB unchunked, 4.4 GiB with chunks of 64 and 2.2 GiB with
+    32 (compiled temporaries on CPU). ``chunk_size=None`` scans the whole length at once.
 
     Args:
         u: [B, L, D] input; delta: [B, L, D] positive step sizes.
         A: [D, N] state matrix (diagonal per channel; negative for stability).
         B, C: [B, L, N] input and output projections.
         D: [D] skip weights or None.
+        chunk_size: positions per chunk (a positive int) or None.
 
     Returns:
         [B, L, D] in u's dtype (the scan runs in float32 or wider).
+
+    Raises:
+        ValueError: mismatched shapes or a chunk size < 1.
 
     >>> import jax.numpy as jnp
     >>> u = jnp.ones((1, 3, 1)); ones = jnp.ones((1, 3, 1))
@@ -56,18 +68,44 @@ def selective_scan(u: Array, delta: Array, A: Array, B: Array, C: Array,
     Array([0.6931472, 1.0397208, 1.2130076], dtype=float32)
     """
     _check(u, delta, A, B, C, D)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
     dtype = jnp.promote_types(u.dtype, jnp.float32)
-    u32, delta32 = u.astype(dtype), delta.astype(dtype)
-    decay = jnp.exp(delta32[..., None] * A.astype(dtype))  # [B, L, D, N]
-    drive = (delta32 * u32)[..., None] * B.astype(dtype)[:, :, None, :]
+    b, L, d = u.shape
+    n = A.shape[1]
+    u32, delta32, A32 = u.astype(dtype), delta.astype(dtype), A.astype(dtype)
+    B32, C32 = B.astype(dtype), C.astype(dtype)
+    h0 = jnp.zeros((b, d, n), dtype)
+    if chunk_size is None or L <= chunk_size:
+        y, _ = _scan_chunk(h0, (u32, delta32, B32, C32), A32)
+    else:
+        # Padded positions have delta = 0: decay 1 and drive 0 leave the state unchanged.
+        chunks = -(-L // chunk_size)
+        pad = chunks * chunk_size - L
+
+        def split(x):
+            x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+            return jnp.moveaxis(x.reshape(b, chunks, chunk_size, x.shape[-1]), 1, 0)
+
+        body = jax.checkpoint(lambda h, xs: _scan_chunk(h, xs, A32)[::-1])
+        _, y = lax.scan(body, h0, tuple(map(split, (u32, delta32, B32, C32))))
+        y = jnp.moveaxis(y, 0, 1).reshape(b, chunks * chunk_size, d)[:, :L]
+    if D is not None:
+        y = y + D.astype(dtype) * u32
+    return y.astype(u.dtype)
+
+
+def _scan_chunk(h0: Array, xs, A: Array) -> tuple[Array, Array]:
+    """One chunk from state h0 [B, D, N]: (y [B, C, D] without the skip term, final state)."""
+    u, delta, B, C = xs
+    decay = jnp.exp(delta[..., None] * A)  # [B, C, D, N]
+    drive = (delta * u)[..., None] * B[:, :, None, :]
 
     def combine(earlier, later):
         a1, b1 = earlier
         a2, b2 = later
         return a1 * a2, a2 * b1 + b2
 
-    _, h = lax.associative_scan(combine, (decay, drive), axis=1)
-    y = jnp.einsum("bldn,bln->bld", h, C.astype(dtype))
-    if D is not None:
-        y = y + D.astype(dtype) * u32
-    return y.astype(u.dtype)
+    cumulative, h = lax.associative_scan(combine, (decay, drive), axis=1)
+    h = h + cumulative * h0[:, None]  # the carried state, decayed to every position
+    return jnp.einsum("bldn,bln->bld", h, C), h[:, -1]
