@@ -3,7 +3,7 @@
 The public API; this file only re-exports.
 """
 
-from jattn import masks, reference, rf_lens
+from jattn import masks, positions, reference, rf_lens
 from jattn.agent import agent_attention, agent_segments, pool_agents
 from jattn.attention import dot_product_attention, implementations, register_implementation
 from jattn.chunked import BlockSizes, TileSchedule, chunked_attention, tile_schedule
@@ -32,6 +32,7 @@ __all__ = [
     "neighborhood_attention",
     "num_blocks",
     "pool_agents",
+    "positions",
     "reference",
     "register_implementation",
     "relative_position_index",
