@@ -6,6 +6,7 @@ The public API; this file only re-exports.
 from jattn import masks, positions, reference, rf_lens
 from jattn.agent import agent_attention, agent_segments, pool_agents
 from jattn.attention import dot_product_attention, implementations, register_implementation
+from jattn.cache import KVCache, cached_attention, init_cache
 from jattn.chunked import BlockSizes, TileSchedule, chunked_attention, tile_schedule
 from jattn.landmark import landmark_attention, mean_landmark_keys, num_blocks
 from jattn.linear import LinearAttentionState, linear_attention
@@ -17,14 +18,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockSizes",
+    "KVCache",
     "LinearAttentionState",
     "TileSchedule",
     "agent_attention",
     "agent_segments",
+    "cached_attention",
     "chunked_attention",
     "dot_product_attention",
     "halo_attention",
     "implementations",
+    "init_cache",
     "landmark_attention",
     "linear_attention",
     "masks",

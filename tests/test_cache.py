@@ -1,0 +1,76 @@
+"""KV-cache decoding equals the full causal forward on the same sequence."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jattn import reference
+from jattn.cache import cached_attention, init_cache
+
+B, L, N, K, H, HV = 2, 11, 4, 2, 8, 6
+
+
+def _sequence(seed=0):
+    k = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(k[0], (B, L, N, H)), jax.random.normal(k[1], (B, L, K, H)),
+            jax.random.normal(k[2], (B, L, K, HV)))
+
+
+def _full(q, k, v, window):
+    t, s = np.arange(L)[:, None], np.arange(L)[None, :]
+    allowed = s <= t if window is None else (s <= t) & (s > t - window)
+    return reference.dot_product_attention(q, k, v, mask=jnp.asarray(allowed)[None, None])
+
+
+def _decode(q, k, v, cache, splits):
+    """Feed the sequence in blocks ending at ``splits`` through a jitted step."""
+    step = jax.jit(cached_attention)
+    outs, start = [], 0
+    for end in [*splits, L]:
+        out, cache = step(q[:, start:end], k[:, start:end], v[:, start:end], cache)
+        outs.append(out)
+        start = end
+    return jnp.concatenate(outs, 1), cache
+
+
+@pytest.mark.parametrize("window", [None, 1, 4])
+@pytest.mark.parametrize("splits", [list(range(1, L)), [6], [2, 9]],
+                         ids=["token-by-token", "prefill-6", "blocks"])
+def test_decoding_equals_the_full_causal_forward(window, splits):
+    q, k, v = _sequence()
+    cache = init_cache(B, L, K, H, value_head_dim=HV, window=window)
+    got, cache = _decode(q, k, v, cache, splits)
+    np.testing.assert_allclose(got, _full(q, k, v, window), atol=2e-5)
+    assert int(cache.length) == L
+
+
+def test_prefill_then_decode_equals_decoding_from_scratch():
+    q, k, v = _sequence(1)
+    for window in (None, 3):
+        fresh = init_cache(B, L, K, H, value_head_dim=HV, window=window)
+        a, cache_a = _decode(q, k, v, fresh, list(range(1, L)))
+        b, cache_b = _decode(q, k, v, fresh, [7])
+        np.testing.assert_allclose(a, b, atol=2e-5)
+        np.testing.assert_allclose(cache_a.key, cache_b.key, atol=0)
+        np.testing.assert_allclose(cache_a.value, cache_b.value, atol=0)
+
+
+def test_ring_keeps_the_last_window_tokens():
+    q, k, v = _sequence(2)
+    _, cache = cached_attention(q, k, v, init_cache(B, L, K, H, value_head_dim=HV, window=4))
+    for p in range(L - 4, L):  # position p lives in slot p mod 4
+        np.testing.assert_array_equal(cache.key[:, p % 4], k[:, p])
+
+
+def test_errors():
+    q, k, v = _sequence()
+    cache = init_cache(B, 4, K, H, value_head_dim=HV)
+    with pytest.raises(ValueError, match="cache"):
+        cached_attention(q, k, v, cache)  # 11 tokens into 4 slots
+    with pytest.raises(ValueError, match="value"):
+        cached_attention(q[:, :1], k[:, :1], v[:, :1, :, :4], cache)
+    with pytest.raises(ValueError, match="window"):
+        init_cache(B, 4, K, H, window=0)
