@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -584,3 +585,186 @@ def cosformer_attention(query, key, value, *, query_positions, key_positions, ma
     if normalize:
         num = num / (jnp.einsum("bnts->btn", scores) + eps)[..., None]
     return num.astype(query.dtype)
+
+
+def routing_attention(query, key, value, state, *, num_clusters, window=None, is_causal=False,
+                      update=False, decay=0.999, scale=None):
+    """Routing Transformer attention from its definition: per cluster a dense [T, S] mask.
+
+    Cluster c's member queries are those whose rank (by similarity of the unit query to the
+    unit centroid, ties to the smaller position) is below w, likewise its keys; the cluster's
+    mask is member query x member key (x key <= query when causal); a softmax attention under
+    each cluster's mask, then each query averages the clusters in which it saw a key (zeros
+    if none). The EMA update loops over centroid heads and clusters. Returns
+    (output, state with new centroids).
+    """
+    query, key, value = (jnp.asarray(x) for x in (query, key, value))
+    B, T, N, H = query.shape
+    S, K = key.shape[1], key.shape[2]
+    G = N // K
+    C = num_clusters
+    dtype = jnp.promote_types(query.dtype, jnp.float32)
+    q, k, v = (x.astype(dtype) for x in (query, key, value))
+    cent = jnp.asarray(state.centroids).astype(dtype)
+    Hc = cent.shape[0]
+    wq = math.ceil(T / C) if window is None else window
+    wk = math.ceil(S / C) if window is None else window
+
+    def unit(x):
+        norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+        return jnp.where(norm > 0, x / jnp.where(norm > 0, norm, 1), 0)
+
+    q_hat, k_hat, c_hat = unit(q), unit(k), unit(cent)
+    # Centroid set of query head n: n itself (Hc == N) or its key/value head n // G.
+    c_of_head = jnp.stack([c_hat[n if Hc == N else n // G] for n in range(N)])  # [N, C, H]
+    k_hat_n = jnp.repeat(k_hat, G, axis=2)  # [B, S, N, H]
+
+    def members(scores, w):  # scores [B, N, L] -> [B, N, L] bool, top-w by rank
+        L = scores.shape[-1]
+        i = jnp.arange(L)
+        s_i, s_j = scores[..., :, None], scores[..., None, :]
+        beaten = (s_j > s_i) | ((s_j == s_i) & (i[None, :] < i[:, None]))
+        return beaten.sum(-1) < w
+
+    total = jnp.zeros((B, T, N, value.shape[3]), dtype)
+    count = jnp.zeros((B, T, N), dtype)
+    for c in range(C):
+        q_in = members(jnp.einsum("btnh,nh->bnt", q_hat, c_of_head[:, c]), wq)
+        k_in = members(jnp.einsum("bsnh,nh->bns", k_hat_n, c_of_head[:, c]), wk)
+        mask = q_in[..., :, None] & k_in[..., None, :]  # [B, N, T, S]
+        if is_causal:
+            mask &= jnp.arange(S)[None, :] <= jnp.arange(T)[:, None]
+        out_c = dot_product_attention(q, k, v, mask=mask, scale=scale)
+        saw = jnp.swapaxes(mask.any(-1), 1, 2).astype(dtype)  # [B, T, N]
+        total = total + out_c * saw[..., None]
+        count = count + saw
+    out = (total / jnp.maximum(count, 1)[..., None]).astype(query.dtype)
+    if not update:
+        return out, state
+
+    new = []
+    for h in range(Hc):
+        heads = [h] if Hc == N else list(range(h * G, (h + 1) * G))
+        kv = h // G if Hc == N else h
+        vectors = jnp.concatenate([q_hat[:, :, heads].reshape(-1, H),
+                                   k_hat[:, :, kv].reshape(-1, H)])
+        nearest = jnp.argmax(vectors @ c_hat[h].T, axis=-1)
+        rows = []
+        for c in range(C):
+            chosen = (nearest == c)[:, None]
+            n_chosen = chosen.sum()
+            mean = jnp.where(chosen, vectors, 0).sum(0) / jnp.maximum(n_chosen, 1)
+            moved = unit(decay * cent[h, c] + (1 - decay) * mean)
+            rows.append(jnp.where(n_chosen > 0, moved, cent[h, c]))
+        new.append(jnp.stack(rows))
+    centroids = jnp.stack(new).astype(jnp.asarray(state.centroids).dtype)
+    return out, state._replace(centroids=centroids)
+
+
+def bilevel_routing_attention(query, key, value, *, region_size, topk, is_causal=False,
+                              scale=None):
+    """Bi-level routing attention (P59 BiFormer) as a dense boolean mask + softmax.
+
+    Region of each position by loops over positions; region means as matrix products with
+    the membership matrix; routing by a stable descending sort of the region affinities
+    (summed over heads); the token mask is 'key region routed by the query's region' (and,
+    causal 1-D, routed among regions before the query's by the prefix mean of its region's
+    queries, own region always, key position <= query position). Same signature as
+    :func:`jattn.bilevel.bilevel_routing_attention`.
+    """
+    import numpy as np
+
+    query, key, value = (jnp.asarray(x) for x in (query, key, value))
+    spatial, spatial_k = query.shape[1:-2], key.shape[1:-2]
+    n = len(spatial)
+    region = tuple(region_size) if isinstance(region_size, (tuple, list)) else (region_size,) * n
+    B, N, H = query.shape[0], query.shape[-2], query.shape[-1]
+    K, Hv = key.shape[-2], value.shape[-1]
+    G = N // K
+    L, S = math.prod(spatial), math.prod(spatial_k)
+
+    def region_of(shape):
+        grid = tuple(-(-s // r) for s, r in zip(shape, region, strict=True))
+        ids = [int(np.ravel_multi_index(
+            tuple(p // r for p, r in zip(pos, region, strict=True)), grid))
+            for pos in np.ndindex(*shape)]
+        return np.array(ids), math.prod(grid)
+
+    rq, Rq = region_of(spatial)
+    rk, Rk = region_of(spatial_k)
+    member_q = np.zeros((L, Rq))
+    member_q[np.arange(L), rq] = 1
+    member_k = np.zeros((S, Rk))
+    member_k[np.arange(S), rk] = 1
+    dtype = jnp.promote_types(query.dtype, jnp.float32)
+    q = query.reshape(B, L, N, H).astype(dtype)
+    k_rep = jnp.repeat(key.reshape(B, S, K, H).astype(dtype), G, axis=2)
+    k_mean = jnp.einsum("sr,bsnh->brnh", jnp.asarray(member_k / member_k.sum(0), dtype), k_rep)
+    if not is_causal:
+        q_mean = jnp.einsum("lr,blnh->brnh", jnp.asarray(member_q / member_q.sum(0), dtype), q)
+        affinity = jnp.einsum("binh,bjnh->bij", q_mean, k_mean)
+        order = jnp.argsort(-affinity, axis=-1, stable=True)
+        routed = jax.nn.one_hot(order[..., :topk], Rk).sum(-2) > 0  # [B, Rq, Rk]
+        mask = routed[:, rq][:, :, rk]  # [B, L, S]
+    else:
+        prefix = np.zeros((L, L))
+        for t in range(L):
+            members = [u for u in range(L) if rq[u] == rq[t] and u <= t]
+            prefix[t, members] = 1.0 / len(members)
+        q_prefix = jnp.einsum("tu,bunh->btnh", jnp.asarray(prefix, dtype), q)
+        affinity = jnp.einsum("btnh,bjnh->btj", q_prefix, k_mean)  # [B, L, Rk]
+        earlier = np.array([[j < rq[t] for j in range(Rk)] for t in range(L)])
+        affinity = jnp.where(earlier, affinity, -jnp.inf)
+        rank = jnp.argsort(jnp.argsort(-affinity, axis=-1, stable=True), axis=-1, stable=True)
+        own = np.array([[j == rq[t] for j in range(Rk)] for t in range(L)])
+        routed = (earlier & (rank < topk - 1)) | own  # [B, L, Rk]
+        before = np.array([[s <= t for s in range(S)] for t in range(L)])
+        mask = routed[:, :, rk] & before
+    mask = jax.lax.stop_gradient(mask)[:, None]
+    out = dot_product_attention(query.reshape(B, L, N, H), key.reshape(B, S, K, H),
+                                value.reshape(B, S, K, Hv), mask=mask, scale=scale)
+    return out.reshape(B, *spatial, N, Hv)
+
+
+def longheads_attention(query, key, value, *, chunk_size, topk, scale=None,
+                        summary="attention"):
+    """LongHeads (P61) as a dense boolean mask + causal softmax, per query head.
+
+    Chunk of each position t // chunk_size; summaries from the chunk membership matrix
+    (attention-pooled: the chunk's mean query softmax-attends over the chunk's keys; or the
+    mean key); candidates for query t are the chunks 1 .. chunk(t) - 1 (loops); the
+    ``topk - 2`` best by a stable descending sort of q_t . c_j are kept with chunk 0 and
+    chunk(t); the token mask adds key position <= query position. Same signature as
+    :func:`jattn.longheads.longheads_attention`.
+    """
+    import numpy as np
+
+    query, key, value = (jnp.asarray(x) for x in (query, key, value))
+    _, T, N, H = query.shape
+    K = key.shape[2]
+    scale = H ** -0.5 if scale is None else scale
+    dtype = jnp.promote_types(query.dtype, jnp.float32)
+    q = query.astype(dtype)
+    k = jnp.repeat(key.astype(dtype), N // K, axis=2)
+    chunk = np.array([t // chunk_size for t in range(T)])
+    m = int(chunk.max()) + 1
+    member = np.zeros((T, m))
+    member[np.arange(T), chunk] = 1
+    mean_matrix = jnp.asarray(member / member.sum(0), dtype)
+    if summary == "mean":
+        summ = jnp.einsum("tm,btnh->bmnh", mean_matrix, k)
+    else:
+        q_mean = jnp.einsum("tm,btnh->bmnh", mean_matrix, q)
+        logits = jnp.einsum("bmnh,btnh->bnmt", q_mean, k) * scale
+        pool = jax.nn.softmax(jnp.where(member.T.astype(bool), logits, -jnp.inf), axis=-1)
+        summ = jnp.einsum("bnmt,btnh->bmnh", pool, k)
+    score = jnp.einsum("btnh,bmnh->bntm", q, summ)
+    candidate = np.array([[1 <= j < chunk[t] for j in range(m)] for t in range(T)])
+    score = jnp.where(candidate, score, -jnp.inf)
+    rank = jnp.argsort(jnp.argsort(-score, axis=-1, stable=True), axis=-1, stable=True)
+    always = np.array([[j == 0 or j == chunk[t] for j in range(m)] for t in range(T)])
+    chosen = (candidate & (rank < topk - 2)) | always  # [B, N, T, m]
+    before = np.array([[s <= t for s in range(T)] for t in range(T)])
+    mask = jax.lax.stop_gradient(chosen[..., chunk] & before)
+    return dot_product_attention(query, key, value, mask=mask, scale=scale)
+
