@@ -6,12 +6,15 @@ The public API; this file only re-exports.
 from jattn import masks, positions, reference, rf_lens
 from jattn.agent import agent_attention, agent_segments, pool_agents
 from jattn.attention import dot_product_attention, implementations, register_implementation
+from jattn.bilevel import bilevel_routing_attention
 from jattn.cache import KVCache, cached_attention, init_cache
 from jattn.chunked import BlockSizes, TileSchedule, chunked_attention, tile_schedule
 from jattn.landmark import landmark_attention, mean_landmark_keys, num_blocks
 from jattn.linear import LinearAttentionState, linear_attention
 from jattn.local import halo_attention, relative_position_index, window_attention
+from jattn.longheads import longheads_attention
 from jattn.neighborhood import neighborhood_attention
+from jattn.routing import RoutingState, init_routing_state, route_to_clusters, routing_attention
 from jattn.sparse import topk_attention
 
 __version__ = "0.1.0"
@@ -20,17 +23,21 @@ __all__ = [
     "BlockSizes",
     "KVCache",
     "LinearAttentionState",
+    "RoutingState",
     "TileSchedule",
     "agent_attention",
     "agent_segments",
+    "bilevel_routing_attention",
     "cached_attention",
     "chunked_attention",
     "dot_product_attention",
     "halo_attention",
     "implementations",
     "init_cache",
+    "init_routing_state",
     "landmark_attention",
     "linear_attention",
+    "longheads_attention",
     "masks",
     "mean_landmark_keys",
     "neighborhood_attention",
@@ -41,6 +48,8 @@ __all__ = [
     "register_implementation",
     "relative_position_index",
     "rf_lens",
+    "route_to_clusters",
+    "routing_attention",
     "tile_schedule",
     "topk_attention",
     "window_attention",

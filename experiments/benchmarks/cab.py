@@ -71,9 +71,22 @@ def methods() -> dict[str, Method]:
             q, k, v, block_size=min(128, q.shape[1]), halo_size=64, is_causal=c)),
         "agent 64": Method(lambda q, k, v, c: jattn.agent_attention(
             q, k, v, n_agents=64, is_causal=c)),
+        "routing L/128 clusters": Method(_routing),
+        "bilevel 64, top-4": Method(lambda q, k, v, c: jattn.bilevel_routing_attention(
+            q, k, v, region_size=min(64, q.shape[1]), topk=min(4, -(-q.shape[1] // 64)),
+            is_causal=c)),
+        "longheads 64, top-4": Method(lambda q, k, v, c: jattn.longheads_attention(
+            q, k, v, chunk_size=64, topk=4), patterns=("causal self",)),
         "landmark 64, top-4": Method(lambda q, k, v, c: jattn.landmark_attention(
             q, k, v, jattn.mean_landmark_keys(k, 64), block_size=64, top_k=4, is_causal=c)),
     }
+
+
+def _routing(q, k, v, causal):
+    """Routing attention with L / 128 balanced clusters (windows of 128)."""
+    clusters = max(1, q.shape[1] // 128)
+    state = jattn.init_routing_state(jax.random.key(0), q.shape[2], clusters, q.shape[3])
+    return jattn.routing_attention(q, k, v, state, num_clusters=clusters, is_causal=causal)[0]
 
 
 @dataclasses.dataclass(frozen=True)

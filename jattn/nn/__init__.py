@@ -2,9 +2,11 @@
 
 from jattn.nn.agent import AgentAttention
 from jattn.nn.attention import MultiHeadAttention
+from jattn.nn.bilevel import BiLevelRoutingAttention
 from jattn.nn.landmark import LandmarkAttention
-from jattn.nn.linear import BasedLinearAttention, LinearAttention
+from jattn.nn.linear import BasedLinearAttention, LinearAttention, RandomFeatureKey
 from jattn.nn.local import HaloAttention, WindowAttention
+from jattn.nn.longheads import LongHeadsAttention
 from jattn.nn.mixers import (
     H3,
     BaseConv,
@@ -15,6 +17,7 @@ from jattn.nn.mixers import (
     ShortConv,
 )
 from jattn.nn.neighborhood import NeighborhoodAttention
+from jattn.nn.routing import RoutingAttention, RoutingCentroids
 from jattn.nn.sparse import SelectionPenalty, SelectiveLookups, SparseAttention
 
 __all__ = [
@@ -22,15 +25,20 @@ __all__ = [
     "AgentAttention",
     "BaseConv",
     "BasedLinearAttention",
+    "BiLevelRoutingAttention",
     "HaloAttention",
     "Hyena",
     "ImplicitFilter",
     "ImplicitLongConv",
     "LandmarkAttention",
     "LinearAttention",
+    "LongHeadsAttention",
     "Mamba",
     "MultiHeadAttention",
     "NeighborhoodAttention",
+    "RandomFeatureKey",
+    "RoutingAttention",
+    "RoutingCentroids",
     "SelectionPenalty",
     "SelectiveLookups",
     "ShortConv",
