@@ -11,7 +11,7 @@ import jax
 from flax import nnx
 
 from jattn.agent import agent_attention
-from jattn.nn._init import torch_linear
+from jattn.nn._init import check_heads, torch_linear
 
 
 class AgentAttention(nnx.Module):
@@ -37,9 +37,7 @@ class AgentAttention(nnx.Module):
                  is_causal: bool = False, max_length: int | None = None,
                  dwc_kernel_size: int | None = None, qkv_bias: bool = True,
                  rngs: nnx.Rngs):
-        if num_heads < 1 or d_model % num_heads:
-            raise ValueError(f"num_heads: expected a divisor of d_model={d_model}, "
-                             f"got {num_heads}")
+        check_heads(d_model, num_heads)
         if n_agents < 1:
             raise ValueError(f"n_agents: expected a positive int, got {n_agents}")
         if max_length is not None and max_length < 1:

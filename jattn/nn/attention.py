@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jattn
-from jattn.nn._init import torch_linear
+from jattn.nn._init import check_heads, torch_linear
 
 
 class MultiHeadAttention(nnx.Module):
@@ -33,8 +33,7 @@ class MultiHeadAttention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int = 1, *, causal: bool = True,
                  window: int | None = None, qkv_bias: bool = True, dropout_rate: float = 0.0,
                  rngs: nnx.Rngs):
-        if d_model % num_heads:
-            raise ValueError(f"num_heads: must divide d_model={d_model}, got {num_heads}")
+        check_heads(d_model, num_heads)
         if window is not None and window < 1:
             raise ValueError(f"window: expected >= 1 or None, got {window}")
         self.num_heads = num_heads

@@ -13,7 +13,7 @@ import jax
 from flax import nnx
 
 from jattn.bilevel import bilevel_routing_attention
-from jattn.nn._init import torch_linear
+from jattn.nn._init import check_heads, torch_linear
 
 
 class BiLevelRoutingAttention(nnx.Module):
@@ -43,13 +43,7 @@ class BiLevelRoutingAttention(nnx.Module):
                  topk: int, is_causal: bool = False, num_kv_heads: int | None = None,
                  qkv_bias: bool = True, lepe_kernel_size: int | None = None,
                  spatial_axes: int = 2, rngs: nnx.Rngs):
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if num_heads < 1 or d_model % num_heads:
-            raise ValueError(f"num_heads: expected a divisor of d_model={d_model}, "
-                             f"got {num_heads}")
-        if num_kv_heads < 1 or num_heads % num_kv_heads:
-            raise ValueError(f"num_kv_heads: expected a divisor of num_heads={num_heads}, "
-                             f"got {num_kv_heads}")
+        num_kv_heads = check_heads(d_model, num_heads, num_kv_heads)
         if lepe_kernel_size is not None and lepe_kernel_size < 1:
             raise ValueError(f"lepe_kernel_size: expected a positive int or None, got "
                              f"{lepe_kernel_size}")

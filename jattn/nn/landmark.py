@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jattn.landmark import landmark_attention, mean_landmark_keys, num_blocks
-from jattn.nn._init import torch_linear
+from jattn.nn._init import check_heads, torch_linear
 
 
 class LandmarkAttention(nnx.Module):
@@ -37,9 +37,7 @@ class LandmarkAttention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int = 1, block_size: int = 64, *,
                  is_causal: bool = True, top_k: int | None = None, qkv_bias: bool = True,
                  rngs: nnx.Rngs):
-        if num_heads < 1 or d_model % num_heads:
-            raise ValueError(f"num_heads: expected a divisor of d_model={d_model}, "
-                             f"got {num_heads}")
+        check_heads(d_model, num_heads)
         if block_size < 1:
             raise ValueError(f"block_size: expected a positive int, got {block_size}")
         self.num_heads = num_heads

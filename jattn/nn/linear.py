@@ -19,24 +19,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jattn.linear import FeatureMap, LinearAttentionState, linear_attention
-from jattn.nn._init import torch_linear
+from jattn.nn._init import check_heads, torch_linear
 
 
 class RandomFeatureKey(nnx.Variable):
     """The fixed PRNG key of a layer's FAVOR+ random features: drawn once at init, not
     trained (not an ``nnx.Param``), saved with the layer so the features stay the same."""
-
-
-def _heads(d_model: int, num_heads: int, num_kv_heads: int | None) -> int:
-    """Checked number of key/value heads (default: num_heads)."""
-    if num_heads < 1 or d_model % num_heads:
-        raise ValueError(f"num_heads: must be >= 1 and divide d_model={d_model}, "
-                         f"got {num_heads}")
-    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"num_kv_heads: must be >= 1 and divide num_heads={num_heads}, "
-                         f"got {num_kv_heads}")
-    return num_kv_heads
 
 
 class LinearAttention(nnx.Module):
@@ -78,7 +66,7 @@ class LinearAttention(nnx.Module):
         if max_length is not None and feature_map != "cosformer":
             raise ValueError(f"max_length: only used by feature_map='cosformer', got "
                              f"{feature_map!r}")
-        num_kv_heads = _heads(d_model, num_heads, num_kv_heads)
+        num_kv_heads = check_heads(d_model, num_heads, num_kv_heads)
         head_dim = d_model // num_heads
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.feature_map = feature_map
@@ -134,7 +122,7 @@ class BasedLinearAttention(nnx.Module):
                  form: str = "chunked", chunk_size: int = 64, rngs: nnx.Rngs):
         if feature_dim < 1:
             raise ValueError(f"feature_dim: expected >= 1, got {feature_dim}")
-        num_kv_heads = _heads(d_model, num_heads, num_kv_heads)
+        num_kv_heads = check_heads(d_model, num_heads, num_kv_heads)
         head_dim = d_model // num_heads
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.causal, self.eps = causal, eps

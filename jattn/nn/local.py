@@ -15,13 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jattn.local import halo_attention, window_attention
-from jattn.nn._init import torch_linear
-
-
-def _check_heads(d_model: int, num_heads: int) -> None:
-    if num_heads < 1 or d_model % num_heads:
-        raise ValueError(f"num_heads: expected a divisor of d_model={d_model}, "
-                         f"got {num_heads}")
+from jattn.nn._init import check_heads, torch_linear
 
 
 def _check_grid(x: jax.Array, spatial_dims: tuple[int, ...] | int, d_model: int) -> None:
@@ -73,7 +67,7 @@ class WindowAttention(nnx.Module):
                  shift: int | tuple = 0, spatial_dims: int = 2,
                  relative_position_bias: bool = True, zero_init_output: bool = False,
                  qkv_bias: bool = True, rngs: nnx.Rngs):
-        _check_heads(d_model, num_heads)
+        check_heads(d_model, num_heads)
         if isinstance(window_size, int):
             if spatial_dims not in (1, 2):
                 raise ValueError(f"spatial_dims: expected 1 or 2, got {spatial_dims}")
@@ -136,7 +130,7 @@ class HaloAttention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int = 1, block_size: int | tuple = 8,
                  halo_size: int | tuple = 3, *, is_causal: bool = False, qkv_bias: bool = True,
                  rngs: nnx.Rngs):
-        _check_heads(d_model, num_heads)
+        check_heads(d_model, num_heads)
         self.d_model = d_model
         self.num_heads = num_heads
         self.block_size = block_size

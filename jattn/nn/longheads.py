@@ -10,7 +10,7 @@ import jax
 from flax import nnx
 
 from jattn.longheads import SUMMARIES, longheads_attention
-from jattn.nn._init import torch_linear
+from jattn.nn._init import check_heads, torch_linear
 
 
 class LongHeadsAttention(nnx.Module):
@@ -35,13 +35,7 @@ class LongHeadsAttention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int = 1, *, chunk_size: int, topk: int,
                  num_kv_heads: int | None = None, summary: str = "attention",
                  qkv_bias: bool = True, rngs: nnx.Rngs):
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if num_heads < 1 or d_model % num_heads:
-            raise ValueError(f"num_heads: expected a divisor of d_model={d_model}, "
-                             f"got {num_heads}")
-        if num_kv_heads < 1 or num_heads % num_kv_heads:
-            raise ValueError(f"num_kv_heads: expected a divisor of num_heads={num_heads}, "
-                             f"got {num_kv_heads}")
+        num_kv_heads = check_heads(d_model, num_heads, num_kv_heads)
         if summary not in SUMMARIES:
             raise ValueError(f"summary: expected one of {SUMMARIES}, got {summary!r}")
         self.num_heads = num_heads

@@ -13,7 +13,7 @@ import jax
 from flax import nnx
 
 from jattn.neighborhood import neighborhood_attention
-from jattn.nn._init import torch_linear
+from jattn.nn._init import check_heads, torch_linear
 
 
 class NeighborhoodAttention(nnx.Module):
@@ -37,13 +37,7 @@ class NeighborhoodAttention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int = 1, *, kernel_size: int | Sequence[int],
                  dilation: int | Sequence[int] = 1, is_causal: bool | Sequence[bool] = False,
                  num_kv_heads: int | None = None, qkv_bias: bool = True, rngs: nnx.Rngs):
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if num_heads < 1 or d_model % num_heads:
-            raise ValueError(f"num_heads: expected a divisor of d_model={d_model}, "
-                             f"got {num_heads}")
-        if num_kv_heads < 1 or num_heads % num_kv_heads:
-            raise ValueError(f"num_kv_heads: expected a divisor of num_heads={num_heads}, "
-                             f"got {num_kv_heads}")
+        num_kv_heads = check_heads(d_model, num_heads, num_kv_heads)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = d_model // num_heads

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from jattn.nn._init import torch_linear
+from jattn.nn._init import check_heads, torch_linear
 from jattn.routing import RoutingState, init_routing_state, routing_attention
 
 
@@ -40,9 +40,7 @@ class RoutingAttention(nnx.Module):
                  window: int | None = None, is_causal: bool = False, shared_qk: bool = True,
                  decay: float = 0.999, qkv_bias: bool = True, deterministic: bool = False,
                  rngs: nnx.Rngs):
-        if num_heads < 1 or d_model % num_heads:
-            raise ValueError(f"num_heads: expected a divisor of d_model={d_model}, "
-                             f"got {num_heads}")
+        check_heads(d_model, num_heads)
         if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) \
                 or num_clusters < 1:
             raise ValueError(f"num_clusters: expected a positive int, got {num_clusters!r}")

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jattn.attention import dot_product_attention
-from jattn.nn._init import torch_linear
+from jattn.nn._init import check_heads, torch_linear
 from jattn.sparse import (
     ACTIVATIONS,
     selection_penalty,
@@ -26,12 +26,6 @@ class SelectionPenalty(nnx.Variable):
     """The auxiliary loss of the last training call of a :class:`SelectiveLookups` layer."""
 
 
-def _check_heads(d_model: int, num_heads: int) -> None:
-    if num_heads < 1 or d_model % num_heads:
-        raise ValueError(f"num_heads: expected a divisor of d_model={d_model}, "
-                         f"got {num_heads}")
-
-
 class SparseAttention(nnx.Module):
     """Top-k attention (``jattn.topk_attention``): each query attends to its ``top_k``
     best-scoring allowed keys (None: ceil(sqrt(L)) for an input of length L).
@@ -42,7 +36,7 @@ class SparseAttention(nnx.Module):
 
     def __init__(self, d_model: int, num_heads: int = 1, top_k: int | None = None, *,
                  is_causal: bool = True, rngs: nnx.Rngs):
-        _check_heads(d_model, num_heads)
+        check_heads(d_model, num_heads)
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k: expected a positive int or None, got {top_k}")
         self.num_heads = num_heads
@@ -81,7 +75,7 @@ class SelectiveLookups(nnx.Module):
     def __init__(self, d_model: int, num_heads: int = 1, *, activation: str = "softmax",
                  n_lookups: int | None = None, penalty: float = 1e-3,
                  dropout_rate: float = 0.0, deterministic: bool = False, rngs: nnx.Rngs):
-        _check_heads(d_model, num_heads)
+        check_heads(d_model, num_heads)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
         self.num_heads = num_heads
