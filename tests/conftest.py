@@ -57,3 +57,13 @@ def to64(tree):
 @pytest.fixture(params=IMPLEMENTATIONS)
 def implementation(request):
     return request.param
+
+
+def output_and_vjp(fn, cotangent):
+    """jit(args -> (fn(*args), its vjp applied to ``cotangent``)): one compilation instead
+    of many eager dispatches."""
+    @jax.jit
+    def run(*args):
+        out, pullback = jax.vjp(fn, *args)
+        return out, pullback(cotangent)
+    return run

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, normalised_error, to64
+from conftest import assert_close, normalised_error, output_and_vjp, to64
 from flax import nnx
 
 from jattn import reference
@@ -27,15 +27,6 @@ def _qkv(spatial, spatial_k=None, dtype=jnp.float32, B=2, N=4, K=2, H=8, Hv=6, s
     return (_normal(seed, (B, *spatial, N, H), dtype),
             _normal(seed + 1, (B, *spatial_k, K, H), dtype),
             _normal(seed + 2, (B, *spatial_k, K, Hv), dtype))
-
-
-def _output_and_vjp(fn, cotangent):
-    """Jitted: one compilation beats hundreds of eager dispatches on a loaded CPU."""
-    @jax.jit
-    def run(*args):
-        out, pullback = jax.vjp(fn, *args)
-        return out, pullback(cotangent)
-    return run
 
 
 # (spatial, spatial_k, region_size, topk, is_causal): lengths not multiples of the region,
@@ -58,9 +49,9 @@ def test_matches_reference_float64(spatial, spatial_k, region, topk, causal):
         args = to64(_qkv(spatial, spatial_k))
         out_shape = (*args[0].shape[:-1], args[2].shape[-1])
         cotangent = _normal(9, out_shape, jnp.float64)
-        got, g_got = _output_and_vjp(functools.partial(bilevel_routing_attention, **kw),
+        got, g_got = output_and_vjp(functools.partial(bilevel_routing_attention, **kw),
                                      cotangent)(*args)
-        want, g_want = _output_and_vjp(functools.partial(reference.bilevel_routing_attention,
+        want, g_want = output_and_vjp(functools.partial(reference.bilevel_routing_attention,
                                                          **kw), cotangent)(*args)
         assert got.dtype == jnp.float64
         assert_close(got, want, jnp.float64, "forward")
@@ -82,10 +73,10 @@ def test_dtypes_against_reference(dtype, case):
     kw = dict(region_size=region, topk=topk, is_causal=causal)
     args = _qkv(spatial, spatial_k, dtype=dtype, seed=3)
     cotangent = _normal(7, (*args[0].shape[:-1], args[2].shape[-1]), dtype)
-    got, g_got = _output_and_vjp(functools.partial(bilevel_routing_attention, **kw),
+    got, g_got = output_and_vjp(functools.partial(bilevel_routing_attention, **kw),
                                  cotangent)(*args)
     with jax.enable_x64(True):
-        want, g_want = _output_and_vjp(functools.partial(reference.bilevel_routing_attention,
+        want, g_want = output_and_vjp(functools.partial(reference.bilevel_routing_attention,
                                                          **kw), to64(cotangent))(*to64(args))
     assert got.dtype == dtype
     assert_close(got, want, dtype, "forward")

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, normalised_error, to64
+from conftest import assert_close, normalised_error, output_and_vjp, to64
 from flax import nnx
 
 from jattn import reference
@@ -25,15 +25,6 @@ def _normal(seed, shape, dtype=jnp.float32):
 def _qkv(T, dtype=jnp.float32, B=2, N=4, K=2, H=8, Hv=6, seed=0):
     return (_normal(seed, (B, T, N, H), dtype), _normal(seed + 1, (B, T, K, H), dtype),
             _normal(seed + 2, (B, T, K, Hv), dtype))
-
-
-def _output_and_vjp(fn, cotangent):
-    """Jitted: one compilation beats hundreds of eager dispatches on a loaded CPU."""
-    @jax.jit
-    def run(*args):
-        out, pullback = jax.vjp(fn, *args)
-        return out, pullback(cotangent)
-    return run
 
 
 # (T, chunk_size, topk, summary, N, K): lengths not multiples of the chunk, GQA and MHA,
@@ -52,9 +43,9 @@ def test_matches_reference_float64(T, chunk, topk, summary, N, K):
     with jax.enable_x64(True):
         args = to64(_qkv(T, N=N, K=K))
         cotangent = _normal(9, (2, T, N, 6), jnp.float64)
-        got, g_got = _output_and_vjp(functools.partial(longheads_attention, **kw),
+        got, g_got = output_and_vjp(functools.partial(longheads_attention, **kw),
                                      cotangent)(*args)
-        want, g_want = _output_and_vjp(functools.partial(reference.longheads_attention, **kw),
+        want, g_want = output_and_vjp(functools.partial(reference.longheads_attention, **kw),
                                        cotangent)(*args)
         assert got.dtype == jnp.float64
         assert_close(got, want, jnp.float64, "forward")
@@ -70,9 +61,9 @@ def test_dtypes_against_reference(dtype):
     kw = dict(chunk_size=4, topk=3)
     args = _qkv(22, dtype=dtype, seed=3)
     cotangent = _normal(7, (2, 22, 4, 6), dtype)
-    got, g_got = _output_and_vjp(functools.partial(longheads_attention, **kw), cotangent)(*args)
+    got, g_got = output_and_vjp(functools.partial(longheads_attention, **kw), cotangent)(*args)
     with jax.enable_x64(True):
-        want, g_want = _output_and_vjp(functools.partial(reference.longheads_attention, **kw),
+        want, g_want = output_and_vjp(functools.partial(reference.longheads_attention, **kw),
                                        to64(cotangent))(*to64(args))
     assert got.dtype == dtype
     assert_close(got, want, dtype, "forward")

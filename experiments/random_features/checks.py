@@ -313,59 +313,42 @@ def plot(config: CheckConfig, data: dict, out: Path) -> list[Path]:
     """One PNG per question; returns their paths."""
     paths = []
 
-    def figure(name, count=1, **kw):
-        path = out / "figures" / f"{name}.png"
-        paths.append(path)
-        return path, *panels(count, sharey=False, width=4.2, height=3.2, **kw)
+    def figure(name, draw, **axes):
+        plt, fig, (ax,) = panels(1, sharey=False, width=4.2, height=3.2)
+        draw(ax)
+        ax.set(ylabel="test MSE / Var(y)", **axes)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        paths.append(out / "figures" / f"{name}.png")
+        save(plt, fig, paths[-1])
 
-    path, plt, fig, (ax,) = figure("learning_curves")
-    for model, errors in data["curves"].items():
-        ax.plot(config.curve_sizes, errors, "o-", label=model)
-    ax.set(xscale="log", xlabel="training rows n", ylabel="test MSE / Var(y)",
-           title=f"cubic, M={config.num_heads}, N={config.num_keys}")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    save(plt, fig, path)
+    def lines(x, series):
+        return lambda ax: [ax.plot(x, y, "o-", label=label) for label, y in series.items()]
 
-    path, plt, fig, (ax,) = figure("error_vs_keys")
-    for model, errors in data["T3"].items():
-        ax.plot(config.key_counts, errors, "o-", label=model)
-    ax.set(xscale="log", xlabel="number of keys N", ylabel="test MSE / Var(y)",
-           title=f"expsim, n={config.keys_n}, M={config.keys_heads}")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    save(plt, fig, path)
+    figure("learning_curves", lines(config.curve_sizes, data["curves"]), xscale="log",
+           xlabel="training rows n", title=f"cubic, M={config.num_heads}, N={config.num_keys}")
+    figure("error_vs_keys", lines(config.key_counts, data["T3"]), xscale="log",
+           xlabel="number of keys N", title=f"expsim, n={config.keys_n}, M={config.keys_heads}")
 
-    path, plt, fig, (ax,) = figure("bias")
-    targets = list(data["T4"])
-    for i, model in enumerate(MODELS[:2]):
-        ax.bar(np.arange(len(targets)) + 0.4 * i, [data["T4"][t][model] for t in targets],
-               width=0.4, label=model)
-    ax.set_xticks(np.arange(len(targets)) + 0.2, targets)
-    ax.set(ylabel="test MSE / Var(y)", title=f"n={config.bias_n}, M={config.num_heads}")
-    ax.legend()
-    ax.grid(alpha=0.3, axis="y")
-    save(plt, fig, path)
+    def bars(ax):
+        targets = list(data["T4"])
+        for i, model in enumerate(MODELS[:2]):
+            ax.bar(np.arange(len(targets)) + 0.4 * i, [data["T4"][t][model] for t in targets],
+                   width=0.4, label=model)
+        ax.set_xticks(np.arange(len(targets)) + 0.2, targets)
 
-    path, plt, fig, (ax,) = figure("ridge_peak")
+    figure("bias", bars, title=f"n={config.bias_n}, M={config.num_heads}")
     peak = data["T5b"]
-    ax.plot(peak["sizes"], peak["fixed"], "o-", label=f"lambda = {config.peak_lambda}")
-    ax.plot(peak["sizes"], peak["tuned"], "o-", label="tuned lambda")
-    ax.axvline(peak["p"], color="gray", ls="--", label="n = p")
-    ax.set(xscale="log", yscale="log", xlabel="training rows n", ylabel="test MSE / Var(y)",
-           title=f"expsim, biased, M={config.peak_heads}")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    save(plt, fig, path)
 
-    path, plt, fig, (ax,) = figure("heads")
-    for name, errors in data["T6"].items():
-        ax.plot(config.head_counts, errors, "o-", label=name)
-    ax.set(xscale="log", xlabel="heads M", ylabel="test MSE / Var(y)",
+    def ridge(ax):
+        lines(peak["sizes"], {f"lambda = {config.peak_lambda}": peak["fixed"],
+                              "tuned lambda": peak["tuned"]})(ax)
+        ax.axvline(peak["p"], color="gray", ls="--", label="n = p")
+
+    figure("ridge_peak", ridge, xscale="log", yscale="log", xlabel="training rows n",
+           title=f"expsim, biased, M={config.peak_heads}")
+    figure("heads", lines(config.head_counts, data["T6"]), xscale="log", xlabel="heads M",
            title=f"n={config.heads_n}, N={config.num_keys}")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    save(plt, fig, path)
     return paths
 
 
