@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jattn.typing import Array, accumulation_dtype, check_floating
+from jattn.typing import Array, accumulation_dtype, check_spatial_qkv
 
 MAX_SPATIAL_AXES = 2
 
@@ -49,33 +49,9 @@ def _per_axis(name: str, value, n_axes: int) -> tuple[int, ...]:
 
 def _check_inputs(query, key, value):
     """Validate; return the query and key spatial shapes and (B, N, H, K, Hv)."""
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if x.ndim < 4 or x.ndim > 3 + MAX_SPATIAL_AXES:
-            raise ValueError(f"{name}: expected rank 4 or 5 [B, *spatial, heads, head_dim] "
-                             f"with 1 or 2 spatial axes, got shape {x.shape}")
-        check_floating(name, x)
-    if not query.dtype == key.dtype == value.dtype:
-        raise TypeError(f"query, key, value: expected one dtype, got {query.dtype}, "
-                        f"{key.dtype}, {value.dtype}")
-    if key.ndim != query.ndim:
-        raise ValueError(f"key: expected [B, *spatial, K, H] with as many spatial axes as "
-                         f"query {query.shape}, got {key.shape}")
-    B, N, H = query.shape[0], query.shape[-2], query.shape[-1]
-    K = key.shape[-2]
-    if key.shape[0] != B or key.shape[-1] != H:
-        raise ValueError(f"key: expected [B={B}, *spatial, K, H={H}] to match query "
-                         f"{query.shape}, got {key.shape}")
-    if value.shape[:-1] != key.shape[:-1]:
-        raise ValueError(f"value: expected [B, *spatial, K] = {key.shape[:-1]} as key, "
-                         f"got {value.shape}")
-    if K == 0 or N % K:
-        raise ValueError(f"query, key: query heads N={N} must be a multiple of key/value "
-                         f"heads K={K} (query {query.shape}, key {key.shape})")
-    if 0 in query.shape[1:-1] or 0 in key.shape[1:-1] or B == 0:
-        raise ValueError(f"query, key: sizes must be positive, got {query.shape}, "
-                         f"{key.shape}")
-    return (tuple(query.shape[1:-2]), tuple(key.shape[1:-2]),
-            (B, N, H, K, value.shape[-1]))
+    spatial, key_spatial, d = check_spatial_qkv(query, key, value,
+                                                max_spatial_axes=MAX_SPATIAL_AXES)
+    return spatial, key_spatial, (d.B, d.N, d.H, d.K, d.Hv)
 
 
 def _to_regions(x: Array, spatial, region, xp=jnp) -> Array:

@@ -35,7 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.typing import Array, accumulation_dtype, check_floating, check_qkv, check_rank
+from jattn.typing import (
+    Array,
+    accumulation_dtype,
+    check_floating,
+    check_spatial_qkv,
+)
 
 __all__ = ["halo_attention", "relative_position_index", "window_attention"]
 
@@ -55,25 +60,12 @@ def _per_axis(name: str, value, ndim: int, *, low: int) -> tuple[int, ...]:
 def _spatial_qkv(query: Array, key: Array, value: Array, what: str):
     """Validate [B, *spatial, N, H] inputs with one or two spatial axes (self-attention
     only) and return (spatial shape, flat dims)."""
-    check_rank("query", query, (4, 5), "[B, *spatial, N, H] with 1 or 2 spatial axes")
-    check_rank("key", key, (query.ndim,), f"{query.ndim - 3} spatial axes as query")
-    check_rank("value", value, (query.ndim,), f"{query.ndim - 3} spatial axes as query")
-    spatial = tuple(query.shape[1:-2])
-    if tuple(key.shape[1:-2]) != spatial:
+    spatial, key_spatial, dims = check_spatial_qkv(query, key, value, max_spatial_axes=2)
+    if key_spatial != spatial:
         raise NotImplementedError(
-            f"{what}: cross attention (key spatial shape {tuple(key.shape[1:-2])} differs from "
+            f"{what}: cross attention (key spatial shape {key_spatial} differs from "
             f"query's {spatial}) is not supported: windows and blocks pair each query "
             "position with the key positions around the same place on one grid.")
-    if tuple(value.shape[1:-2]) != spatial:
-        raise ValueError(f"value: expected spatial shape {spatial} as query, "
-                         f"got {value.shape}")
-    # The flat [B, L, N, H] views share check_qkv's checks (batch, heads, head dims, dtypes).
-    flat = [x.reshape(x.shape[0], -1, *x.shape[-2:]) for x in (query, key, value)]
-    try:
-        dims = check_qkv(*flat)
-    except (ValueError, TypeError) as error:  # name the grids, not only their flat views
-        raise type(error)(f"{error} (flattened from query {query.shape}, key {key.shape}, "
-                          f"value {value.shape})") from None
     return spatial, dims
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jattn.typing import Array, accumulation_dtype, check_floating
+from jattn.typing import Array, accumulation_dtype, check_floating, check_spatial_qkv
 
 MAX_SPATIAL_AXES = 3
 
@@ -50,38 +50,15 @@ def _per_axis(name: str, value, n_axes: int, *, flag: bool = False) -> tuple:
 
 def _check_inputs(query, key, value, extra_key, extra_value):
     """Validate shapes and dtypes; return the spatial shape and (B, N, H, K, Hv, E)."""
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if x.ndim < 4 or x.ndim > 3 + MAX_SPATIAL_AXES:
-            raise ValueError(f"{name}: expected rank 4 to {3 + MAX_SPATIAL_AXES} "
-                             f"[B, *spatial, heads, head_dim] with 1 to {MAX_SPATIAL_AXES} "
-                             f"spatial axes, got shape {x.shape}")
-        check_floating(name, x)
-    if not query.dtype == key.dtype == value.dtype:
-        raise TypeError(f"query, key, value: expected one dtype, got {query.dtype}, "
-                        f"{key.dtype}, {value.dtype}")
-    spatial = tuple(query.shape[1:-2])
-    B, N, H = query.shape[0], query.shape[-2], query.shape[-1]
-    if key.ndim != query.ndim:
-        raise ValueError(f"key: expected [B, *spatial, K, H] with the query's {len(spatial)} "
-                         f"spatial axes {spatial}, got {key.shape} (query {query.shape})")
-    if tuple(key.shape[1:-2]) != spatial:
+    spatial, key_spatial, d = check_spatial_qkv(query, key, value,
+                                                max_spatial_axes=MAX_SPATIAL_AXES)
+    if key_spatial != spatial:
         raise NotImplementedError(
             f"key: neighbourhood attention is self-attention only (noncausal or causal self): "
             f"a neighbourhood is defined by positions shared by queries and keys, so key's "
             f"spatial shape must equal the query's {spatial}; got key {key.shape}, query "
             f"{query.shape} (cross attention is not supported)")
-    K = key.shape[-2]
-    if key.shape[0] != B or key.shape[-1] != H:
-        raise ValueError(f"key: expected [B={B}, *{spatial}, K, H={H}] to match query "
-                         f"{query.shape}, got {key.shape}")
-    if value.shape[:-1] != key.shape[:-1]:
-        raise ValueError(f"value: expected [B, *spatial, K] = {key.shape[:-1]} as key, "
-                         f"got {value.shape}")
-    if K == 0 or N % K:
-        raise ValueError(f"query, key: query heads N={N} must be a multiple of key/value "
-                         f"heads K={K} (query {query.shape}, key {key.shape})")
-    if 0 in spatial or B == 0:
-        raise ValueError(f"query: sizes must be positive, got {query.shape}")
+    B, N, H, K = d.B, d.N, d.H, d.K
     Hv = value.shape[-1]
     if (extra_key is None) != (extra_value is None):
         raise ValueError("extra_key, extra_value: expected both or neither, got "

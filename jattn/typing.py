@@ -19,6 +19,7 @@ with a message that starts with the argument's name.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -92,6 +93,32 @@ def check_qkv(query: Array, key: Array, value: Array) -> QKVDims:
     if T == 0 or S == 0:
         raise ValueError(f"query, key: lengths must be positive, got T={T}, S={S}")
     return QKVDims(B, T, N, H, S, K, value.shape[3])
+
+
+def check_spatial_qkv(query: Array, key: Array, value: Array, *,
+                      max_spatial_axes: int) -> tuple[tuple[int, ...], tuple[int, ...], QKVDims]:
+    """Validate query [B, *q_spatial, N, H], key [B, *k_spatial, K, H], value
+    [B, *k_spatial, K, Hv] with 1 to ``max_spatial_axes`` spatial axes (as many for all
+    three) and return (q_spatial, k_spatial, the dims of the flattened [B, L, heads, H] views,
+    with T and S the flattened lengths)."""
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not 4 <= x.ndim <= 3 + max_spatial_axes:
+            raise ValueError(f"{name}: expected [B, *spatial, heads, head_dim] with 1 to "
+                             f"{max_spatial_axes} spatial axes, got shape {x.shape}")
+    if key.ndim != query.ndim:
+        raise ValueError(f"key: expected as many spatial axes as query {query.shape}, "
+                         f"got {key.shape}")
+    if value.shape[:-1] != key.shape[:-1]:
+        raise ValueError(f"value: expected [B, *spatial, K] = {key.shape[:-1]} as key, "
+                         f"got {value.shape}")
+    flat = [x.reshape(x.shape[0], math.prod(x.shape[1:-2]), *x.shape[-2:])
+            for x in (query, key, value)]
+    try:
+        dims = check_qkv(*flat)
+    except (ValueError, TypeError) as error:  # name the grids, not only their flat views
+        raise type(error)(f"{error} (flattened from query {query.shape}, key {key.shape}, "
+                          f"value {value.shape})") from None
+    return tuple(query.shape[1:-2]), tuple(key.shape[1:-2]), dims
 
 
 def check_shape(name: str, x: Array, expected: Shape, letters: str = "") -> None:
