@@ -73,6 +73,21 @@ class Dropout(NamedTuple):
 _REGISTRY: dict[str, Implementation] = {}
 
 
+def masked_softmax(logits: Array, allowed: Array) -> Array:
+    """Softmax over the last axis restricted to ``allowed``; a row with nothing allowed gives
+    zeros and zero gradients, never NaN (every exp sees a finite argument).
+
+    >>> import jax.numpy as jnp
+    >>> masked_softmax(jnp.zeros((2, 2)), jnp.array([[True, True], [False, False]])).tolist()
+    [[0.5, 0.5], [0.0, 0.0]]
+    """
+    row_max = jnp.max(jnp.where(allowed, logits, -jnp.inf), axis=-1, keepdims=True)
+    row_max = lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0))
+    weights = jnp.where(allowed, jnp.exp(jnp.where(allowed, logits - row_max, 0)), 0)
+    total = weights.sum(-1, keepdims=True)
+    return weights / jnp.where(total > 0, total, 1)
+
+
 def register_implementation(name: str) -> Callable[[Implementation], Implementation]:
     """Decorator adding an implementation under ``name`` (later issues add "pallas")."""
 
@@ -116,7 +131,9 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     Args:
         query: [B, T, N, H] or [T, N, H].
         key: [B, S, K, H] or [S, K, H]; N % K == 0 gives GQA/MQA without repeating K/V.
-        value: [B, S, K, Hv] or [S, K, Hv]; Hv may differ from H.
+        value: [B, S, Kv, Hv] or [S, Kv, Hv]; Hv may differ from H, and Kv (a divisor of N)
+            from K: query head n reads key head n // (N / K) and value head n // (N / Kv)
+            (DiffQKV; "xla" only).
         bias: additive logits bias broadcastable to [B, N, T, S] (rank <= 4; leading dims
             are added).
         mask: bool array broadcastable to [B, N, T, S] (True = may attend) or a
@@ -175,7 +192,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     check_rank("value", value, (query.ndim,), f"matching query's {layout}")
     if batch_free:
         query, key, value = query[None], key[None], value[None]
-    B, T, N, H, S, _, _ = check_qkv(query, key, value)
+    B, T, N, H, S, _, _ = check_qkv(query, key, value, separate_value_heads=True)
 
     if bias is not None:
         bias = jnp.asarray(bias)
@@ -315,7 +332,8 @@ def xla_attention(query, key, value, bias, mask, *, scale, logits_soft_cap, drop
     stays NaN-free; rows with nothing allowed are then zeroed at the output.
     """
     B, T, N, H = query.shape
-    _, S, K, Hv = value.shape
+    S, K = key.shape[1:3]
+    Kv, Hv = value.shape[2:]
     G = N // K
     acc = accumulation_dtype(query.dtype)
     if G == 1:
@@ -341,10 +359,10 @@ def xla_attention(query, key, value, bias, mask, *, scale, logits_soft_cap, drop
         probs = jnp.where(keep, probs / (1.0 - dropout.rate), 0.0)
     probs = probs.astype(value.dtype)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    if G == 1:
+    if Kv == N:
         out = jnp.einsum("bnts,bsnh->btnh", probs, value, preferred_element_type=acc)
     else:
-        out = jnp.einsum("bkgts,bskh->btkgh", probs.reshape(B, K, G, T, S), value,
+        out = jnp.einsum("bkgts,bskh->btkgh", probs.reshape(B, Kv, N // Kv, T, S), value,
                          preferred_element_type=acc).reshape(B, T, N, Hv)
     if allowed is not None:
         nonempty = jnp.broadcast_to(allowed.any(-1), (B, N, T))
@@ -388,6 +406,8 @@ def cudnn_attention(query, key, value, bias, mask, *, scale, logits_soft_cap, dr
     if query.dtype not in (jnp.float16, jnp.bfloat16):
         raise NotImplementedError(f"cuDNN needs float16/bfloat16, got {query.dtype}")
     H, Hv = query.shape[-1], value.shape[-1]
+    if value.shape[2] != key.shape[2]:
+        raise NotImplementedError("cuDNN needs as many value heads as key heads")
     if H != Hv or H > 256 or H % 8:
         raise NotImplementedError(f"cuDNN needs H == Hv <= 256 and H % 8 == 0, got {H}, {Hv}")
     if logits_soft_cap is not None:

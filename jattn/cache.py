@@ -30,15 +30,18 @@ class KVCache:
     """A pytree whose ``window`` is static (part of the tree structure, not a leaf)."""
 
     key: Array  # [B, slots, K, H]
-    value: Array  # [B, slots, K, Hv]
+    value: Array  # [B, slots, Kv, Hv] (Kv = K unless DiffQKV)
     length: Array  # [] int32, tokens written so far
     window: int | None = dataclasses.field(default=None, metadata={"static": True})
 
 
 def init_cache(batch: int, max_length: int, num_kv_heads: int, head_dim: int, *,
-               value_head_dim: int | None = None, window: int | None = None,
-               dtype=jnp.float32) -> KVCache:
+               value_head_dim: int | None = None, num_value_heads: int | None = None,
+               window: int | None = None, dtype=jnp.float32) -> KVCache:
     """An empty cache: ``max_length`` slots, or ``window`` slots as a ring buffer.
+
+    Values have ``num_value_heads`` heads of ``value_head_dim`` (default: as the keys);
+    DiffQKV (P68) caches fewer key heads than value heads.
 
     >>> init_cache(2, 16, 1, 8, window=4).key.shape
     (2, 4, 1, 8)
@@ -49,8 +52,9 @@ def init_cache(batch: int, max_length: int, num_kv_heads: int, head_dim: int, *,
         raise ValueError(f"max_length: expected >= 1, got {max_length}")
     slots = max_length if window is None else window
     value_head_dim = head_dim if value_head_dim is None else value_head_dim
+    num_value_heads = num_kv_heads if num_value_heads is None else num_value_heads
     return KVCache(jnp.zeros((batch, slots, num_kv_heads, head_dim), dtype),
-                   jnp.zeros((batch, slots, num_kv_heads, value_head_dim), dtype),
+                   jnp.zeros((batch, slots, num_value_heads, value_head_dim), dtype),
                    jnp.zeros((), jnp.int32), window)
 
 
@@ -73,7 +77,7 @@ def cached_attention(query: Array, key: Array, value: Array, cache: KVCache, *,
     with a window only p > length + t - window.
 
     Args:
-        query: [B, T, N, H]; key: [B, T, K, H]; value: [B, T, K, Hv] of the new tokens.
+        query: [B, T, N, H]; key: [B, T, K, H]; value: [B, T, Kv, Hv] of the new tokens.
         cache: a :class:`KVCache` from :func:`init_cache` or a previous call.
         scale: logit scale (default 1 / sqrt(H)).
 
@@ -91,7 +95,7 @@ def cached_attention(query: Array, key: Array, value: Array, cache: KVCache, *,
     >>> out.shape, int(cache.length)
     ((1, 3, 1, 4), 3)
     """
-    dims = check_qkv(query, key, value)
+    dims = check_qkv(query, key, value, separate_value_heads=True)
     check_shape("key", key, (dims.B, dims.T, *cache.key.shape[2:]), "BTKH")
     check_shape("value", value, (dims.B, dims.T, *cache.value.shape[2:]), "BTKV")
     slots, T = cache.key.shape[1], dims.T

@@ -109,6 +109,10 @@ def chunked_attention(query: Array, key: Array, value: Array, bias: Array | None
     Returns:
         (output [B, T, N, Hv] in the input dtype, lse [B, N, T]; -inf where nothing attends).
 
+    Raises:
+        NotImplementedError: dropout, or a value head count other than the key's (DiffQKV
+            runs on "xla").
+
     Example:
         >>> import jax.numpy as jnp
         >>> from jattn import masks
@@ -136,6 +140,9 @@ def _check_normalised(query, key, value, bias, mask) -> None:
         check_rank(name, x, (4,), "[B, T|S, N|K, H|Hv]")
         check_floating(name, x)
     B, _, N, H = query.shape
+    if value.shape[:2] == key.shape[:2] and value.shape[2] != key.shape[2]:
+        raise NotImplementedError(f"chunked attention needs as many value heads as key heads, "
+                                  f"got {value.shape[2]} and {key.shape[2]}")
     if key.shape[0] != B or key.shape[3] != H or value.shape[:3] != key.shape[:3]:
         raise ValueError(f"key, value: expected [B={B}, S, K, H={H}] and [B, S, K, Hv], got "
                          f"{key.shape} and {value.shape}")

@@ -26,17 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jattn.attention import masked_softmax
 from jattn.typing import Array, accumulation_dtype, check_qkv
 
 SUMMARIES = ("attention", "mean")
-
-
-def _masked_softmax(logits: Array, allowed: Array) -> Array:
-    row_max = jnp.max(jnp.where(allowed, logits, -jnp.inf), axis=-1, keepdims=True)
-    row_max = lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0))
-    probs = jnp.where(allowed, jnp.exp(jnp.where(allowed, logits - row_max, 0)), 0)
-    denom = probs.sum(-1, keepdims=True)
-    return probs / jnp.where(denom > 0, denom, 1)
 
 
 def longheads_attention(query: Array, key: Array, value: Array, *, chunk_size: int, topk: int,
@@ -120,7 +113,7 @@ def longheads_attention(query: Array, key: Array, value: Array, *, chunk_size: i
         qc = jnp.pad(q, [*pad, (0, 0)]).reshape(B, m, c, K, G, H)
         q_mean = qc.sum(2) / jnp.asarray(np.maximum(real.sum(1), 1), dtype)[:, None, None,
                                                                              None]
-        pool = _masked_softmax(jnp.einsum("bmkgh,bmckh->bmkgc", q_mean, kc) * scale,
+        pool = masked_softmax(jnp.einsum("bmkgh,bmckh->bmkgc", q_mean, kc) * scale,
                                jnp.asarray(real)[None, :, None, None, :])
         summ = jnp.einsum("bmkgc,bmckh->bmkgh", pool, kc)
     scores = lax.stop_gradient(jnp.einsum("btkgh,bmkgh->btkgm", q, summ))
@@ -148,7 +141,7 @@ def longheads_attention(query: Array, key: Array, value: Array, *, chunk_size: i
     key_pos = chunks[..., None] * c + jnp.arange(c)  # [B, T, K, G, W, c]
     allowed = ok[..., None] & (key_pos <= jnp.arange(T)[None, :, None, None, None, None])
     logits = jnp.einsum("btkgh,btkgwch->btkgwc", q, kg) * scale
-    probs = _masked_softmax(logits.reshape(B, T, K, G, W * c),
+    probs = masked_softmax(logits.reshape(B, T, K, G, W * c),
                             allowed.reshape(B, T, K, G, W * c))
     out = jnp.einsum("btkgs,btkgsv->btkgv", probs, vg.reshape(B, T, K, G, W * c, Hv))
     return out.reshape(B, T, N, Hv).astype(query.dtype)

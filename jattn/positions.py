@@ -13,7 +13,8 @@ r"""Position information for any attention: transforms of q/k, or additive biase
   logarithmic up to ``max_distance``) and the bias read from a learned [buckets, N] table.
 * ``xl_relative_logits``: Transformer-XL's relative attention logits,
   (q_t + u) . k_s + (q_t + v) . r_{t - s}, with r the (projected) sinusoidal embeddings of the
-  relative distance.
+  relative distance; ``relative_logits``, its position terms alone, also with a learned table
+  r and a scalar b_{t - s} per distance (RCMHA's form).
 
 Biases are [N, T, S] (broadcast over batch) and go to ``jattn.dot_product_attention(bias=...)``;
 query positions default to the last T of the S key positions (a query block at the end of a
@@ -35,7 +36,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.typing import Array, check_floating, check_rank, check_shape
+from jattn.typing import Array, accumulation_dtype, check_floating, check_rank, check_shape
 
 
 def sinusoidal(positions: Array, dim: int, *, base: float = 10000.0) -> Array:
@@ -261,6 +262,48 @@ def t5_bias(table: Array, q_len: int, kv_len: int, *, bidirectional: bool = True
     return jnp.moveaxis(table[buckets], -1, 0)
 
 
+def relative_logits(query: Array, kv_len: int, relative_key: Array, *,
+                    position_bias: Array | None = None, distance_bias: Array | None = None,
+                    query_offset: int | None = None) -> Array:
+    r"""The position terms of relative attention: (q_t + v) . r_{p_t - s} + b_{p_t - s}.
+
+    Zero where the distance p_t - s is negative (a future key: mask it) or >= R.
+
+    Args:
+        query: [B, T, N, H].
+        kv_len: S, the number of keys.
+        relative_key: [R, N, H], one key per relative distance d = 0 .. R - 1: projected
+            sinusoids (Transformer-XL) or a learned table (RCMHA).
+        position_bias: v, [N, H], or None (no v term).
+        distance_bias: b, [R, N], a learned scalar per distance and head, or None.
+        query_offset: p_t = query_offset + t (default S - T).
+
+    Returns:
+        [B, N, T, S] float32 (float64 for float64 input).
+    """
+    check_rank("query", query, (4,), "[B, T, N, H]")
+    check_floating("query", query)
+    check_rank("relative_key", relative_key, (3,), "[R, N, H]")
+    check_floating("relative_key", relative_key)
+    B, T, N, H = query.shape
+    R = relative_key.shape[0]
+    check_shape("relative_key", relative_key, (R, N, H), "RNH")
+    acc = accumulation_dtype(query.dtype)
+    q = query.astype(acc)
+    if position_bias is not None:
+        check_shape("position_bias", position_bias, (N, H), "NH")
+        q = q + jnp.asarray(position_bias).astype(acc)
+    by_distance = jnp.einsum("btnh,rnh->bntr", q, relative_key.astype(acc))
+    if distance_bias is not None:
+        check_shape("distance_bias", distance_bias, (R, N), "RN")
+        by_distance = by_distance + jnp.asarray(distance_bias).astype(acc).T[None, :, None]
+    qp, kp = _query_key_positions(T, kv_len, query_offset)
+    distance = qp - kp  # [T, S]
+    valid = (distance >= 0) & (distance < R)
+    index = jnp.broadcast_to(jnp.clip(distance, 0, R - 1), (B, N, T, kv_len))
+    return jnp.where(valid, jnp.take_along_axis(by_distance, index, axis=-1), 0.0)
+
+
 def xl_relative_logits(query: Array, key: Array, relative_key: Array, content_bias: Array,
                        position_bias: Array, *, query_offset: int | None = None) -> Array:
     r"""Transformer-XL logits (unscaled): (q_t + u) . k_s + (q_t + v) . r_{p_t - s}.
@@ -274,27 +317,17 @@ def xl_relative_logits(query: Array, key: Array, relative_key: Array, content_bi
         query_offset: p_t = query_offset + t (default S - T).
 
     Returns:
-        [B, N, T, S] float32 logits (scale and mask them before the softmax).
+        [B, N, T, S] float32 (float64 for float64 input) logits; scale and mask them before
+        the softmax.
     """
-    for name, x, rank, what in (("query", query, 4, "[B, T, N, H]"),
-                                ("key", key, 4, "[B, S, N, H]"),
-                                ("relative_key", relative_key, 3, "[R, N, H]")):
-        check_rank(name, x, (rank,), what)
+    for name, x in (("query", query), ("key", key)):
+        check_rank(name, x, (4,), "[B, T, N, H]" if name == "query" else "[B, S, N, H]")
         check_floating(name, x)
-    B, T, N, H = query.shape
+    B, _, N, H = query.shape
     S = key.shape[1]
     check_shape("key", key, (B, S, N, H), "BSNH")
-    check_shape("relative_key", relative_key, (relative_key.shape[0], N, H), "RNH")
     check_shape("content_bias", content_bias, (N, H), "NH")
-    check_shape("position_bias", position_bias, (N, H), "NH")
-    q = query.astype(jnp.float32)
-    content = jnp.einsum("btnh,bsnh->bnts", q + content_bias, key.astype(jnp.float32))
-    by_distance = jnp.einsum("btnh,rnh->bntr", q + position_bias,
-                             relative_key.astype(jnp.float32))  # [B, N, T, R]
-    qp, kp = _query_key_positions(T, S, query_offset)
-    distance = qp - kp  # [T, S]
-    R = relative_key.shape[0]
-    valid = (distance >= 0) & (distance < R)
-    index = jnp.broadcast_to(jnp.clip(distance, 0, R - 1), (B, N, T, S))
-    position = jnp.take_along_axis(by_distance, index, axis=-1)
-    return content + jnp.where(valid, position, 0.0)
+    acc = accumulation_dtype(query.dtype)
+    content = jnp.einsum("btnh,bsnh->bnts", query.astype(acc) + content_bias, key.astype(acc))
+    return content + relative_logits(query, S, relative_key, position_bias=position_bias,
+                                     query_offset=query_offset)

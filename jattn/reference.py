@@ -37,7 +37,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
 
     q = query.astype(dtype)
     k = jnp.repeat(key.astype(dtype), N // K, axis=2)
-    v = jnp.repeat(value.astype(dtype), N // K, axis=2)
+    v = jnp.repeat(value.astype(dtype), N // value.shape[2], axis=2)
     scale = H ** -0.5 if scale is None else scale
     logits = jnp.einsum("btnh,bsnh->bnts", q, k) * scale
     if bias is not None:
@@ -768,3 +768,164 @@ def longheads_attention(query, key, value, *, chunk_size, topk, scale=None,
     mask = jax.lax.stop_gradient(chosen[..., chunk] & before)
     return dot_product_attention(query, key, value, mask=mask, scale=scale)
 
+
+
+def route_heads(routed_logits, *, topk, shared_logits=None, mix_logits=None):
+    """Mixture-of-heads gates (P19) token by token: softmax over the routed heads, the topk
+    largest kept by a stable descending sort, shared heads and the two-way mix by their own
+    softmaxes; the load-balancing loss sum_j f_j P_j from its definition. Same signature as
+    :func:`jattn.heads.route_heads`; returns (gates, routed_index, routed_probs, loss)."""
+    r = jnp.asarray(routed_logits)
+    dtype = jnp.promote_types(r.dtype, jnp.float32)
+    probs = jax.nn.softmax(r.astype(dtype), axis=-1)
+    order = jnp.argsort(-lax.stop_gradient(probs), axis=-1, stable=True)[..., :topk]
+    rank = jnp.argsort(jnp.argsort(-lax.stop_gradient(probs), axis=-1, stable=True), axis=-1)
+    chosen = rank < topk
+    routed = jnp.where(chosen, probs, 0)
+    if shared_logits is None:
+        gates = routed
+    else:
+        alpha = jax.nn.softmax(jnp.asarray(mix_logits).astype(dtype), axis=-1)
+        shared = jax.nn.softmax(jnp.asarray(shared_logits).astype(dtype), axis=-1)
+        gates = jnp.concatenate([alpha[..., :1] * shared, alpha[..., 1:] * routed], axis=-1)
+    tokens = chosen.shape[0] * chosen.shape[1]
+    f = chosen.sum((0, 1)) / tokens
+    P = probs.sum((0, 1)) / tokens
+    return gates, jnp.asarray(order, jnp.int32), probs, jnp.sum(f * P)
+
+
+def mixture_of_heads_attention(query, key, value, out_kernel, routing, *, is_causal=False,
+                               scale=None, form="dense", capacity_factor=None):
+    """Every head by :func:`dot_product_attention`, each weighted by its gate and projected
+    by its slice of W_O, summed. With a ``capacity_factor`` ("dispatch"), a (token, routed
+    head) pair is dropped when more than ceil(factor T topk / Nr) earlier tokens of the
+    sequence selected that head (counted in a loop). Same signature as
+    :func:`jattn.heads.mixture_of_heads_attention` (``form`` changes nothing else)."""
+    import numpy as np
+
+    del form
+    gates, probs = routing[0], routing[2]
+    B, T, N = gates.shape
+    Nr = probs.shape[-1]
+    heads = dot_product_attention(query, key, value, is_causal=is_causal, scale=scale)
+    keep = np.ones((B, T, N), bool)
+    if capacity_factor is not None:
+        index = np.asarray(routing[1])
+        cap = min(T, math.ceil(capacity_factor * T * index.shape[-1] / Nr))
+        for b in range(B):
+            taken = [0] * Nr
+            for t in range(T):
+                for j in index[b, t]:
+                    taken[j] += 1
+                    keep[b, t, N - Nr + j] = taken[j] <= cap
+    dtype = heads.dtype
+    w = jnp.where(keep, gates.astype(dtype), 0)
+    return jnp.einsum("btnh,btn,nhd->btd", heads, w, jnp.asarray(out_kernel).astype(dtype))
+
+
+def context_query_pooling(hidden, context, query_factors, key_factors, *, mask=None):
+    """LAMA (P33) from its definition, one head at a time: f_{i,t} = tanh((c . p_i)(q_i . h_t)),
+    f_t / ||f_t|| over the heads, softmax over the valid tokens, M = A H."""
+    hidden, context = jnp.asarray(hidden), jnp.asarray(context)
+    P, Q = jnp.asarray(query_factors), jnp.asarray(key_factors)
+    dtype = jnp.promote_types(jnp.result_type(hidden, context, P, Q), jnp.float32)
+    B, n, _ = hidden.shape
+    h = hidden.astype(dtype)
+    c = jnp.broadcast_to(context.astype(dtype), (B, context.shape[-1]))
+    P, Q = P.astype(dtype), Q.astype(dtype)
+    heads = Q.shape[1]
+    f = jnp.stack([jnp.tanh(jnp.einsum("bc,c->b", c, P[:, i])[:, None]
+                            * jnp.einsum("bnd,d->bn", h, Q[:, i])) for i in range(heads)],
+                  axis=1)  # [B, k, n]
+    squared = sum(f[:, i] ** 2 for i in range(heads))  # [B, n]
+    norm = jnp.sqrt(jnp.where(squared > 0, squared, 1.0))
+    f = jnp.where(squared[:, None] > 0, f / norm[:, None], 0.0)
+    allowed = jnp.ones((B, n), bool) if mask is None else jnp.asarray(mask)
+    rows = []
+    for i in range(heads):  # |f| <= 1: exp cannot overflow, no max shift needed
+        e = jnp.where(allowed, jnp.exp(f[:, i]), 0.0)
+        total = e.sum(-1, keepdims=True)
+        rows.append(e / jnp.where(total > 0, total, 1.0))
+    attention = jnp.stack(rows, axis=1)  # [B, k, n]
+    pooled = jnp.stack([jnp.einsum("bn,bnd->bd", attention[:, i], h) for i in range(heads)],
+                       axis=1)
+    return pooled.astype(hidden.dtype), attention.astype(hidden.dtype)
+
+
+def window_mean(x, window, *, mask=None):
+    """MQSA's (P38) L-query pooling through an explicit [T, T] band matrix:
+    W[t, s] = m_s [t - L < s <= t], out = W x / rowsum(W) (0 for an empty row)."""
+    x = jnp.asarray(x)
+    T = x.shape[1]
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    t = jnp.arange(T)[:, None]
+    s = jnp.arange(T)[None, :]
+    band = ((s <= t) & (s > t - window))[None]  # [1, T, T]
+    if mask is not None:
+        band = band & jnp.asarray(mask)[:, None, :]
+    weights = band.astype(dtype)
+    rowsum = weights.sum(-1, keepdims=True)
+    out = jnp.einsum("bts,bsd->btd", weights, x.astype(dtype))
+    return jnp.where(rowsum > 0, out / jnp.where(rowsum > 0, rowsum, 1.0), 0.0).astype(x.dtype)
+
+
+def decoupled_target_attention(target_att, behaviour_att, behaviour_repr, *, topk, mask=None,
+                               scale=None, return_weights=False):
+    """DARE (P47) from its definition: dense scores, the top-k valid behaviours by a stable
+    argsort rank (ties to the lower index), a dense masked softmax attention over the
+    representation embeddings (``dot_product_attention`` with a boolean mask)."""
+    a_t, a, r = (jnp.asarray(x) for x in (target_att, behaviour_att, behaviour_repr))
+    B, n, d_att = a.shape
+    dtype = jnp.promote_types(a_t.dtype, jnp.float32)
+    scale = d_att ** -0.5 if scale is None else scale
+    scores = jnp.einsum("bd,bnd->bn", a_t.astype(dtype), a.astype(dtype)) * scale
+    valid = jnp.ones((B, n), bool) if mask is None else jnp.asarray(mask)
+    if topk is None:
+        selected = valid
+    else:
+        order = jnp.argsort(jnp.where(valid, -scores, jnp.inf), axis=1, stable=True)
+        rank = jnp.argsort(order, axis=1, stable=True)  # rank[b, i]: place of i in the order
+        selected = valid & (rank < topk)
+    pooled = dot_product_attention(a_t[:, None, None, :].astype(dtype),
+                                   a[:, :, None, :].astype(dtype),
+                                   r[:, :, None, :].astype(dtype),
+                                   mask=selected[:, None, None, :], scale=scale)
+    pooled = pooled[:, 0, 0].astype(r.dtype)
+    if not return_weights:
+        return pooled
+    shifted = scores - jnp.max(jnp.where(selected, scores, -jnp.inf), axis=1, keepdims=True)
+    e = jnp.where(selected, jnp.exp(jnp.where(selected, shifted, 0.0)), 0.0)
+    total = e.sum(1, keepdims=True)
+    return pooled, (e / jnp.where(total > 0, total, 1.0)).astype(a_t.dtype)
+
+
+def relative_attention(query, key, value, relative_key, content_bias, *, position_bias=None,
+                       distance_bias=None, is_causal=True, scale=None, query_offset=None):
+    """Relative attention (P16 RCMHA / Transformer-XL) with the distance table gathered per
+    (t, s) pair: logits = scale [(q_t + u) k_s + (q_t + v) r[d] + b[d]] with d = p_t - s,
+    the position terms only for 0 <= d < R; keys with s > p_t masked when causal. Same
+    signature as :func:`jattn.heads.relative_attention`."""
+    import numpy as np
+
+    query, key, value = (jnp.asarray(x) for x in (query, key, value))
+    _, T, _, H = query.shape
+    S = key.shape[1]
+    dtype = jnp.promote_types(query.dtype, jnp.float32)
+    q, k = query.astype(dtype), key.astype(dtype)
+    r = jnp.asarray(relative_key).astype(dtype)
+    R = r.shape[0]
+    offset = S - T if query_offset is None else query_offset
+    d = np.array([[t + offset - s for s in range(S)] for t in range(T)])
+    inside = (d >= 0) & (d < R)
+    r_ts = r[np.clip(d, 0, R - 1)] * inside[..., None, None]  # [T, S, N, H]
+    qv = q if position_bias is None else q + jnp.asarray(position_bias).astype(dtype)
+    logits = (jnp.einsum("btnh,bsnh->bnts", q + jnp.asarray(content_bias).astype(dtype), k)
+              + jnp.einsum("btnh,tsnh->bnts", qv, r_ts))
+    if distance_bias is not None:
+        b = jnp.asarray(distance_bias).astype(dtype)[np.clip(d, 0, R - 1)]  # [T, S, N]
+        logits = logits + jnp.moveaxis(b * inside[..., None], -1, 0)
+    scale = H ** -0.5 if scale is None else scale
+    allowed = d >= 0 if is_causal else np.ones((T, S), bool)
+    logits = jnp.where(allowed, logits * scale, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bnts,bsnh->btnh", probs, value.astype(dtype)).astype(query.dtype)

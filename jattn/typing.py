@@ -68,9 +68,11 @@ class QKVDims(NamedTuple):
     Hv: int
 
 
-def check_qkv(query: Array, key: Array, value: Array) -> QKVDims:
+def check_qkv(query: Array, key: Array, value: Array, *,
+              separate_value_heads: bool = False) -> QKVDims:
     """Validate query [B, T, N, H], key [B, S, K, H], value [B, S, K, Hv] (one floating
-    dtype, N % K == 0, T, S > 0) and return their sizes."""
+    dtype, N % K == 0, T, S > 0) and return their sizes. With ``separate_value_heads`` the
+    value may have its own head count Kv (value [B, S, Kv, Hv], N % Kv == 0; DiffQKV)."""
     check_rank("query", query, (4,), "[B, T, N, H]")
     check_rank("key", key, (4,), "[B, S, K, H]")
     check_rank("value", value, (4,), "[B, S, K, Hv]")
@@ -84,7 +86,15 @@ def check_qkv(query: Array, key: Array, value: Array) -> QKVDims:
     if key.shape[0] != B or key.shape[3] != H:
         raise ValueError(f"key: expected [B={B}, S, K, H={H}] to match query {query.shape}, "
                          f"got {key.shape}")
-    if value.shape[:3] != key.shape[:3]:
+    if separate_value_heads:
+        Kv = value.shape[2]
+        if value.shape[:2] != key.shape[:2]:
+            raise ValueError(f"value: expected [B, S] = {key.shape[:2]} as key, "
+                             f"got {value.shape}")
+        if Kv == 0 or N % Kv:
+            raise ValueError(f"query, value: query heads N={N} must be a multiple of value "
+                             f"heads Kv={Kv} (query {query.shape}, value {value.shape})")
+    elif value.shape[:3] != key.shape[:3]:
         raise ValueError(f"value: expected [B, S, K] = {key.shape[:3]} as key, "
                          f"got {value.shape}")
     if K == 0 or N % K:

@@ -284,6 +284,37 @@ def test_implementation_list_falls_through():
         jattn.dot_product_attention(q, q, q, implementation="cudnn")
 
 
+@pytest.mark.parametrize("K,Kv,T", [(2, 4, 37), (4, 1, 37), (1, 8, 37), (2, 8, 300)])
+def test_separate_value_heads(K, Kv, T):
+    """DiffQKV (P68): value heads Kv != key heads K; query head n reads key head n // (N / K)
+    and value head n // (N / Kv). The reference repeats K and V separately. T=300 is past one
+    chunked tile: the auto choice moves on from chunked to xla."""
+    rng = np.random.RandomState(K * 10 + Kv)
+    q, k, v = (jnp.asarray(rng.randn(2, T, h, 8), jnp.float32) for h in (8, K, Kv))
+    cot = (jnp.asarray(rng.randn(2, T, 8, 8), jnp.float32),
+           jnp.asarray(rng.randn(2, 8, T), jnp.float32))
+    case = Case("diffqkv", T=T, S=T, N=8, K=K)
+    options = {"is_causal": True}
+    want_out, want_lse, want_grads = reference_outputs(case, [q, k, v, None], options, cot)
+    # Independent check of the head mapping itself: one query head at a time.
+    n = 5
+    one = reference.dot_product_attention(q[:, :, n:n + 1], k[:, :, n // (8 // K)][:, :, None],
+                                          v[:, :, n // (8 // Kv)][:, :, None], is_causal=True)
+    assert_close(want_out[:, :, n:n + 1], one, jnp.float32, "forward")
+    for implementation in ("xla", None):
+        out, lse, grads = run_implementation(implementation, case, [q, k, v, None], options,
+                                             cot)
+        assert out.shape == (2, T, 8, 8)
+        assert_close(out, want_out, jnp.float32, "forward")
+        assert_close(lse, want_lse, jnp.float32, "forward")
+        for got, want in zip(grads, want_grads, strict=True):
+            assert_close(got, want, jnp.float32, "grad")
+    with pytest.raises(NotImplementedError, match="value heads"):
+        jattn.dot_product_attention(q, k, v, implementation="chunked")
+    with pytest.raises(ValueError, match="value heads Kv=3"):
+        jattn.dot_product_attention(q, k, v[:, :, :1].repeat(3, axis=2))
+
+
 def test_cudnn_rejects_masks_it_cannot_express():
     from jattn.attention import _cudnn_mask_options
 

@@ -13,10 +13,10 @@ from jattn.cache import cached_attention, init_cache
 B, L, N, K, H, HV = 2, 11, 4, 2, 8, 6
 
 
-def _sequence(seed=0):
+def _sequence(seed=0, value_heads=K):
     k = jax.random.split(jax.random.key(seed), 3)
     return (jax.random.normal(k[0], (B, L, N, H)), jax.random.normal(k[1], (B, L, K, H)),
-            jax.random.normal(k[2], (B, L, K, HV)))
+            jax.random.normal(k[2], (B, L, value_heads, HV)))
 
 
 def _full(q, k, v, window):
@@ -45,6 +45,16 @@ def test_decoding_equals_the_full_causal_forward(window, splits):
     got, cache = _decode(q, k, v, cache, splits)
     np.testing.assert_allclose(got, _full(q, k, v, window), atol=2e-5)
     assert int(cache.length) == L
+
+
+@pytest.mark.parametrize("value_heads", [1, 4])
+def test_diffqkv_cache_holds_its_own_value_heads(value_heads):
+    # DiffQKV (P68): K = 2 key heads, 1 or 4 value heads, one cache.
+    q, k, v = _sequence(2, value_heads)
+    cache = init_cache(B, L, K, H, value_head_dim=HV, num_value_heads=value_heads)
+    assert cache.value.shape == (B, L, value_heads, HV)
+    got, _ = _decode(q, k, v, cache, [5, 6, 7])
+    np.testing.assert_allclose(got, _full(q, k, v, None), atol=2e-5)
 
 
 def test_prefill_then_decode_equals_decoding_from_scratch():

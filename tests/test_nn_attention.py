@@ -14,7 +14,7 @@ from jattn.nn import MultiHeadAttention
 
 def _expected(mha, x, *, window=None):
     B, L, D = x.shape
-    qkv = x @ mha.qkv_proj.kernel[...] + mha.qkv_proj.bias[...]
+    qkv = x @ mha.proj.qkv_proj.kernel[...] + mha.proj.qkv_proj.bias[...]
     q, k, v = (a.reshape(B, L, mha.num_heads, -1) for a in jnp.split(qkv, 3, axis=-1))
     allowed = np.tril(np.ones((L, L), bool))
     if window is not None:

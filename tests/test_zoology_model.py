@@ -80,9 +80,9 @@ def test_initialisation_follows_the_original():
     model = _model(n_layers=2)
     mha = model.blocks[0].mixer
     assert abs(float(model.embed.embedding[...].std()) - 0.02) < 0.002
-    assert abs(float(mha.qkv_proj.kernel[...].std()) - 0.02) < 0.003
+    assert abs(float(mha.proj.qkv_proj.kernel[...].std()) - 0.02) < 0.003
     assert abs(float(mha.out_proj.kernel[...].std()) - 0.02 / 2) < 0.002  # 0.02/sqrt(2*2)
-    assert float(jnp.abs(mha.qkv_proj.bias[...]).max()) == 0.0
+    assert float(jnp.abs(mha.proj.qkv_proj.bias[...]).max()) == 0.0
     np.testing.assert_array_equal(model.norm_f.scale[...], 1.0)
     conv = _model("base_conv").blocks[1].mixer.conv.filter  # implicit filter: linear layers
     assert abs(float(conv.w_inner[...].std()) - 0.02) < 0.005

@@ -3,6 +3,7 @@
 from jattn.nn.agent import AgentAttention
 from jattn.nn.attention import MultiHeadAttention
 from jattn.nn.bilevel import BiLevelRoutingAttention
+from jattn.nn.heads import ConvRelativeAttention, MixtureOfHeadsAttention, QKVProjection
 from jattn.nn.landmark import LandmarkAttention
 from jattn.nn.linear import BasedLinearAttention, LinearAttention, RandomFeatureKey
 from jattn.nn.local import HaloAttention, WindowAttention
@@ -17,6 +18,12 @@ from jattn.nn.mixers import (
     ShortConv,
 )
 from jattn.nn.neighborhood import NeighborhoodAttention
+from jattn.nn.pooling import (
+    ContextQueryPooling,
+    DecoupledEmbeddings,
+    LQuerySelfAttention,
+    MultiQuerySelfAttention,
+)
 from jattn.nn.routing import RoutingAttention, RoutingCentroids
 from jattn.nn.sparse import SelectionPenalty, SelectiveLookups, SparseAttention
 
@@ -26,16 +33,23 @@ __all__ = [
     "BaseConv",
     "BasedLinearAttention",
     "BiLevelRoutingAttention",
+    "ContextQueryPooling",
+    "ConvRelativeAttention",
+    "DecoupledEmbeddings",
     "HaloAttention",
     "Hyena",
     "ImplicitFilter",
     "ImplicitLongConv",
+    "LQuerySelfAttention",
     "LandmarkAttention",
     "LinearAttention",
     "LongHeadsAttention",
     "Mamba",
+    "MixtureOfHeadsAttention",
     "MultiHeadAttention",
+    "MultiQuerySelfAttention",
     "NeighborhoodAttention",
+    "QKVProjection",
     "RandomFeatureKey",
     "RoutingAttention",
     "RoutingCentroids",

@@ -2,17 +2,18 @@
 
 References:
     P24 Zoology (the attention and sliding-window attention mixers: one fused qkv projection
-    with bias, attention dropout, causal, an output projection).
+    with bias, attention dropout, causal, an output projection); P68 Sigma (DiffQKV heads
+    through :class:`jattn.nn.QKVProjection`).
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 import jattn
-from jattn.nn._init import check_heads, torch_linear
+from jattn.nn._init import torch_linear
+from jattn.nn.heads import QKVProjection
 
 
 class MultiHeadAttention(nnx.Module):
@@ -20,7 +21,9 @@ class MultiHeadAttention(nnx.Module):
 
     ``window`` restricts each query to itself and the ``window - 1`` keys before it (sliding
     window attention); ``dropout_rate`` drops attention probabilities when the call gets a
-    ``dropout_rng``. Linear layers start as torch.nn.Linear does.
+    ``dropout_rng``. The head layout options (GQA/MQA with ``num_kv_heads``, DiffQKV with
+    ``num_value_heads``, ``value_head_dim`` and the augmented query's ``query_mlp_dim``) are
+    :class:`jattn.nn.QKVProjection`'s. Linear layers start as torch.nn.Linear does.
 
     Example:
         >>> import jax.numpy as jnp
@@ -32,25 +35,28 @@ class MultiHeadAttention(nnx.Module):
 
     def __init__(self, d_model: int, num_heads: int = 1, *, causal: bool = True,
                  window: int | None = None, qkv_bias: bool = True, dropout_rate: float = 0.0,
+                 num_kv_heads: int | None = None, num_value_heads: int | None = None,
+                 value_head_dim: int | None = None, query_mlp_dim: int | None = None,
                  rngs: nnx.Rngs):
-        check_heads(d_model, num_heads)
         if window is not None and window < 1:
             raise ValueError(f"window: expected >= 1 or None, got {window}")
         self.num_heads = num_heads
         self.causal = causal
         self.window = window
         self.dropout_rate = dropout_rate
-        self.qkv_proj = torch_linear(d_model, 3 * d_model, rngs, use_bias=qkv_bias)
-        self.out_proj = torch_linear(d_model, d_model, rngs)
+        self.proj = QKVProjection(d_model, num_heads, num_kv_heads=num_kv_heads,
+                                  num_value_heads=num_value_heads,
+                                  value_head_dim=value_head_dim, query_mlp_dim=query_mlp_dim,
+                                  use_bias=qkv_bias, rngs=rngs)
+        self.out_proj = torch_linear(num_heads * self.proj.value_head_dim, d_model, rngs)
 
     def __call__(self, x: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
         """x [B, L, d_model] -> [B, L, d_model]; dropout only when ``dropout_rng`` is given."""
-        B, L, D = x.shape
-        q, k, v = jnp.split(self.qkv_proj(x).reshape(B, L, 3 * self.num_heads, -1), 3, axis=2)
+        q, k, v = self.proj(x)
         window = None if self.window is None else (self.window - 1, 0 if self.causal else
                                                    self.window - 1)
         rate = self.dropout_rate if dropout_rng is not None else 0.0
         out = jattn.dot_product_attention(q, k, v, is_causal=self.causal,
                                           local_window_size=window, dropout_rate=rate,
                                           dropout_rng=dropout_rng)
-        return self.out_proj(out.reshape(B, L, D))
+        return self.out_proj(out.reshape(*x.shape[:-1], -1))

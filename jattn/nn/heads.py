@@ -1,0 +1,265 @@
+"""NNX head structures: query/key/value projections for MHA, GQA, MQA and DiffQKV,
+mixture-of-heads attention, and convolutional / relative multi-head attention.
+
+References:
+    P68 Sigma, "Sigma: Differential Rescaling of Query, Key and Value for Efficient Language
+    Models" (DiffQKV: separate key and value head counts and dims, augmented Q);
+    P19 MoH, "MoH: Multi-Head Attention as Mixture-of-Head Attention";
+    P16 RCMHA, "RCMHA: Relative Convolutional Multi-Head Attention for Natural Language
+    Modelling" (with MDHA and RMHA beside it).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jattn.attention import dot_product_attention
+from jattn.heads import (
+    FORMS,
+    capacity,
+    mixture_of_heads_attention,
+    relative_attention,
+    route_heads,
+)
+from jattn.mixers.conv import short_causal_conv
+from jattn.nn._init import check_heads, torch_linear, torch_uniform
+from jattn.positions import sinusoidal
+
+
+class QKVProjection(nnx.Module):
+    """Query, key and value heads of [B, L, d_model] inputs, one fused kernel.
+
+    ``num_heads`` query heads and ``num_kv_heads`` key heads of ``head_dim``;
+    ``num_value_heads`` value heads of ``value_head_dim`` (both default to the keys'). Fewer
+    key/value heads than query heads is GQA (one: MQA); separate key and value counts and
+    dims is DiffQKV (P68), e.g. Sigma's 32 query, 4 key and 16 value heads. Nothing is
+    repeated: the attention functions map query head n to key head n // (N / K) and value
+    head n // (N / Kv).
+
+    ``query_mlp_dim`` adds Sigma's augmented Q, read from the paper's code listing as a gated
+    MLP on the projected query before it is split into heads,
+    q = W_down(silu(W_gate q0) * (W_up q0)) with W_gate, W_up: [N H, query_mlp_dim] and
+    W_down: [query_mlp_dim, N H] (Sigma uses 1.5 d_model); the query head dim is unchanged,
+    so the dot product with the keys is the usual one. Linear layers start as torch.nn.Linear
+    does; the query MLP has no biases.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> proj = QKVProjection(32, 8, num_kv_heads=1, num_value_heads=4, rngs=nnx.Rngs(0))
+        >>> [a.shape for a in proj(jnp.ones((2, 5, 32)))]
+        [(2, 5, 8, 4), (2, 5, 1, 4), (2, 5, 4, 4)]
+    """
+
+    def __init__(self, d_model: int, num_heads: int, *, head_dim: int | None = None,
+                 num_kv_heads: int | None = None, num_value_heads: int | None = None,
+                 value_head_dim: int | None = None, query_mlp_dim: int | None = None,
+                 use_bias: bool = True, rngs: nnx.Rngs):
+        if head_dim is None:
+            check_heads(d_model, num_heads)
+            head_dim = d_model // num_heads
+        self.num_heads = num_heads
+        self.num_kv_heads = check_heads(num_heads, num_heads, num_kv_heads)
+        self.num_value_heads = self.num_kv_heads if num_value_heads is None else num_value_heads
+        if self.num_value_heads < 1 or num_heads % self.num_value_heads:
+            raise ValueError(f"num_value_heads: expected a divisor of num_heads={num_heads}, "
+                             f"got {num_value_heads}")
+        self.head_dim = head_dim
+        self.value_head_dim = head_dim if value_head_dim is None else value_head_dim
+        for name, size in (("head_dim", self.head_dim), ("value_head_dim", self.value_head_dim),
+                           ("query_mlp_dim", query_mlp_dim or 1)):
+            if size < 1:
+                raise ValueError(f"{name}: expected >= 1, got {size}")
+        self.widths = (num_heads * head_dim, self.num_kv_heads * head_dim,
+                       self.num_value_heads * self.value_head_dim)
+        self.qkv_proj = torch_linear(d_model, sum(self.widths), rngs, use_bias=use_bias)
+        self.query_mlp = nnx.data(None)
+        if query_mlp_dim is not None:
+            width = self.widths[0]
+            self.query_mlp = nnx.List([
+                torch_linear(width, query_mlp_dim, rngs, use_bias=False),  # gate
+                torch_linear(width, query_mlp_dim, rngs, use_bias=False),  # up
+                torch_linear(query_mlp_dim, width, rngs, use_bias=False)])  # down
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, d_model] (and ``context`` [B, S, d_model] for cross attention: keys and
+        values come from it) -> query [B, T, N, H], key [B, S, K, H], value [B, S, Kv, Hv]."""
+        wq, wk, _ = self.widths
+        if context is None:
+            q, k, v = jnp.split(self.qkv_proj(x), [wq, wq + wk], axis=-1)
+        else:
+            kernel = self.qkv_proj.kernel[...]
+            bias = (jnp.zeros(kernel.shape[1]) if self.qkv_proj.bias is None
+                    else self.qkv_proj.bias[...])
+            q = x @ kernel[:, :wq] + bias[:wq]
+            k, v = jnp.split(context @ kernel[:, wq:] + bias[wq:], [wk], axis=-1)
+        if self.query_mlp is not None:
+            gate, up, down = self.query_mlp
+            q = down(jax.nn.silu(gate(q)) * up(q))
+        return (q.reshape(*q.shape[:-1], self.num_heads, self.head_dim),
+                k.reshape(*k.shape[:-1], self.num_kv_heads, self.head_dim),
+                v.reshape(*v.shape[:-1], self.num_value_heads, self.value_head_dim))
+
+
+class MixtureOfHeadsAttention(nnx.Module):
+    """Mixture-of-heads self-attention (:func:`jattn.heads.mixture_of_heads_attention`).
+
+    ``num_shared`` heads are always on; each token keeps ``topk`` of the other
+    ``num_heads - num_shared`` heads, chosen by a linear router on the layer input (no
+    bias, as the paper's W_r, W_s, W_h). The gates weight each head's projected output; the
+    output projection W_O (torch.nn.Linear-initialised, with bias) is used split by head. The
+    call returns the output and the load-balancing loss, which training adds to the task
+    loss times a small weight (the paper uses 0.01). Gates follow the paper's equations,
+    not the official code's rescaled ones (there the routed gates are renormalised over
+    the top-k and everything is scaled to be about 1 at start).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> moh = MixtureOfHeadsAttention(16, 4, num_shared=2, topk=1, rngs=nnx.Rngs(0))
+        >>> y, balance = moh(jnp.ones((1, 5, 16)))
+        >>> y.shape, balance.shape
+        ((1, 5, 16), ())
+    """
+
+    def __init__(self, d_model: int, num_heads: int, *, num_shared: int, topk: int,
+                 num_kv_heads: int | None = None, causal: bool = True, form: str = "dense",
+                 capacity_factor: float | None = None, qkv_bias: bool = True,
+                 rngs: nnx.Rngs):
+        if not 0 <= num_shared < num_heads:
+            raise ValueError(f"num_shared: expected 0 <= num_shared < num_heads={num_heads}, "
+                             f"got {num_shared}")
+        if not 1 <= topk <= num_heads - num_shared:
+            raise ValueError(f"topk: expected 1 <= topk <= {num_heads - num_shared} routed "
+                             f"heads, got {topk}")
+        if form not in FORMS:
+            raise ValueError(f"form: expected one of {FORMS}, got {form!r}")
+        capacity(1, 1, 1, capacity_factor)  # validates the factor
+        self.proj = QKVProjection(d_model, num_heads, num_kv_heads=num_kv_heads,
+                                  use_bias=qkv_bias, rngs=rngs)
+        group = num_heads // self.proj.num_kv_heads
+        if form == "dispatch" and num_shared % group:
+            raise ValueError(f"num_shared: the dispatch form needs whole key/value groups of "
+                             f"{group} heads, got {num_shared}")
+        routed = num_heads - num_shared
+        self.routed_router = torch_linear(d_model, routed, rngs, use_bias=False)
+        self.shared_router = self.mix_router = nnx.data(None)
+        if num_shared:
+            self.shared_router = torch_linear(d_model, num_shared, rngs, use_bias=False)
+            self.mix_router = torch_linear(d_model, 2, rngs, use_bias=False)
+        self.out_proj = torch_linear(d_model, d_model, rngs)
+        self.topk = topk
+        self.causal = causal
+        self.form = form
+        self.capacity_factor = capacity_factor
+
+    def route(self, x: jax.Array):
+        """The :class:`jattn.heads.HeadRouting` of x [B, T, d_model]."""
+        shared = None if self.shared_router is None else self.shared_router(x)
+        mix = None if self.mix_router is None else self.mix_router(x)
+        return route_heads(self.routed_router(x), topk=self.topk, shared_logits=shared,
+                           mix_logits=mix)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B, T, d_model] -> (output [B, T, d_model], load-balancing loss [])."""
+        q, k, v = self.proj(x)
+        routing = self.route(x)
+        kernel = self.out_proj.kernel[...].reshape(q.shape[2], v.shape[3], -1)
+        out = mixture_of_heads_attention(q, k, v, kernel, routing, is_causal=self.causal,
+                                         form=self.form,
+                                         capacity_factor=self.capacity_factor)
+        return out + self.out_proj.bias[...], routing.load_balance_loss
+
+
+# (depthwise conv on q/k/v, relative position scores) for each of P16's four layers.
+CONV_RELATIVE_VARIANTS = {"mha": (False, None), "mdha": (True, None), "rmha": (False, "xl"),
+                          "rcmha": (True, "learned")}
+
+
+class ConvRelativeAttention(nnx.Module):
+    """Causal self-attention in P16's four variants: MHA, MDHA, RMHA and RCMHA.
+
+    * conv (MDHA, RCMHA): a causal depthwise convolution of width ``conv_kernel_size`` along
+      the sequence on each of Q, K and V after their projections
+      (:func:`jattn.mixers.conv.short_causal_conv`), one kernel per channel (Primer's MDHA);
+      ``shared_conv=True`` shares one [width, head_dim] kernel across heads, as RCMHA's code
+      does. Kernels and biases start as a torch.nn.Conv1d's.
+    * relative scores (:func:`jattn.heads.relative_attention`, distances below
+      ``max_distance``): RMHA is Transformer-XL's (sinusoids projected by W_R, learned u and
+      v); RCMHA's code learns the table r directly with a scalar bias b per distance and
+      head, and u (no v); all start at zero, as there.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> layer = ConvRelativeAttention(16, 4, variant="rcmha", rngs=nnx.Rngs(0))
+        >>> layer(jnp.ones((2, 7, 16))).shape
+        (2, 7, 16)
+    """
+
+    def __init__(self, d_model: int, num_heads: int, *, variant: str = "rcmha",
+                 conv_kernel_size: int = 3, shared_conv: bool = False,
+                 max_distance: int = 512, rngs: nnx.Rngs):
+        if variant not in CONV_RELATIVE_VARIANTS:
+            raise ValueError(f"variant: expected one of {sorted(CONV_RELATIVE_VARIANTS)}, "
+                             f"got {variant!r}")
+        if conv_kernel_size < 1:
+            raise ValueError(f"conv_kernel_size: expected >= 1, got {conv_kernel_size}")
+        if max_distance < 1:
+            raise ValueError(f"max_distance: expected >= 1, got {max_distance}")
+        conv, self.relative = CONV_RELATIVE_VARIANTS[variant]
+        self.variant = variant
+        self.proj = QKVProjection(d_model, num_heads, rngs=rngs)
+        N, H = num_heads, self.proj.head_dim
+        self.convs = nnx.data(None)
+        if conv:
+            channels = H if shared_conv else N * H
+            self.convs = nnx.List([
+                nnx.List([torch_uniform(rngs, (conv_kernel_size, channels), conv_kernel_size),
+                          torch_uniform(rngs, (channels,), conv_kernel_size)])
+                for _ in range(3)])
+        zeros = nnx.initializers.zeros
+        self.relative_key = self.position_proj = self.position_bias = nnx.data(None)
+        self.distance_bias = nnx.data(None)
+        if self.relative is not None:
+            self.content_bias = nnx.Param(zeros(rngs.params(), (N, H)))
+        if self.relative == "learned":
+            self.relative_key = nnx.Param(zeros(rngs.params(), (max_distance, N, H)))
+            self.distance_bias = nnx.Param(zeros(rngs.params(), (max_distance, N)))
+        elif self.relative == "xl":
+            self.position_proj = torch_linear(d_model, N * H, rngs, use_bias=False)
+            self.position_bias = nnx.Param(zeros(rngs.params(), (N, H)))
+        self.d_model = d_model
+        self.max_distance = max_distance
+        self.out_proj = torch_linear(d_model, d_model, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, L, d_model] -> [B, L, d_model]."""
+        heads = self.proj(x)
+        if self.convs is not None:
+            heads = tuple(_conv_heads(h, kernel[...], bias[...])
+                          for h, (kernel, bias) in zip(heads, self.convs, strict=True))
+        q, k, v = heads
+        if self.relative is None:
+            out = dot_product_attention(q, k, v, is_causal=True)
+        elif self.relative == "learned":
+            out = relative_attention(q, k, v, self.relative_key[...], self.content_bias[...],
+                                     distance_bias=self.distance_bias[...])
+        else:
+            table = sinusoidal(jnp.arange(self.max_distance), self.d_model)
+            r = self.position_proj(table).reshape(self.max_distance, *q.shape[2:])
+            out = relative_attention(q, k, v, r, self.content_bias[...],
+                                     position_bias=self.position_bias[...])
+        return self.out_proj(out.reshape(x.shape))
+
+
+def _conv_heads(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """Causal depthwise conv of heads [B, L, N, H] with a [K, N*H] or head-shared [K, H]
+    kernel."""
+    B, L, N, H = x.shape
+    if kernel.shape[1] == H and N > 1:
+        kernel, bias = jnp.tile(kernel, (1, N)), jnp.tile(bias, N)
+    return short_causal_conv(x.reshape(B, L, N * H), kernel, bias).reshape(B, L, N, H)
