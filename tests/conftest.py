@@ -67,3 +67,8 @@ def output_and_vjp(fn, cotangent):
         out, pullback = jax.vjp(fn, *args)
         return out, pullback(cotangent)
     return run
+
+
+def normal(seed, shape, dtype=jnp.float32):
+    """Standard normal test data from NumPy (no PRNG kernels to compile), in ``dtype``."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)

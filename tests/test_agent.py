@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, normalised_error, to64
+from conftest import assert_close, normal, normalised_error, to64
 from flax import nnx
 
 import jattn
@@ -18,14 +18,9 @@ from jattn.agent import agent_attention, agent_segments, pool_agents
 from jattn.nn.agent import AgentAttention
 
 
-def _normal(seed, shape, dtype=jnp.float32):
-    """Test data from numpy: no PRNG kernels to compile."""
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
-
 def _qkv(dtype=jnp.float32, B=2, T=11, S=11, N=4, K=2, H=8, Hv=6, seed=0):
-    return (_normal(seed, (B, T, N, H), dtype), _normal(seed + 1, (B, S, K, H), dtype),
-            _normal(seed + 2, (B, S, K, Hv), dtype))
+    return (normal(seed, (B, T, N, H), dtype), normal(seed + 1, (B, S, K, H), dtype),
+            normal(seed + 2, (B, S, K, Hv), dtype))
 
 
 def _output_and_vjp(fn, cotangent):
@@ -41,7 +36,7 @@ def _output_and_vjp(fn, cotangent):
 def test_matches_dense_reference_float64(n_agents, is_causal, T, S):
     with jax.enable_x64(True):
         q, k, v = to64(_qkv(T=T, S=S))
-        cotangent = _normal(5, (*q.shape[:3], v.shape[3]), jnp.float64)
+        cotangent = normal(5, (*q.shape[:3], v.shape[3]), jnp.float64)
         options = {"n_agents": n_agents, "is_causal": is_causal}
         got, g_got = _output_and_vjp(functools.partial(agent_attention, **options),
                                      cotangent)(q, k, v)
@@ -55,9 +50,9 @@ def test_matches_dense_reference_float64(n_agents, is_causal, T, S):
 def test_biases_match_reference_with_gradients(is_causal=True):
     with jax.enable_x64(True):
         q, k, v = to64(_qkv(T=10, S=10))
-        b1 = _normal(6, (4, 3, 10), jnp.float64)  # [N, n, S]
-        b2 = _normal(7, (2, 1, 10, 3), jnp.float64)  # [B, 1, T, n]
-        cotangent = _normal(8, (2, 10, 4, 6), jnp.float64)
+        b1 = normal(6, (4, 3, 10), jnp.float64)  # [N, n, S]
+        b2 = normal(7, (2, 1, 10, 3), jnp.float64)  # [B, 1, T, n]
+        cotangent = normal(8, (2, 10, 4, 6), jnp.float64)
 
         def call(fn, q, k, v, b1, b2):
             return fn(q, k, v, n_agents=3, agent_key_bias=b1, query_agent_bias=b2,
@@ -74,7 +69,7 @@ def test_biases_match_reference_with_gradients(is_causal=True):
 def test_explicit_agents_match_reference():
     with jax.enable_x64(True):
         q, k, v = to64(_qkv(T=6, S=9))
-        agents = _normal(9, (2, 5, 4, 8), jnp.float64)
+        agents = normal(9, (2, 5, 4, 8), jnp.float64)
         got = jax.jit(agent_attention)(q, k, v, agents=agents)
         want = jax.jit(reference.agent_attention)(q, k, v, agents=agents)
         assert normalised_error(got, want) < 1e-12
@@ -106,7 +101,7 @@ def test_weights_are_convex_combinations():
 def test_float32_and_bfloat16_match_float64_reference():
     for dtype in (jnp.float32, jnp.bfloat16):
         q, k, v = _qkv(dtype)
-        cotangent = _normal(5, (2, 11, 4, 6), dtype)
+        cotangent = normal(5, (2, 11, 4, 6), dtype)
         fn = functools.partial(agent_attention, n_agents=4, is_causal=True)
         got, grads = _output_and_vjp(fn, cotangent)(q, k, v)
         assert got.dtype == dtype
@@ -120,7 +115,7 @@ def test_float32_and_bfloat16_match_float64_reference():
 
 
 def test_pool_agents_averages_contiguous_segments():
-    x = _normal(3, (2, 10, 3, 4))
+    x = normal(3, (2, 10, 3, 4))
     start, end = agent_segments(10, 4)
     assert start[0] == 0 and end[-1] == 10 and (end > start).all()
     assert (start[1:] <= end[:-1]).all()  # contiguous cover (neighbours may share one)
@@ -198,8 +193,8 @@ def _project(linear, x):
 @pytest.mark.parametrize("cross", [False, True])
 def test_module_equals_functional_call(cross):
     module = AgentAttention(8, num_heads=2, n_agents=3, max_length=12, rngs=nnx.Rngs(0))
-    x = _normal(1, (2, 10, 8))
-    context = _normal(2, (2, 7, 8)) if cross else x
+    x = normal(1, (2, 10, 8))
+    context = normal(2, (2, 7, 8)) if cross else x
     S = context.shape[1]
     q = _project(module.q_proj, x).reshape(2, 10, 2, 4)
     kv = _project(module.kv_proj, context)
@@ -215,7 +210,7 @@ def test_module_equals_functional_call(cross):
 def test_module_causal_with_convolution_sees_no_future():
     module = AgentAttention(8, num_heads=2, n_agents=3, is_causal=True, dwc_kernel_size=3,
                             rngs=nnx.Rngs(0))
-    x = _normal(1, (2, 10, 8))
+    x = normal(1, (2, 10, 8))
     call = nnx.jit(lambda m, x: m(x))
     y, y2 = call(module, x), call(module, x.at[:, 6:].add(1.0))
     np.testing.assert_allclose(y[:, :6], y2[:, :6], atol=1e-6)
@@ -227,7 +222,7 @@ def test_module_causal_with_convolution_sees_no_future():
 
 
 def test_pool_agents_on_a_grid_and_as_explicit_agents():
-    image = _normal(4, (2, 5, 6, 4, 8))  # [B, h, w, N, H]
+    image = normal(4, (2, 5, 6, 4, 8))  # [B, h, w, N, H]
     agents = pool_agents(image, (2, 3))
     rows, row_end = agent_segments(5, 2)
     cols, col_end = agent_segments(6, 3)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, normalised_error, output_and_vjp, to64
+from conftest import assert_close, normal, normalised_error, output_and_vjp, to64
 from flax import nnx
 
 from jattn import reference
@@ -18,15 +18,11 @@ from jattn.bilevel import bilevel_routing_attention
 from jattn.nn.bilevel import BiLevelRoutingAttention
 
 
-def _normal(seed, shape, dtype=jnp.float32):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
-
 def _qkv(spatial, spatial_k=None, dtype=jnp.float32, B=2, N=4, K=2, H=8, Hv=6, seed=0):
     spatial_k = spatial if spatial_k is None else spatial_k
-    return (_normal(seed, (B, *spatial, N, H), dtype),
-            _normal(seed + 1, (B, *spatial_k, K, H), dtype),
-            _normal(seed + 2, (B, *spatial_k, K, Hv), dtype))
+    return (normal(seed, (B, *spatial, N, H), dtype),
+            normal(seed + 1, (B, *spatial_k, K, H), dtype),
+            normal(seed + 2, (B, *spatial_k, K, Hv), dtype))
 
 
 # (spatial, spatial_k, region_size, topk, is_causal): lengths not multiples of the region,
@@ -48,7 +44,7 @@ def test_matches_reference_float64(spatial, spatial_k, region, topk, causal):
     with jax.enable_x64(True):
         args = to64(_qkv(spatial, spatial_k))
         out_shape = (*args[0].shape[:-1], args[2].shape[-1])
-        cotangent = _normal(9, out_shape, jnp.float64)
+        cotangent = normal(9, out_shape, jnp.float64)
         got, g_got = output_and_vjp(functools.partial(bilevel_routing_attention, **kw),
                                      cotangent)(*args)
         want, g_want = output_and_vjp(functools.partial(reference.bilevel_routing_attention,
@@ -72,7 +68,7 @@ def test_dtypes_against_reference(dtype, case):
     spatial, spatial_k, region, topk, causal = case
     kw = dict(region_size=region, topk=topk, is_causal=causal)
     args = _qkv(spatial, spatial_k, dtype=dtype, seed=3)
-    cotangent = _normal(7, (*args[0].shape[:-1], args[2].shape[-1]), dtype)
+    cotangent = normal(7, (*args[0].shape[:-1], args[2].shape[-1]), dtype)
     got, g_got = output_and_vjp(functools.partial(bilevel_routing_attention, **kw),
                                  cotangent)(*args)
     with jax.enable_x64(True):
@@ -107,7 +103,7 @@ def test_causal_leaks_nothing(L, region, topk):
         # Change every query, key and value after t (including later tokens of t's region,
         # which the plain region mean would see).
         later = (jnp.arange(L) > t)[None, :, None, None]
-        bumped = [jnp.where(later, x + 3.0 * _normal(20 + t, x.shape), x) for x in (q, k, v)]
+        bumped = [jnp.where(later, x + 3.0 * normal(20 + t, x.shape), x) for x in (q, k, v)]
         out = f(*bumped)
         np.testing.assert_array_equal(np.asarray(out[:, :t + 1]), np.asarray(base[:, :t + 1]))
         assert not np.allclose(out[:, t + 1:], base[:, t + 1:])
@@ -168,7 +164,7 @@ def test_errors():
 def test_module_equals_function_2d(lepe):
     layer = BiLevelRoutingAttention(16, num_heads=4, num_kv_heads=2, region_size=(2, 3),
                                     topk=2, lepe_kernel_size=lepe, rngs=nnx.Rngs(0))
-    x = _normal(1, (2, 5, 7, 16))
+    x = normal(1, (2, 5, 7, 16))
     q, k, v = layer._split(layer.qkv_proj(x))
     inner = bilevel_routing_attention(q, k, v, region_size=(2, 3), topk=2).reshape(x.shape)
     if lepe:
@@ -185,9 +181,9 @@ def test_module_equals_function_2d(lepe):
 def test_module_causal_sequence_with_lepe_is_causal():
     layer = BiLevelRoutingAttention(8, num_heads=2, region_size=3, topk=2, is_causal=True,
                                     lepe_kernel_size=3, spatial_axes=1, rngs=nnx.Rngs(1))
-    x = _normal(2, (1, 10, 8))
+    x = normal(2, (1, 10, 8))
     base = layer(x)
-    bumped = x.at[:, 6:].add(_normal(3, (1, 4, 8)))
+    bumped = x.at[:, 6:].add(normal(3, (1, 4, 8)))
     np.testing.assert_array_equal(np.asarray(layer(bumped)[:, :6]), np.asarray(base[:, :6]))
     with pytest.raises(ValueError, match="spatial_axes"):
         BiLevelRoutingAttention(8, region_size=3, topk=2, is_causal=True, rngs=nnx.Rngs(0))

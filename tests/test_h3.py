@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import normalised_error, to64
+from conftest import normal, normalised_error, to64
 from flax import nnx
 
 from jattn import reference
@@ -18,22 +18,17 @@ from jattn.mixers.h3 import DiagonalSSM, ShiftSSM, diag_ssm_kernel, h3_mix, h3_s
 from jattn.nn import H3
 
 
-def _normal(seed, shape, dtype=jnp.float32):
-    """Test data from numpy: no PRNG kernels to compile."""
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
-
 def _inputs(dtype=jnp.float32, b=2, L=13, N=3, P=2, M=5, Z=4, seed=0):
-    qkv = tuple(_normal(seed + i, (b, L, N, P), dtype) for i in range(3))
-    shift = ShiftSSM(_normal(seed + 3, (N, P, M), dtype),  # a general B, not e_1
-                     _normal(seed + 4, (N, P, M), dtype), _normal(seed + 5, (N, P), dtype))
+    qkv = tuple(normal(seed + i, (b, L, N, P), dtype) for i in range(3))
+    shift = ShiftSSM(normal(seed + 3, (N, P, M), dtype),  # a general B, not e_1
+                     normal(seed + 4, (N, P, M), dtype), normal(seed + 5, (N, P), dtype))
     rng = np.random.default_rng(seed)
     diag = DiagonalSSM(
         jnp.asarray(rng.uniform(math.log(1e-3), math.log(0.5), (N,)), dtype),
-        math.log(0.5) + 0.3 * _normal(seed + 7, (N, Z), dtype),
-        (math.pi * jnp.arange(Z) + 0.1 * _normal(seed + 8, (N, Z))).astype(dtype),
-        _normal(seed + 9, (N, Z, 2), dtype), _normal(seed + 10, (N, Z, 2), dtype),
-        _normal(seed + 11, (N,), dtype))
+        math.log(0.5) + 0.3 * normal(seed + 7, (N, Z), dtype),
+        (math.pi * jnp.arange(Z) + 0.1 * normal(seed + 8, (N, Z))).astype(dtype),
+        normal(seed + 9, (N, Z, 2), dtype), normal(seed + 10, (N, Z, 2), dtype),
+        normal(seed + 11, (N,), dtype))
     return qkv, shift, diag
 
 
@@ -50,7 +45,7 @@ def _output_and_vjp(fn, cotangent):
 def test_fft_path_matches_recurrence_float64(discretization, M):
     with jax.enable_x64(True):
         (q, k, v), shift, diag = to64(_inputs(jnp.float64, M=M))
-        cotangent = _normal(7, q.shape, jnp.float64)
+        cotangent = normal(7, q.shape, jnp.float64)
         args = (q, k, v, shift, diag)
         got, g_got = _output_and_vjp(
             functools.partial(h3_ssm, discretization=discretization), cotangent)(*args)
@@ -71,7 +66,7 @@ def test_float32_path_matches_float64_reference():
 
 
 def test_shift_kernel_with_e1_is_the_taps():
-    C = _normal(1, (2, 3, 6))
+    C = normal(1, (2, 3, 6))
     e1 = jnp.zeros_like(C).at[..., 0].set(1.0)
     ssm = ShiftSSM(e1, C, jnp.zeros((2, 3)))
     np.testing.assert_allclose(h3lib.shift_ssm_kernel(ssm, 10)[:6], jnp.moveaxis(C, -1, 0),
@@ -97,7 +92,7 @@ def test_zoh_kernel_is_the_closed_form():
 
 def _assert_causal(fn, x, t=6):
     fn = jax.jit(fn)
-    x2 = x.at[:, t + 1:].set(_normal(9, x[:, t + 1:].shape))
+    x2 = x.at[:, t + 1:].set(normal(9, x[:, t + 1:].shape))
     y, y2 = fn(x), fn(x2)
     np.testing.assert_allclose(y[:, :t + 1], y2[:, :t + 1], rtol=1e-5, atol=1e-5)
     assert not np.allclose(y[:, t + 1:], y2[:, t + 1:], atol=1e-5)
@@ -109,12 +104,12 @@ def test_h3_is_causal():
     _assert_causal(lambda x: h3_ssm(q, x, v, shift, diag), k)  # through the shift SSM only
     module = H3(8, l_max=16, rngs=nnx.Rngs(0))
     _assert_causal(lambda x: nnx.merge(*nnx.split(module))(x),
-                   _normal(3, (2, 16, 8)))
+                   normal(3, (2, 16, 8)))
 
 
 def test_module_equals_functional_call_on_its_parameters():
     module = H3(8, l_max=16, head_dim=2, d_state=6, rngs=nnx.Rngs(1))
-    u = _normal(2, (2, 12, 8))
+    u = normal(2, (2, 12, 8))
 
     def project(layer):
         return (u @ layer.kernel[...] + layer.bias[...]).reshape(2, 12, 4, 2)

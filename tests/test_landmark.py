@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, normalised_error, to64
+from conftest import assert_close, normal, normalised_error, to64
 from flax import nnx
 
 from jattn import reference
@@ -18,15 +18,10 @@ from jattn.landmark import landmark_attention, mean_landmark_keys, num_blocks
 from jattn.nn.landmark import LandmarkAttention
 
 
-def _normal(seed, shape, dtype=jnp.float32):
-    """Test data from numpy: no PRNG kernels to compile."""
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
-
 def _inputs(dtype=jnp.float32, B=2, T=11, N=4, K=2, H=8, Hv=6, block_size=4, seed=0):
     nb = num_blocks(T, block_size)
-    return (_normal(seed, (B, T, N, H), dtype), _normal(seed + 1, (B, T, K, H), dtype),
-            _normal(seed + 2, (B, T, K, Hv), dtype), _normal(seed + 3, (B, nb, K, H), dtype))
+    return (normal(seed, (B, T, N, H), dtype), normal(seed + 1, (B, T, K, H), dtype),
+            normal(seed + 2, (B, T, K, Hv), dtype), normal(seed + 3, (B, nb, K, H), dtype))
 
 
 def _output_and_vjp(fn, cotangent):
@@ -42,7 +37,7 @@ def _output_and_vjp(fn, cotangent):
 def test_matches_reference_float64(block_size, is_causal, top_k):
     with jax.enable_x64(True):
         args = to64(_inputs(block_size=block_size))
-        cotangent = _normal(7, (2, 11, 4, 6), jnp.float64)
+        cotangent = normal(7, (2, 11, 4, 6), jnp.float64)
         options = {"block_size": block_size, "is_causal": is_causal, "top_k": top_k}
         got, g_got = _output_and_vjp(functools.partial(landmark_attention, **options),
                                      cotangent)(*args)
@@ -108,7 +103,7 @@ def test_landmark_gates_the_block():
 def test_float32_and_bfloat16_match_float64_reference():
     for dtype, top_k in ((jnp.float32, None), (jnp.bfloat16, 2)):
         args = _inputs(dtype, block_size=3)
-        cotangent = _normal(5, (2, 11, 4, 6), dtype)
+        cotangent = normal(5, (2, 11, 4, 6), dtype)
         options = {"block_size": 3, "top_k": top_k}
         got, grads = _output_and_vjp(functools.partial(landmark_attention, **options),
                                      cotangent)(*args)
@@ -175,8 +170,8 @@ def test_cross_attention_is_not_implemented():
 
 
 def test_mean_landmark_keys():
-    k = _normal(3, (2, 11, 2, 4))
-    offset = _normal(4, (2, 4))
+    k = normal(3, (2, 11, 2, 4))
+    offset = normal(4, (2, 4))
     got = mean_landmark_keys(k, 4, offset=offset)
     kn = np.asarray(k)
     want = np.stack([kn[:, 0:4].mean(1), kn[:, 4:8].mean(1), kn[:, 8:11].mean(1)], 1)
@@ -190,8 +185,8 @@ def _project(linear, x):
 @pytest.mark.parametrize("with_states", [False, True])
 def test_module_equals_functional_call(with_states):
     module = LandmarkAttention(8, num_heads=2, block_size=3, top_k=1, rngs=nnx.Rngs(0))
-    x = _normal(1, (2, 10, 8))
-    states = _normal(2, (2, 4, 8)) if with_states else None
+    x = normal(1, (2, 10, 8))
+    states = normal(2, (2, 4, 8)) if with_states else None
     q, k, v = (_project(p, x).reshape(2, 10, 2, 4)
                for p in (module.q_proj, module.k_proj, module.v_proj))
     if with_states:

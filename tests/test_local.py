@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, normalised_error, to64
+from conftest import assert_close, normal, normalised_error, to64
 from flax import nnx
 
 import jattn
@@ -19,19 +19,14 @@ from jattn.local import halo_attention, relative_position_index, window_attentio
 from jattn.nn.local import HaloAttention, WindowAttention
 
 
-def _normal(seed, shape, dtype=jnp.float32):
-    """Test data from numpy: no PRNG kernels to compile."""
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
-
 def _qkv(spatial, dtype=jnp.float32, B=2, N=4, K=2, H=8, Hv=6, seed=0):
-    return (_normal(seed, (B, *spatial, N, H), dtype),
-            _normal(seed + 1, (B, *spatial, K, H), dtype),
-            _normal(seed + 2, (B, *spatial, K, Hv), dtype))
+    return (normal(seed, (B, *spatial, N, H), dtype),
+            normal(seed + 1, (B, *spatial, K, H), dtype),
+            normal(seed + 2, (B, *spatial, K, Hv), dtype))
 
 
 def _table(window, N=4, seed=7, dtype=jnp.float32):
-    return _normal(seed, (N, math.prod(2 * w - 1 for w in window)), dtype)
+    return normal(seed, (N, math.prod(2 * w - 1 for w in window)), dtype)
 
 
 def _output_and_vjp(fn, cotangent):
@@ -65,7 +60,7 @@ def test_window_matches_dense_reference_float64(spatial, window, shift):
     with jax.enable_x64(True):
         q, k, v = to64(_qkv(spatial))
         table = to64(_table(window))
-        cotangent = _normal(5, (*q.shape[:-1], v.shape[-1]), jnp.float64)
+        cotangent = normal(5, (*q.shape[:-1], v.shape[-1]), jnp.float64)
         got, g_got = _output_and_vjp(_window_fn(window_attention, window, shift),
                                      cotangent)(q, k, v, table)
         want, g_want = _output_and_vjp(_window_fn(reference.window_attention, window, shift),
@@ -88,7 +83,7 @@ HALO_CASES = [
 def test_halo_matches_dense_reference_float64(spatial, block, halo, causal):
     with jax.enable_x64(True):
         q, k, v = to64(_qkv(spatial))
-        cotangent = _normal(5, (*q.shape[:-1], v.shape[-1]), jnp.float64)
+        cotangent = normal(5, (*q.shape[:-1], v.shape[-1]), jnp.float64)
         got, g_got = _output_and_vjp(_halo_fn(halo_attention, block, halo, causal),
                                      cotangent)(q, k, v)
         want, g_want = _output_and_vjp(_halo_fn(reference.halo_attention, block, halo, causal),
@@ -103,7 +98,7 @@ def test_float32_and_bfloat16_match_float64_reference(which):
     # bfloat16-representable data, so that both dtypes share one float64 reference.
     q, k, v = _qkv((8, 11), jnp.bfloat16)
     table = _table((3, 4), dtype=jnp.bfloat16)
-    cotangent = _normal(5, (2, 8, 11, 4, 6), jnp.bfloat16)
+    cotangent = normal(5, (2, 8, 11, 4, 6), jnp.bfloat16)
     if which == "window":
         args = (q, k, v, table)
         fast = _window_fn(window_attention, (3, 4), (1, 2))
@@ -130,7 +125,7 @@ def test_causal_halo_does_not_see_the_future():
     fn = jax.jit(_halo_fn(halo_attention, 4, 3, True))
     y = fn(q, k, v)
     t = 6
-    later = _normal(8, (2, 13 - t - 1, 2, 8))
+    later = normal(8, (2, 13 - t - 1, 2, 8))
     y2 = fn(q, k.at[:, t + 1:].set(later), v.at[:, t + 1:].set(later[..., :6]))
     np.testing.assert_allclose(y[:, :t + 1], y2[:, :t + 1], atol=1e-6)
     assert not np.allclose(y[:, t + 1:], y2[:, t + 1:])
@@ -256,7 +251,7 @@ def test_relative_position_index_is_swin_layout():
 def test_bias_is_added_to_the_window_logits():
     # One window, one head, no shift: the table entries land on the logits of their pairs.
     q, k, v = _qkv((4,), N=1, K=1)
-    table = _normal(3, (1, 7))
+    table = normal(3, (1, 7))
     bias = table[0][relative_position_index((4,))]
     want = jax.jit(jattn.dot_product_attention)(q, k, v, bias=bias[None, None])
     got = jax.jit(functools.partial(window_attention, window_size=4))(
@@ -347,7 +342,7 @@ def test_window_module_equals_functional_call():
     table = module.relative_position_bias[...]
     assert table.shape == (2, 5 * 7)
     assert 0 < float(jnp.abs(table).max()) <= 0.04  # truncated at 2 std of 0.02
-    x = _normal(1, (2, 7, 9, 8))
+    x = normal(1, (2, 7, 9, 8))
     y = jax.jit(functools.partial(reference.window_attention, window_size=(3, 4),
                                   shift=(1, 2)))(*_projected(module, x, 2),
                                                  relative_position_bias=table)
@@ -364,14 +359,14 @@ def test_window_module_zero_init_and_no_bias_1d():
                              relative_position_bias=False, zero_init_output=True,
                              rngs=nnx.Rngs(0))
     assert module.relative_position_bias is None
-    x = _normal(1, (2, 10, 8))
+    x = normal(1, (2, 10, 8))
     np.testing.assert_array_equal(nnx.jit(lambda m, x: m(x))(module, x), jnp.zeros_like(x))
 
 
 def test_halo_module_equals_functional_call():
     module = HaloAttention(8, num_heads=2, block_size=4, halo_size=2, is_causal=True,
                            rngs=nnx.Rngs(0))
-    x = _normal(1, (2, 11, 8))
+    x = normal(1, (2, 11, 8))
     y = jax.jit(functools.partial(reference.halo_attention, block_size=4, halo_size=2,
                                   is_causal=True))(*_projected(module, x, 2))
     want = y.reshape(x.shape) @ module.out_proj.kernel[...] + module.out_proj.bias[...]

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, normalised_error, output_and_vjp, to64
+from conftest import assert_close, normal, normalised_error, output_and_vjp, to64
 from flax import nnx
 
 from jattn import reference
@@ -18,13 +18,9 @@ from jattn.longheads import longheads_attention
 from jattn.nn.longheads import LongHeadsAttention
 
 
-def _normal(seed, shape, dtype=jnp.float32):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
-
 def _qkv(T, dtype=jnp.float32, B=2, N=4, K=2, H=8, Hv=6, seed=0):
-    return (_normal(seed, (B, T, N, H), dtype), _normal(seed + 1, (B, T, K, H), dtype),
-            _normal(seed + 2, (B, T, K, Hv), dtype))
+    return (normal(seed, (B, T, N, H), dtype), normal(seed + 1, (B, T, K, H), dtype),
+            normal(seed + 2, (B, T, K, Hv), dtype))
 
 
 # (T, chunk_size, topk, summary, N, K): lengths not multiples of the chunk, GQA and MHA,
@@ -42,7 +38,7 @@ def test_matches_reference_float64(T, chunk, topk, summary, N, K):
     kw = dict(chunk_size=chunk, topk=topk, summary=summary)
     with jax.enable_x64(True):
         args = to64(_qkv(T, N=N, K=K))
-        cotangent = _normal(9, (2, T, N, 6), jnp.float64)
+        cotangent = normal(9, (2, T, N, 6), jnp.float64)
         got, g_got = output_and_vjp(functools.partial(longheads_attention, **kw),
                                      cotangent)(*args)
         want, g_want = output_and_vjp(functools.partial(reference.longheads_attention, **kw),
@@ -60,7 +56,7 @@ def test_matches_reference_float64(T, chunk, topk, summary, N, K):
 def test_dtypes_against_reference(dtype):
     kw = dict(chunk_size=4, topk=3)
     args = _qkv(22, dtype=dtype, seed=3)
-    cotangent = _normal(7, (2, 22, 4, 6), dtype)
+    cotangent = normal(7, (2, 22, 4, 6), dtype)
     got, g_got = output_and_vjp(functools.partial(longheads_attention, **kw), cotangent)(*args)
     with jax.enable_x64(True):
         want, g_want = output_and_vjp(functools.partial(reference.longheads_attention, **kw),
@@ -109,7 +105,7 @@ def test_no_leak_from_the_future(T, chunk, topk):
     base = f(q, k, v)
     for t in range(T - 1):
         later = (jnp.arange(T) > t)[None, :, None, None]
-        bumped = [jnp.where(later, x + 3.0 * _normal(20 + t, x.shape), x) for x in (q, k, v)]
+        bumped = [jnp.where(later, x + 3.0 * normal(20 + t, x.shape), x) for x in (q, k, v)]
         out = f(*bumped)
         np.testing.assert_array_equal(np.asarray(out[:, :t + 1]), np.asarray(base[:, :t + 1]))
         assert not np.allclose(out[:, t + 1:], base[:, t + 1:])
@@ -149,7 +145,7 @@ def test_errors():
 def test_module_equals_function():
     layer = LongHeadsAttention(16, num_heads=4, num_kv_heads=2, chunk_size=3, topk=3,
                                rngs=nnx.Rngs(0))
-    x = _normal(1, (2, 13, 16))
+    x = normal(1, (2, 13, 16))
     heads = layer.qkv_proj(x).reshape(2, 13, 8, 4)
     q, k, v = heads[:, :, :4], heads[:, :, 4:6], heads[:, :, 6:]
     want = layer.out_proj(longheads_attention(q, k, v, chunk_size=3, topk=3).reshape(x.shape))

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, normalised_error, to64
+from conftest import assert_close, normal, normalised_error, to64
 from flax import nnx
 
 import jattn
@@ -20,18 +20,13 @@ from jattn.neighborhood import neighbor_table, neighborhood_attention
 from jattn.nn.neighborhood import NeighborhoodAttention
 
 
-def _normal(seed, shape, dtype=jnp.float32):
-    """Test data from numpy: no PRNG kernels to compile."""
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
-
 def _qkv(spatial, dtype=jnp.float32, B=2, N=4, K=2, H=8, Hv=6, E=0, seed=0):
-    q = _normal(seed, (B, *spatial, N, H), dtype)
-    k = _normal(seed + 1, (B, *spatial, K, H), dtype)
-    v = _normal(seed + 2, (B, *spatial, K, Hv), dtype)
+    q = normal(seed, (B, *spatial, N, H), dtype)
+    k = normal(seed + 1, (B, *spatial, K, H), dtype)
+    v = normal(seed + 2, (B, *spatial, K, Hv), dtype)
     if not E:
         return q, k, v, None, None
-    return q, k, v, _normal(seed + 3, (B, E, K, H), dtype), _normal(seed + 4, (B, E, K, Hv),
+    return q, k, v, normal(seed + 3, (B, E, K, H), dtype), normal(seed + 4, (B, E, K, Hv),
                                                                       dtype)
 
 
@@ -123,7 +118,7 @@ def test_attended_sets_brute_force(spatial, kernel_size, dilation, is_causal):
     values read the softmax weights back, so out[p] = 1/|N(p)| on exactly N(p)."""
     L = math.prod(spatial)
     q = jnp.zeros((1, *spatial, 1, 4))
-    k = _normal(0, (1, *spatial, 1, 4))
+    k = normal(0, (1, *spatial, 1, 4))
     v = jnp.eye(L).reshape(1, *spatial, 1, L)
     options = {"kernel_size": kernel_size, "dilation": dilation, "is_causal": is_causal}
     got = np.asarray(jax.jit(functools.partial(neighborhood_attention, **options))(q, k, v))
@@ -198,7 +193,7 @@ def test_matches_dense_reference_float64(spatial, kernel_size, dilation, is_caus
     with jax.enable_x64(True):
         N, K = heads
         args = to64(_qkv(spatial, N=N, K=K, E=E))[:5 if E else 3]
-        cotangent = _normal(9, (*args[0].shape[:-1], args[2].shape[-1]), jnp.float64)
+        cotangent = normal(9, (*args[0].shape[:-1], args[2].shape[-1]), jnp.float64)
         fast, ref = _fns(spatial, kernel_size, dilation, is_causal, E)
         got, g_got = _output_and_vjp(fast, cotangent)(*args)
         want, g_want = _output_and_vjp(ref, cotangent)(*args)
@@ -214,7 +209,7 @@ def test_low_precision_matches_float64_reference(dtype, case):
     spatial, kernel_size, dilation, is_causal, (N, K), E = case
     args = _qkv(spatial, dtype, N=N, K=K, E=E)[:5 if E else 3]
     fast, ref = _fns(spatial, kernel_size, dilation, is_causal, E)
-    cotangent = _normal(9, (*args[0].shape[:-1], args[2].shape[-1]), dtype)
+    cotangent = normal(9, (*args[0].shape[:-1], args[2].shape[-1]), dtype)
     got, g_got = _output_and_vjp(fast, cotangent)(*args)
     assert got.dtype == dtype and all(g.dtype == dtype for g in g_got)
     with jax.enable_x64(True):
@@ -328,8 +323,8 @@ def test_errors():
 def test_module_equals_functional_call(spatial, options, E):
     d_model, heads = 16, 4
     layer = NeighborhoodAttention(d_model, heads, rngs=nnx.Rngs(0), **options)
-    x = _normal(1, (2, *spatial, d_model))
-    extra = _normal(2, (2, E, d_model)) if E else None
+    x = normal(1, (2, *spatial, d_model))
+    extra = normal(2, (2, E, d_model)) if E else None
     got = layer(x, extra)
     K = options.get("num_kv_heads", heads)
     h = d_model // heads

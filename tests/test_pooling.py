@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, output_and_vjp, to64
+from conftest import assert_close, normal, output_and_vjp, to64
 from flax import nnx
 
 import jattn
@@ -27,12 +27,6 @@ from jattn.pooling import (
     masked_mean,
     window_mean,
 )
-
-
-def _normal(seed, shape, dtype=jnp.float32):
-    """Test data from numpy: no PRNG kernels to compile."""
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
 
 # Row 0: all valid; row 1: left padding and a hole; row 2: nothing valid.
 PAD_MASK = jnp.array([[True] * 9,
@@ -63,8 +57,8 @@ def _check_against_reference(fn, ref, args, cotangent, dtype):
 
 def _lama_args(B=3, n=9, d=6, k=4, context_rank=2, seed=0):
     context_shape = (B, d) if context_rank == 2 else (d,)
-    return (_normal(seed, (B, n, d)), _normal(seed + 1, context_shape),
-            _normal(seed + 2, (d, k)), _normal(seed + 3, (d, k)))
+    return (normal(seed, (B, n, d)), normal(seed + 1, context_shape),
+            normal(seed + 2, (d, k)), normal(seed + 3, (d, k)))
 
 
 @pytest.mark.parametrize("dtype,masked,context_rank", [
@@ -73,7 +67,7 @@ def _lama_args(B=3, n=9, d=6, k=4, context_rank=2, seed=0):
 def test_lama_matches_reference(dtype, masked, context_rank):
     args = _lama_args(context_rank=context_rank)
     mask = PAD_MASK if masked else None
-    cotangent = (_normal(7, (3, 4, 6)), _normal(8, (3, 4, 9)))
+    cotangent = (normal(7, (3, 4, 6)), normal(8, (3, 4, 9)))
     with jax.enable_x64(dtype == jnp.float64):
         _check_against_reference(
             functools.partial(context_query_pooling, mask=mask),
@@ -122,7 +116,7 @@ def test_lama_padding_is_ignored_and_empty_rows_are_zero():
 
 
 def test_masked_mean():
-    h = _normal(0, (3, 9, 5))
+    h = normal(0, (3, 9, 5))
     got = masked_mean(h, mask=PAD_MASK)
     m = np.asarray(PAD_MASK, np.float32)[..., None]
     np.testing.assert_allclose(got[:2], (np.asarray(h) * m).sum(1)[:2] / m.sum(1)[:2],
@@ -161,7 +155,7 @@ def test_lama_bad_input(change, name, error):
 @pytest.mark.parametrize("context", ["learned", "mean"])
 def test_lama_module_equals_functional_call(context):
     module = ContextQueryPooling(6, num_heads=4, context=context, rngs=nnx.Rngs(0))
-    h = _normal(1, (3, 9, 6))
+    h = normal(1, (3, 9, 6))
     c = (module.context_vector[...] if context == "learned"
          else reference.window_mean(h, 9, mask=PAD_MASK)[:, -1])  # the mean of all valid
     got = module(h, mask=PAD_MASK)
@@ -182,12 +176,12 @@ def test_lama_module_equals_functional_call(context):
     (jnp.float64, 20, True), (jnp.float32, 3, True), (jnp.bfloat16, 4, True)])
 def test_window_mean_matches_reference(dtype, window, masked):
     mask = PAD_MASK if masked else None
-    x = _normal(0, (3, 9, 5))
+    x = normal(0, (3, 9, 5))
     with jax.enable_x64(dtype == jnp.float64):
         _check_against_reference(functools.partial(window_mean, window=window, mask=mask),
                                  functools.partial(reference.window_mean, window=window,
                                                    mask=mask),
-                                 (x,), _normal(1, (3, 9, 5)), dtype)
+                                 (x,), normal(1, (3, 9, 5)), dtype)
 
 
 def test_window_mean_hand_worked():
@@ -201,7 +195,7 @@ def test_window_mean_hand_worked():
 
 
 def test_window_mean_is_causal_and_window_one_is_identity():
-    x = _normal(0, (3, 9, 5))
+    x = normal(0, (3, 9, 5))
     y = window_mean(x, 3, mask=PAD_MASK)
     y2 = window_mean(x.at[:, 5:].set(7.0), 3, mask=PAD_MASK)
     np.testing.assert_array_equal(y[:, :5], y2[:, :5])
@@ -211,7 +205,7 @@ def test_window_mean_is_causal_and_window_one_is_identity():
 
 
 def test_window_mean_jit_vmap():
-    x = _normal(0, (3, 9, 5))
+    x = normal(0, (3, 9, 5))
     fn = jax.jit(functools.partial(window_mean, window=3))
     batched = jax.jit(jax.vmap(lambda a, m: window_mean(a[None], 3, mask=m[None])[0]))
     np.testing.assert_allclose(batched(x, PAD_MASK), window_mean(x, 3, mask=PAD_MASK),
@@ -261,14 +255,14 @@ def _l_query_by_hand(layer, x, mask, *, pooled=None):
                                                       (4, 1, False)])
 def test_l_query_module_equals_definition(window, num_heads, residual):
     layer = LQuerySelfAttention(8, window, num_heads, residual=residual, rngs=nnx.Rngs(0))
-    x = _normal(1, (3, 9, 8))
+    x = normal(1, (3, 9, 8))
     np.testing.assert_allclose(layer(x, mask=PAD_MASK), _l_query_by_hand(layer, x, PAD_MASK),
                                atol=2e-5)
 
 
 def test_window_one_is_causal_self_attention():
     layer = LQuerySelfAttention(8, 1, 2, residual=False, rngs=nnx.Rngs(0))
-    x = _normal(1, (3, 9, 8))
+    x = normal(1, (3, 9, 8))
     mask = jnp.ones((3, 9), bool)
     # The pooled query of window 1 is the item itself: ordinary causal self-attention.
     by_hand = _l_query_by_hand(layer, x, mask, pooled=x)
@@ -280,7 +274,7 @@ def test_multi_query_mixes_two_separate_towers():
     layer = MultiQuerySelfAttention(8, long_window=3, alpha=0.3, rngs=nnx.Rngs(0))
     assert (layer.short.window, layer.long.window) == (1, 3)
     assert not np.allclose(layer.short.query_proj.kernel[...], layer.long.query_proj.kernel[...])
-    x = _normal(1, (3, 9, 8))
+    x = normal(1, (3, 9, 8))
     want = (0.3 * _l_query_by_hand(layer.short, x, PAD_MASK)
             + 0.7 * _l_query_by_hand(layer.long, x, PAD_MASK))
     np.testing.assert_allclose(layer(x, mask=PAD_MASK), want, atol=2e-5)
@@ -304,8 +298,8 @@ def test_mqsa_module_bad_options():
 
 
 def _dare_args(B=3, n=9, d_att=4, d_repr=6, seed=0):
-    return (_normal(seed, (B, d_att)), _normal(seed + 1, (B, n, d_att)),
-            _normal(seed + 2, (B, n, d_repr)))
+    return (normal(seed, (B, d_att)), normal(seed + 1, (B, n, d_att)),
+            normal(seed + 2, (B, n, d_repr)))
 
 
 @pytest.mark.parametrize("dtype,topk,masked", [
@@ -315,7 +309,7 @@ def _dare_args(B=3, n=9, d_att=4, d_repr=6, seed=0):
 def test_dare_matches_reference(dtype, topk, masked):
     mask = PAD_MASK if masked else None
     options = {"topk": topk, "mask": mask, "return_weights": True}
-    cotangent = (_normal(7, (3, 6)), _normal(8, (3, 9)))
+    cotangent = (normal(7, (3, 6)), normal(8, (3, 9)))
     with jax.enable_x64(dtype == jnp.float64):
         _check_against_reference(functools.partial(decoupled_target_attention, **options),
                                  functools.partial(reference.decoupled_target_attention,
@@ -343,11 +337,11 @@ def test_dare_hand_worked():
 def test_dare_ties_go_to_the_lower_index_and_few_valid_keep_all():
     target = jnp.ones((1, 2))
     att = jnp.ones((1, 6, 2))  # every score ties
-    rep = _normal(0, (1, 6, 3))
+    rep = normal(0, (1, 6, 3))
     _, w = decoupled_target_attention(target, att, rep, topk=2, return_weights=True)
     np.testing.assert_allclose(w[0], [0.5, 0.5, 0, 0, 0, 0])
     mask = jnp.array([[False, False, False, True, False, True]])
-    h, w = decoupled_target_attention(target, _normal(1, (1, 6, 2)), rep, topk=4, mask=mask,
+    h, w = decoupled_target_attention(target, normal(1, (1, 6, 2)), rep, topk=4, mask=mask,
                                       return_weights=True)
     assert bool((w[0, [3, 5]] > 0).all()) and float(w.sum()) == pytest.approx(1.0)
     np.testing.assert_allclose(h[0], w[0, 3] * rep[0, 3] + w[0, 5] * rep[0, 5], rtol=1e-6)

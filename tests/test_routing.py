@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, normalised_error, to64
+from conftest import assert_close, normal, normalised_error, to64
 from flax import nnx
 
 from jattn import reference
@@ -23,14 +23,9 @@ from jattn.routing import (
 )
 
 
-def _normal(seed, shape, dtype=jnp.float32):
-    """Test data from numpy: no PRNG kernels to compile."""
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
-
 def _qkv(dtype=jnp.float32, B=2, T=11, S=11, N=4, K=2, H=8, Hv=6, seed=0):
-    return (_normal(seed, (B, T, N, H), dtype), _normal(seed + 1, (B, S, K, H), dtype),
-            _normal(seed + 2, (B, S, K, Hv), dtype))
+    return (normal(seed, (B, T, N, H), dtype), normal(seed + 1, (B, S, K, H), dtype),
+            normal(seed + 2, (B, S, K, Hv), dtype))
 
 
 def _state(heads, C, H=8, seed=10, dtype=jnp.float32):
@@ -68,7 +63,7 @@ def test_matches_dense_reference_float64(T, S, N, K, Hc, C, window, causal, upda
     with jax.enable_x64(True):
         q, k, v = to64(_qkv(T=T, S=S, N=N, K=K))
         state = to64(_state(Hc, C))
-        cotangent = _normal(5, (*q.shape[:3], v.shape[3]), jnp.float64)
+        cotangent = normal(5, (*q.shape[:3], v.shape[3]), jnp.float64)
         options = {"num_clusters": C, "window": window, "is_causal": causal,
                    "update": update, "decay": 0.9}
         got, got_state, g_got = _output_and_vjp(
@@ -89,7 +84,7 @@ def test_matches_dense_reference_float64(T, S, N, K, Hc, C, window, causal, upda
 def test_dtypes_match_float64_reference(dtype):
     q, k, v = _qkv(dtype)
     state = _state(4, 3)
-    cotangent = _normal(5, (*q.shape[:3], v.shape[3]), dtype)
+    cotangent = normal(5, (*q.shape[:3], v.shape[3]), dtype)
     fn = functools.partial(routing_attention, num_clusters=3, is_causal=True)
     out, _, grads = _output_and_vjp(fn, cotangent)(q, k, v, state)
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
@@ -182,13 +177,13 @@ def test_causal_guarantee_values_after_t_do_not_reach_t():
     fn = functools.partial(fast, num_clusters=3, is_causal=True)
     out, _ = fn(q, k, v, state)
     t = 6
-    v2 = v.at[:, t + 1:].set(_normal(9, v[:, t + 1:].shape))
+    v2 = v.at[:, t + 1:].set(normal(9, v[:, t + 1:].shape))
     out2, _ = fn(q, k, v2, state)
     np.testing.assert_array_equal(out[:, :t + 1], out2[:, :t + 1])
     assert not np.allclose(out[:, t + 1:], out2[:, t + 1:])
 
     def early(k, v):
-        return jnp.sum(fn(q, k, v, state)[0][:, :t + 1] * _normal(3, (2, t + 1, 4, 6)))
+        return jnp.sum(fn(q, k, v, state)[0][:, :t + 1] * normal(3, (2, t + 1, 4, 6)))
     gk, gv = jax.grad(early, argnums=(0, 1))(k, v)
     np.testing.assert_array_equal(gk[:, t + 1:], 0)
     np.testing.assert_array_equal(gv[:, t + 1:], 0)
@@ -200,7 +195,7 @@ def test_causal_routing_leaks_later_content_into_cluster_membership():
     # centroids e0, e1 and w = 2, token 3 pointing at e0 pushes token 1 out of cluster 0,
     # so token 1's output changes although token 3 comes later.
     x = jnp.asarray([[1.0, 0.1], [1.0, 0.5], [0.1, 1.0], [0.0, 1.0]])[None, :, None]
-    v = _normal(0, (1, 4, 1, 3))
+    v = normal(0, (1, 4, 1, 3))
     state = RoutingState(jnp.eye(2)[None])
     out, _ = fast(x, x, v, state, num_clusters=2, is_causal=True)
     x2 = x.at[:, 3].set(jnp.asarray([1.0, 0.0]))
@@ -267,7 +262,7 @@ def _call(layer, x):
 def test_module_equals_functional_call_and_updates_in_training(shared_qk):
     layer = RoutingAttention(16, num_heads=2, num_clusters=3, is_causal=True,
                              shared_qk=shared_qk, decay=0.5, rngs=nnx.Rngs(0))
-    x = _normal(0, (2, 10, 16))
+    x = normal(0, (2, 10, 16))
     before = jnp.array(layer.centroids[...])
     q, k, v = layer.project(x)
     if shared_qk:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import normalised_error, to64
+from conftest import normal, normalised_error, to64
 from flax import nnx
 
 import jattn
@@ -19,14 +19,9 @@ from jattn.nn import SelectiveLookups, SparseAttention
 from jattn.sparse import selection_penalty, selection_weights, selective_lookup, topk_attention
 
 
-def _normal(seed, shape, dtype=jnp.float32):
-    """Test data from numpy: no PRNG kernels to compile."""
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
-
 def _qkv(dtype=jnp.float32, B=2, T=11, S=11, N=4, K=2, H=8, Hv=6, seed=0):
-    return (_normal(seed, (B, T, N, H), dtype), _normal(seed + 1, (B, S, K, H), dtype),
-            _normal(seed + 2, (B, S, K, Hv), dtype))
+    return (normal(seed, (B, T, N, H), dtype), normal(seed + 1, (B, S, K, H), dtype),
+            normal(seed + 2, (B, S, K, Hv), dtype))
 
 
 def _jit(fn, **options):
@@ -46,7 +41,7 @@ def _output_and_vjp(fn, cotangent):
 def test_matches_dense_reference_float64(top_k, is_causal, T):
     with jax.enable_x64(True):
         q, k, v = to64(_qkv(T=T))
-        cotangent = _normal(5, (*q.shape[:3], v.shape[3]), jnp.float64)
+        cotangent = normal(5, (*q.shape[:3], v.shape[3]), jnp.float64)
         options = {"top_k": top_k, "is_causal": is_causal}
         got, g_got = _output_and_vjp(functools.partial(topk_attention, **options),
                                      cotangent)(q, k, v)
@@ -96,7 +91,7 @@ def test_default_top_k_is_ceil_sqrt_length():
 def test_causal():
     q, k, v = _qkv(N=2, K=2)
     t = 5
-    later = _normal(8, (2, 11 - t - 1, 2, 8))
+    later = normal(8, (2, 11 - t - 1, 2, 8))
     fn = _jit(topk_attention, top_k=3)
     y = fn(q, k, v)
     y2 = fn(q.at[:, t + 1:].set(later), k.at[:, t + 1:].set(later),
@@ -136,7 +131,7 @@ def test_bad_input(change, name, error):
 
 def test_sparse_attention_module_equals_functional_call():
     module = SparseAttention(8, num_heads=2, rngs=nnx.Rngs(0))
-    x = _normal(1, (2, 10, 8))
+    x = normal(1, (2, 10, 8))
     qkv = (x @ module.qkv_proj.kernel[...] + module.qkv_proj.bias[...]).reshape(2, 10, 3, 2, 4)
     y = _jit(reference.topk_attention, top_k=4)(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
     want = y.reshape(2, 10, 8) @ module.out_proj.kernel[...] + module.out_proj.bias[...]
@@ -146,9 +141,9 @@ def test_sparse_attention_module_equals_functional_call():
 
 
 def test_selective_lookup_updates_only_the_selected_positions():
-    x = _normal(2, (2, 9, 4))
-    a = _normal(3, (2, 9, 4))
-    s = selection_weights(_normal(4, (2, 9)))
+    x = normal(2, (2, 9, 4))
+    a = normal(3, (2, 9, 4))
+    s = selection_weights(normal(4, (2, 9)))
     np.testing.assert_allclose(s.sum(1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(selective_lookup(x, a, s), x + s[..., None] * a, atol=1e-6)
     y = selective_lookup(x, a, s, select=True)  # ceil(sqrt(9)) = 3 positions per row
@@ -170,7 +165,7 @@ def test_selective_lookup_updates_only_the_selected_positions():
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
 def test_selective_lookups_module(activation):
     m = SelectiveLookups(8, activation=activation, rngs=nnx.Rngs(0))
-    x = _normal(5, (2, 9, 8))
+    x = normal(5, (2, 9, 8))
     qkv = (x @ m.qkv_proj.kernel[...] + m.qkv_proj.bias[...]).reshape(2, 9, 3, 1, 8)
     context = _jit(reference.dot_product_attention, is_causal=True)(
         qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
@@ -194,7 +189,7 @@ def test_selective_lookups_module(activation):
 
 def test_selective_lookups_attention_dropout():
     m = SelectiveLookups(8, dropout_rate=0.5, rngs=nnx.Rngs(0, dropout=1))
-    x = _normal(6, (1, 9, 8))
+    x = normal(6, (1, 9, 8))
     call = nnx.jit(lambda m, x: m(x))
     assert not np.allclose(call(m, x), call(m, x))  # a new dropout mask per call
     m.eval()
