@@ -5,7 +5,12 @@ The public API; this file only re-exports.
 
 from jattn import masks, positions, reference, rf_lens
 from jattn.agent import agent_attention, agent_segments, pool_agents
-from jattn.attention import dot_product_attention, implementations, register_implementation
+from jattn.attention import (
+    attention_weights,
+    dot_product_attention,
+    implementations,
+    register_implementation,
+)
 from jattn.bilevel import bilevel_routing_attention
 from jattn.cache import KVCache, cached_attention, init_cache
 from jattn.chunked import BlockSizes, TileSchedule, chunked_attention, tile_schedule
@@ -40,6 +45,7 @@ __all__ = [
     "TileSchedule",
     "agent_attention",
     "agent_segments",
+    "attention_weights",
     "bilevel_routing_attention",
     "cached_attention",
     "chunked_attention",

@@ -229,6 +229,46 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     return (out, lse) if return_lse else out
 
 
+def attention_weights(query, key, bias=None, mask=None, *, scale=None, is_causal=False):
+    r"""The attention probabilities themselves, softmax(scale q k^T + bias) where allowed.
+
+    For analysis and for layers that read the map (Wings' router reads the main attention's
+    map summed over heads). Materialises [B, N, T, S]: use it on what you would plot.
+
+    Args:
+        query: [B, T, N, H]; key: [B, S, K, H] (GQA as in :func:`dot_product_attention`).
+        bias, mask, scale, is_causal: as in :func:`dot_product_attention`.
+
+    Returns:
+        [B, N, T, S] float32 (float64 for float64 input); rows with nothing allowed are 0.
+
+    Example:
+        >>> import jax.numpy as jnp, jattn
+        >>> p = jattn.attention_weights(jnp.zeros((1, 3, 1, 2)), jnp.zeros((1, 3, 1, 2)),
+        ...                             is_causal=True)
+        >>> (p[0, 0] * 6).round().tolist()
+        [[6.0, 0.0, 0.0], [3.0, 3.0, 0.0], [2.0, 2.0, 2.0]]
+    """
+    query, key = jnp.asarray(query), jnp.asarray(key)
+    B, T, N, H, S, K, _ = check_qkv(query, key, key)
+    acc = accumulation_dtype(query.dtype)
+    logits = jnp.einsum("btkgh,bskh->bkgts", query.reshape(B, T, K, N // K, H), key,
+                        preferred_element_type=acc).reshape(B, N, T, S)
+    logits = logits * (float(H) ** -0.5 if scale is None else scale)
+    if bias is not None:
+        bias = left_pad_rank(jnp.asarray(bias), 4)
+        check_broadcastable("bias", bias.shape, (B, N, T, S), "BNTS")
+        logits = logits + bias.astype(acc)
+    combined = _combine_masks(
+        mask, B=B, N=N, T=T, S=S, batch_free=False, is_causal=is_causal,
+        query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
+        query_segment_ids=None, kv_segment_ids=None)
+    allowed = jnp.isfinite(logits)
+    if combined is not None:
+        allowed = allowed & combined.materialize(T, S)
+    return masked_softmax(logits, allowed)
+
+
 def _combine_masks(mask, *, B, N, T, S, batch_free, is_causal, query_seq_lengths,
                    key_value_seq_lengths, local_window_size, query_segment_ids,
                    kv_segment_ids) -> Mask | None:

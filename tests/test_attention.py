@@ -315,6 +315,23 @@ def test_separate_value_heads(K, Kv, T):
         jattn.dot_product_attention(q, k, v[:, :, :1].repeat(3, axis=2))
 
 
+@pytest.mark.parametrize("options", [{}, {"is_causal": True},
+                                     {"mask": masks.local_window(3, 0), "scale": 0.7}])
+def test_attention_weights_are_the_softmax_of_the_reference(options):
+    # Values = one-hot key positions: the reference's output is then its probability map.
+    rng = np.random.RandomState(0)
+    q = jnp.asarray(rng.randn(2, 9, 4, 8), jnp.float32)
+    k = jnp.asarray(rng.randn(2, 11, 2, 8), jnp.float32)
+    bias = jnp.asarray(rng.randn(1, 4, 9, 11), jnp.float32)
+    one_hot = jnp.broadcast_to(jnp.eye(11)[None, :, None, :], (2, 11, 2, 11))
+    opts = dict(options)
+    if "mask" in opts:
+        opts["mask"] = opts["mask"].materialize(9, 11)[0, 0]
+    want = reference.dot_product_attention(q, k, one_hot, bias, **opts)  # [B, T, N, S]
+    got = jattn.attention_weights(q, k, bias, **options)
+    assert_close(got, jnp.moveaxis(want, 2, 1), jnp.float32, "forward")
+
+
 def test_cudnn_rejects_masks_it_cannot_express():
     from jattn.attention import _cudnn_mask_options
 

@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, normalised_error, output_and_vjp, to64
+from conftest import assert_close, normal, normalised_error, output_and_vjp, to64
 from flax import nnx
 
+import jattn
 from jattn import positions as P
 from jattn import reference
 from jattn.heads import (
@@ -24,27 +25,26 @@ from jattn.heads import (
     route_heads,
 )
 from jattn.nn import (
+    AttentionShiftRouter,
     ConvRelativeAttention,
+    LowRankResidualAttention,
     MixtureOfHeadsAttention,
     MultiHeadAttention,
     QKVProjection,
+    WingsLearners,
 )
 
 
-def _normal(seed, shape, dtype=jnp.float32):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
-
 def _logits(B, T, Nr, Ns, seed=0, dtype=jnp.float32):
-    shared = (_normal(seed + 1, (B, T, Ns), dtype), _normal(seed + 2, (B, T, 2), dtype))
-    return _normal(seed, (B, T, Nr), dtype), *(shared if Ns else (None, None))
+    shared = (normal(seed + 1, (B, T, Ns), dtype), normal(seed + 2, (B, T, 2), dtype))
+    return normal(seed, (B, T, Nr), dtype), *(shared if Ns else (None, None))
 
 
 def _moh_args(B=2, T=11, N=6, K=3, H=4, Hv=5, D=7, Ns=2, topk=2, seed=0, dtype=jnp.float32):
-    q = _normal(seed, (B, T, N, H), dtype)
-    k = _normal(seed + 1, (B, T, K, H), dtype)
-    v = _normal(seed + 2, (B, T, K, Hv), dtype)
-    w = _normal(seed + 3, (N, Hv, D), dtype)
+    q = normal(seed, (B, T, N, H), dtype)
+    k = normal(seed + 1, (B, T, K, H), dtype)
+    v = normal(seed + 2, (B, T, K, Hv), dtype)
+    w = normal(seed + 3, (N, Hv, D), dtype)
     routed, shared, mix = _logits(B, T, N - Ns, Ns, seed + 4, dtype)
     return (q, k, v, w), (routed, shared, mix), topk
 
@@ -117,7 +117,7 @@ def test_matches_reference_float64(form, is_causal, N, K, Ns, topk):
         arrays, logits, topk = _moh_args(N=N, K=K, Ns=Ns, topk=topk, seed=N + Ns)
         arrays, logits = to64(arrays), to64(logits)
         kw = dict(is_causal=is_causal, form=form)
-        cotangent = _normal(5, (2, 11, 7), jnp.float64)
+        cotangent = normal(5, (2, 11, 7), jnp.float64)
         given = [x for x in logits if x is not None]
 
         # End to end from the router logits, so the gradients reaching the router count.
@@ -168,7 +168,7 @@ def test_dtypes_against_reference(dtype, form):
     arrays, logits, topk = _moh_args(seed=7, dtype=dtype)
     routing = _routing(logits, topk)
     kw = dict(is_causal=True, form=form)
-    cotangent = _normal(8, (2, 11, 7), dtype)
+    cotangent = normal(8, (2, 11, 7), dtype)
     got, g_got = output_and_vjp(
         lambda *a: mixture_of_heads_attention(*a, routing, **kw), cotangent)(*arrays)
     with jax.enable_x64(True):
@@ -232,7 +232,7 @@ def test_errors():
 def test_qkv_projection_layouts_and_cross_attention():
     proj = QKVProjection(24, 8, head_dim=5, num_kv_heads=2, num_value_heads=4,
                          value_head_dim=3, rngs=nnx.Rngs(0))
-    x, ctx = _normal(0, (2, 7, 24)), _normal(1, (2, 9, 24))
+    x, ctx = normal(0, (2, 7, 24)), normal(1, (2, 9, 24))
     W, b = proj.qkv_proj.kernel[...], proj.qkv_proj.bias[...]
     q, k, v = proj(x)
     assert (q.shape, k.shape, v.shape) == ((2, 7, 8, 5), (2, 7, 2, 5), (2, 7, 4, 3))
@@ -247,7 +247,7 @@ def test_qkv_projection_layouts_and_cross_attention():
 
 def test_augmented_query_is_a_gated_mlp_on_the_projected_query():
     proj = QKVProjection(16, 4, query_mlp_dim=24, rngs=nnx.Rngs(1))
-    x = _normal(2, (1, 5, 16))
+    x = normal(2, (1, 5, 16))
     gate, up, down = (m.kernel[...] for m in proj.query_mlp)
     q0 = x @ proj.qkv_proj.kernel[...][:, :16] + proj.qkv_proj.bias[...][:16]
     want = (jax.nn.sigmoid(q0 @ gate) * (q0 @ gate) * (q0 @ up)) @ down
@@ -258,7 +258,7 @@ def test_augmented_query_is_a_gated_mlp_on_the_projected_query():
 def test_diffqkv_multi_head_attention_equals_its_functional_call():
     mha = MultiHeadAttention(32, 8, num_kv_heads=2, num_value_heads=4, value_head_dim=6,
                              query_mlp_dim=48, rngs=nnx.Rngs(3))
-    x = _normal(4, (2, 9, 32))
+    x = normal(4, (2, 9, 32))
     q, k, v = mha.proj(x)
     assert (k.shape[2], v.shape[2], v.shape[3]) == (2, 4, 6)
     heads = reference.dot_product_attention(q, k, v, is_causal=True)
@@ -271,7 +271,7 @@ def test_diffqkv_multi_head_attention_equals_its_functional_call():
 def test_moh_module_equals_its_functional_call(form, factor):
     moh = MixtureOfHeadsAttention(24, 6, num_shared=2, topk=2, num_kv_heads=3, form=form,
                                   capacity_factor=factor, rngs=nnx.Rngs(5))
-    x = _normal(6, (2, 10, 24))
+    x = normal(6, (2, 10, 24))
     q, k, v = moh.proj(x)
     routing = HeadRouting(*reference.route_heads(
         x @ moh.routed_router.kernel[...], topk=2,
@@ -288,7 +288,7 @@ def test_moh_module_equals_its_functional_call(form, factor):
 def test_moh_module_trains_its_routers():
     # Two shared heads: with one, its softmax is the constant 1 and W_s gets no gradient.
     moh = MixtureOfHeadsAttention(16, 4, num_shared=2, topk=1, rngs=nnx.Rngs(7))
-    x = _normal(8, (2, 6, 16))
+    x = normal(8, (2, 6, 16))
 
     def loss(m):
         y, balance = m(x)
@@ -322,11 +322,11 @@ def test_module_errors():
 
 
 def _relative_args(B=2, T=9, S=9, N=3, H=4, Hv=5, R=6, seed=0, dtype=jnp.float32):
-    return ((_normal(seed, (B, T, N, H), dtype), _normal(seed + 1, (B, S, N, H), dtype),
-             _normal(seed + 2, (B, S, N, Hv), dtype), _normal(seed + 3, (R, N, H), dtype),
-             _normal(seed + 4, (N, H), dtype)),
-            dict(position_bias=_normal(seed + 5, (N, H), dtype),
-                 distance_bias=_normal(seed + 6, (R, N), dtype)))
+    return ((normal(seed, (B, T, N, H), dtype), normal(seed + 1, (B, S, N, H), dtype),
+             normal(seed + 2, (B, S, N, Hv), dtype), normal(seed + 3, (R, N, H), dtype),
+             normal(seed + 4, (N, H), dtype)),
+            dict(position_bias=normal(seed + 5, (N, H), dtype),
+                 distance_bias=normal(seed + 6, (R, N), dtype)))
 
 
 @pytest.mark.parametrize("T,S,R,is_causal,terms", [
@@ -339,7 +339,7 @@ def test_relative_attention_matches_reference_float64(T, S, R, is_causal, terms)
     with jax.enable_x64(True):
         arrays, extra = to64(_relative_args(T=T, S=S, R=R, seed=T + R))
         kw = {name: extra[name] for name in terms} | dict(is_causal=is_causal)
-        cotangent = _normal(3, (2, T, 3, 5), jnp.float64)
+        cotangent = normal(3, (2, T, 3, 5), jnp.float64)
         got, g_got = output_and_vjp(functools.partial(relative_attention, **kw),
                                     cotangent)(*arrays)
         want, g_want = output_and_vjp(functools.partial(reference.relative_attention, **kw),
@@ -353,7 +353,7 @@ def test_relative_attention_matches_reference_float64(T, S, R, is_causal, terms)
 def test_relative_attention_dtypes_and_vmap(dtype):
     arrays, extra = _relative_args(seed=8, dtype=dtype)
     kw = dict(distance_bias=extra["distance_bias"])
-    cotangent = _normal(9, (2, 9, 3, 5), dtype)
+    cotangent = normal(9, (2, 9, 3, 5), dtype)
     got, g_got = output_and_vjp(functools.partial(relative_attention, **kw), cotangent)(*arrays)
     with jax.enable_x64(True):
         want, g_want = output_and_vjp(
@@ -412,8 +412,8 @@ def test_conv_relative_module_equals_its_functional_call(variant, shared_conv):
         for name in ("content_bias", "relative_key", "distance_bias", "position_bias"):
             param = getattr(layer, name)
             if param is not None:
-                param[...] = _normal(len(name), param[...].shape)
-    x = _normal(2, (2, 8, 12))
+                param[...] = normal(len(name), param[...].shape)
+    x = normal(2, (2, 8, 12))
     q, k, v = (a.reshape(2, 8, 3, 4) for a in jnp.split(
         x @ layer.proj.qkv_proj.kernel[...] + layer.proj.qkv_proj.bias[...], 3, axis=-1))
     if layer.convs is not None:  # the conv written out: sum over taps of shifted inputs
@@ -447,3 +447,58 @@ def test_conv_relative_module_errors():
         ConvRelativeAttention(12, 3, variant="xl", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="max_distance"):
         ConvRelativeAttention(12, 3, max_distance=0, rngs=nnx.Rngs(0))
+
+
+# ---- Wings: LoRRA learners and their router (P31) ------------------------------------------
+
+
+def _with_random_up(module, seed):
+    """Move the zero-initialised low-rank factors off zero so the test sees them."""
+    module.up[...] = normal(seed, module.up[...].shape) * 0.3
+    return module
+
+
+def test_lorra_starts_at_zero_and_equals_its_definition():
+    learner = LowRankResidualAttention(12, 3, rank=2, rngs=nnx.Rngs(0))
+    x, f = normal(1, (2, 5, 12)), normal(2, (2, 7, 12))
+    np.testing.assert_array_equal(learner(x, f), jnp.zeros((2, 5, 12)))
+    _with_random_up(learner, 3)
+    A, Bu = learner.down[...], learner.up[...]
+    eye = jnp.eye(12)
+    q, k, v = (a @ (eye + A[i] @ Bu[i]) for i, a in enumerate((x, f, f)))
+    mask = jnp.asarray(np.random.default_rng(4).random((2, 1, 1, 7)) < 0.7)
+    heads = reference.dot_product_attention(*(a.reshape(*a.shape[:2], 3, 4) for a in (q, k, v)),
+                                            mask=mask)
+    want = heads.reshape(2, 5, 12) @ A[3] @ Bu[3]
+    np.testing.assert_allclose(learner(x, f, mask=mask), want, atol=1e-5)
+
+
+def test_router_reads_the_summed_attention_map():
+    router = AttentionShiftRouter(10, 2, rngs=nnx.Rngs(5))
+    probs = jax.nn.softmax(normal(6, (2, 3, 4, 6)), axis=-1)
+    W, b = np.asarray(router.proj.kernel[...]), np.asarray(router.proj.bias[...])
+    logits = np.asarray(probs).sum(1) @ W[:6] + b
+    silu = logits / (1 + np.exp(-logits))
+    want = np.exp(silu) / np.exp(silu).sum(-1, keepdims=True)
+    np.testing.assert_allclose(router(probs), want, rtol=1e-5)
+    with pytest.raises(ValueError, match="attention_probs"):
+        router(jnp.ones((1, 1, 2, 11)))
+
+
+def test_wings_mixes_the_learners_by_the_router():
+    wings = WingsLearners(12, 3, rank=2, max_length=16, rngs=nnx.Rngs(7))
+    _with_random_up(wings.visual, 8)
+    _with_random_up(wings.textual, 9)
+    h, image, text = normal(10, (2, 5, 12)), normal(11, (2, 8, 12)), normal(12, (2, 6, 12))
+    text_mask = jnp.arange(6)[None, :] < jnp.array([[6], [3]])
+    probs = jattn.attention_weights(h.reshape(2, 5, 3, 4), h.reshape(2, 5, 3, 4),
+                                    is_causal=True)
+    w = wings.router(probs)
+    want = (h + w[..., :1] * wings.visual(h, image)
+            + w[..., 1:] * wings.textual(h, text, mask=text_mask[:, None, None, :]))
+    np.testing.assert_allclose(wings(h, probs, image, text, text_mask=text_mask), want,
+                               atol=1e-6)
+    # The masked text tokens do not matter.
+    moved = text.at[1, 3:].add(5.0)
+    np.testing.assert_allclose(wings(h, probs, image, moved, text_mask=text_mask),
+                               wings(h, probs, image, text, text_mask=text_mask), atol=1e-6)

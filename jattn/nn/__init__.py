@@ -3,7 +3,14 @@
 from jattn.nn.agent import AgentAttention
 from jattn.nn.attention import MultiHeadAttention
 from jattn.nn.bilevel import BiLevelRoutingAttention
-from jattn.nn.heads import ConvRelativeAttention, MixtureOfHeadsAttention, QKVProjection
+from jattn.nn.heads import (
+    AttentionShiftRouter,
+    ConvRelativeAttention,
+    LowRankResidualAttention,
+    MixtureOfHeadsAttention,
+    QKVProjection,
+    WingsLearners,
+)
 from jattn.nn.landmark import LandmarkAttention
 from jattn.nn.linear import BasedLinearAttention, LinearAttention, RandomFeatureKey
 from jattn.nn.local import HaloAttention, WindowAttention
@@ -30,6 +37,7 @@ from jattn.nn.sparse import SelectionPenalty, SelectiveLookups, SparseAttention
 __all__ = [
     "H3",
     "AgentAttention",
+    "AttentionShiftRouter",
     "BaseConv",
     "BasedLinearAttention",
     "BiLevelRoutingAttention",
@@ -44,6 +52,7 @@ __all__ = [
     "LandmarkAttention",
     "LinearAttention",
     "LongHeadsAttention",
+    "LowRankResidualAttention",
     "Mamba",
     "MixtureOfHeadsAttention",
     "MultiHeadAttention",
@@ -58,4 +67,5 @@ __all__ = [
     "ShortConv",
     "SparseAttention",
     "WindowAttention",
+    "WingsLearners",
 ]

@@ -50,13 +50,50 @@ class MultiHeadAttention(nnx.Module):
                                   use_bias=qkv_bias, rngs=rngs)
         self.out_proj = torch_linear(num_heads * self.proj.value_head_dim, d_model, rngs)
 
-    def __call__(self, x: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
-        """x [B, L, d_model] -> [B, L, d_model]; dropout only when ``dropout_rng`` is given."""
-        q, k, v = self.proj(x)
-        window = None if self.window is None else (self.window - 1, 0 if self.causal else
-                                                   self.window - 1)
+    def __call__(self, x: jax.Array, *, context: jax.Array | None = None,
+                 context_mask: jax.Array | None = None,
+                 dropout_rng: jax.Array | None = None) -> jax.Array:
+        """x [B, T, d_model] -> [B, T, d_model]; dropout only when ``dropout_rng`` is given.
+
+        With ``context`` [B, S, d_model] this is cross attention: keys and values come from
+        the context (``context_mask`` bool [B, S] marks its real tokens); the layer's causal
+        flag and window then do not apply.
+        """
+        q, k, v = self.proj(x, context)
         rate = self.dropout_rate if dropout_rng is not None else 0.0
-        out = jattn.dot_product_attention(q, k, v, is_causal=self.causal,
-                                          local_window_size=window, dropout_rate=rate,
-                                          dropout_rng=dropout_rng)
+        if context is not None:
+            mask = None if context_mask is None else context_mask[:, None, None, :]
+            out = jattn.dot_product_attention(q, k, v, mask=mask, dropout_rate=rate,
+                                              dropout_rng=dropout_rng)
+        else:
+            window = None if self.window is None else (self.window - 1, 0 if self.causal else
+                                                       self.window - 1)
+            out = jattn.dot_product_attention(q, k, v, is_causal=self.causal,
+                                              local_window_size=window, dropout_rate=rate,
+                                              dropout_rng=dropout_rng)
         return self.out_proj(out.reshape(*x.shape[:-1], -1))
+
+    def prefill(self, x: jax.Array, *, max_length: int) -> tuple[jax.Array, jattn.KVCache]:
+        """Causal forward of a prompt x [B, T, d_model] that also returns the KV cache
+        (``max_length`` slots, or a ring of ``window`` slots) for :meth:`step`."""
+        self._check_causal()
+        p = self.proj
+        cache = jattn.init_cache(x.shape[0], max_length, p.num_kv_heads, p.head_dim,
+                                 value_head_dim=p.value_head_dim,
+                                 num_value_heads=p.num_value_heads, window=self.window,
+                                 dtype=x.dtype)
+        return self.step(x, cache)
+
+    def step(self, x: jax.Array, cache: jattn.KVCache, *, position=None
+             ) -> tuple[jax.Array, jattn.KVCache]:
+        """The next tokens x [B, T, d_model] against the cache: (output, updated cache).
+        ``position`` (the tokens before x) is implied by the cache and not needed."""
+        del position
+        self._check_causal()
+        q, k, v = self.proj(x)
+        out, cache = jattn.cached_attention(q, k, v, cache)
+        return self.out_proj(out.reshape(*x.shape[:-1], -1)), cache
+
+    def _check_causal(self) -> None:
+        if not self.causal:
+            raise NotImplementedError("decoding token by token needs a causal layer")

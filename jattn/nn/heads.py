@@ -1,12 +1,15 @@
 """NNX head structures: query/key/value projections for MHA, GQA, MQA and DiffQKV,
-mixture-of-heads attention, and convolutional / relative multi-head attention.
+mixture-of-heads attention, convolutional / relative multi-head attention, and Wings'
+low-rank residual attention learners.
 
 References:
     P68 Sigma, "Sigma: Differential Rescaling of Query, Key and Value for Efficient Language
     Models" (DiffQKV: separate key and value head counts and dims, augmented Q);
     P19 MoH, "MoH: Multi-Head Attention as Mixture-of-Head Attention";
     P16 RCMHA, "RCMHA: Relative Convolutional Multi-Head Attention for Natural Language
-    Modelling" (with MDHA and RMHA beside it).
+    Modelling" (with MDHA and RMHA beside it);
+    P31 Wings, "Wings: Learning Multimodal LLMs without Text-only Forgetting" (LoRRA
+    learners and their attention-based router).
 """
 
 from __future__ import annotations
@@ -263,3 +266,111 @@ def _conv_heads(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     if kernel.shape[1] == H and N > 1:
         kernel, bias = jnp.tile(kernel, (1, N)), jnp.tile(bias, N)
     return short_causal_conv(x.reshape(B, L, N * H), kernel, bias).reshape(B, L, N, H)
+
+
+class LowRankResidualAttention(nnx.Module):
+    """Wings' LoRRA learner: multi-head attention whose projections are identity plus low
+    rank, from hidden states to another set of features (image or text token embeddings).
+
+    q = x (I + A_q B_q), k = f (I + A_k B_k), v = f (I + A_v B_v) split into ``num_heads``
+    heads, softmax attention (:func:`jattn.dot_product_attention`), then the purely low-rank
+    output out = concat(heads) A_o B_o. A starts truncated-normal (std 0.02) and B at zero,
+    as in the official code, so a new learner adds nothing until trained.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> learner = LowRankResidualAttention(16, 4, rank=2, rngs=nnx.Rngs(0))
+        >>> learner(jnp.ones((1, 5, 16)), jnp.ones((1, 9, 16))).shape
+        (1, 5, 16)
+    """
+
+    def __init__(self, d_model: int, num_heads: int, *, rank: int = 8, rngs: nnx.Rngs):
+        check_heads(d_model, num_heads)
+        if rank < 1:
+            raise ValueError(f"rank: expected >= 1, got {rank}")
+        self.num_heads = num_heads
+        init = nnx.initializers.truncated_normal(0.02)
+        # Rows: the q, k, v and output projections.
+        self.down = nnx.Param(init(rngs.params(), (4, d_model, rank)))
+        self.up = nnx.Param(jnp.zeros((4, rank, d_model)))
+
+    def __call__(self, x: jax.Array, features: jax.Array, *, mask: jax.Array | None = None,
+                 is_causal: bool = False) -> jax.Array:
+        """x [B, T, d_model] attends to features [B, S, d_model] -> [B, T, d_model];
+        ``mask`` bool broadcastable to [B, N, T, S] (e.g. key padding [B, 1, 1, S])."""
+        down, up = self.down[...], self.up[...]
+
+        def heads(a, i):
+            a = a + (a @ down[i]) @ up[i]
+            return a.reshape(*a.shape[:-1], self.num_heads, -1)
+
+        out = dot_product_attention(heads(x, 0), heads(features, 1), heads(features, 2),
+                                    mask=mask, is_causal=is_causal)
+        return (out.reshape(x.shape) @ down[3]) @ up[3]
+
+
+class AttentionShiftRouter(nnx.Module):
+    """Wings' router: per token, weights over the learners from where the main attention
+    looks. The main attention's map summed over heads, a [B, T, S] row per token, goes
+    through a linear layer over key positions (the first S of ``max_length`` inputs), SiLU,
+    and a softmax over the ``num_learners`` outputs.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> router = AttentionShiftRouter(32, rngs=nnx.Rngs(0))
+        >>> router(jnp.full((1, 4, 6, 6), 1 / 6)).shape
+        (1, 6, 2)
+    """
+
+    def __init__(self, max_length: int, num_learners: int = 2, *, rngs: nnx.Rngs):
+        if max_length < 1 or num_learners < 1:
+            raise ValueError(f"max_length, num_learners: expected >= 1, got {max_length}, "
+                             f"{num_learners}")
+        self.max_length = max_length
+        self.proj = torch_linear(max_length, num_learners, rngs)
+
+    def __call__(self, attention_probs: jax.Array) -> jax.Array:
+        """attention_probs [B, N, T, S] (S <= max_length) -> weights [B, T, num_learners]."""
+        S = attention_probs.shape[-1]
+        if attention_probs.ndim != 4 or S > self.max_length:
+            raise ValueError(f"attention_probs: expected [B, N, T, S] with S <= max_length="
+                             f"{self.max_length}, got {attention_probs.shape}")
+        summed = attention_probs.sum(1)
+        logits = summed @ self.proj.kernel[...][:S] + self.proj.bias[...]
+        return jax.nn.softmax(jax.nn.silu(logits), axis=-1)
+
+
+class WingsLearners(nnx.Module):
+    """Wings' two learners beside a layer's main attention: a visual LoRRA attending to the
+    image token embeddings and a textual one attending to the text token embeddings, mixed
+    per token by the :class:`AttentionShiftRouter` reading the main attention map:
+    h + w_visual * LoRRA_v(h, image) + w_text * LoRRA_t(h, text), with h the hidden state
+    after the main attention. Visual tokens are all visible; ``text_mask`` (bool [B, S_text])
+    marks real text tokens.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> wings = WingsLearners(16, 4, rank=2, max_length=32, rngs=nnx.Rngs(0))
+        >>> h, image, text = jnp.ones((1, 6, 16)), jnp.ones((1, 9, 16)), jnp.ones((1, 5, 16))
+        >>> probs = jnp.full((1, 4, 6, 6), 1 / 6)
+        >>> wings(h, probs, image, text).shape
+        (1, 6, 16)
+    """
+
+    def __init__(self, d_model: int, num_heads: int, *, rank: int = 8, max_length: int,
+                 rngs: nnx.Rngs):
+        self.visual = LowRankResidualAttention(d_model, num_heads, rank=rank, rngs=rngs)
+        self.textual = LowRankResidualAttention(d_model, num_heads, rank=rank, rngs=rngs)
+        self.router = AttentionShiftRouter(max_length, 2, rngs=rngs)
+
+    def __call__(self, hidden: jax.Array, attention_probs: jax.Array, image: jax.Array,
+                 text: jax.Array, *, text_mask: jax.Array | None = None) -> jax.Array:
+        """hidden [B, T, d], the main attention's probs [B, N, T, S], image [B, S_img, d],
+        text [B, S_text, d] -> [B, T, d]."""
+        weights = self.router(attention_probs)
+        mask = None if text_mask is None else text_mask[:, None, None, :]
+        return (hidden + weights[..., :1] * self.visual(hidden, image)
+                + weights[..., 1:] * self.textual(hidden, text, mask=mask))

@@ -100,6 +100,20 @@ class LinearAttention(nnx.Module):
                        None if self.decay is None else jnp.asarray(self.decay), **extra)
 
 
+    def prefill(self, x: jax.Array, *, max_length: int | None = None):
+        """Causal forward of a prompt that also returns the state for :meth:`step`
+        (constant size: ``max_length`` is not needed)."""
+        del max_length
+        return self.step(x, None, position=0)
+
+    def step(self, x: jax.Array, state: LinearAttentionState | None, *, position=0):
+        """The next tokens x [B, T, d_model] from the state after ``position`` tokens:
+        (output, new state)."""
+        if not self.causal:
+            raise NotImplementedError("decoding token by token needs a causal layer")
+        return self(x, initial_state=state, return_state=True, offset=position)
+
+
 class BasedLinearAttention(nnx.Module):
     """Based's linear attention (Zoology): Taylor-feature causal linear attention.
 
@@ -137,6 +151,19 @@ class BasedLinearAttention(nnx.Module):
                  return_state: bool = False):
         """x [B, L, d_model] -> [B, L, d_model] (and the state with ``return_state``)."""
         return _attend(self, x, initial_state, return_state, "taylor", None)
+
+
+    def prefill(self, x: jax.Array, *, max_length: int | None = None):
+        """Causal forward of a prompt that also returns the state for :meth:`step`."""
+        del max_length
+        return self.step(x, None)
+
+    def step(self, x: jax.Array, state: LinearAttentionState | None, *, position=None):
+        """The next tokens x [B, T, d_model] from the state: (output, new state)."""
+        del position
+        if not self.causal:
+            raise NotImplementedError("decoding token by token needs a causal layer")
+        return self(x, initial_state=state, return_state=True)
 
 
 def _attend(layer, x, initial_state, return_state, feature_map, decay, **extra):

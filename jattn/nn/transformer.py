@@ -1,0 +1,445 @@
+"""A Transformer that takes any sequence mixer of jattn: blocks, a decoder-only language
+model with ``generate()``, and an encoder-decoder.
+
+A mixer is given by name (``MIXERS``: softmax attention, windowed attention, linear and
+Based attention, mixture-of-heads, routing attention, the Zoology convolutions and SSMs) or
+as a callable ``factory(d_model, *, num_heads, causal, max_length, rngs, **options)`` that
+returns an NNX module mapping [B, T, d_model] to [B, T, d_model] (or to a pair whose second
+item is an auxiliary loss, as mixture-of-heads returns; ``return_aux=True`` gives their
+sum). A list gives one mixer per layer (hybrids).
+
+Decoding token by token uses mixers that have ``prefill(x, max_length=...) -> (y, state)``
+and ``step(x, state, position=...) -> (y, state)``: softmax attention keeps a KV cache
+(full or, with a window, a ring), linear attention its running sums.
+
+References:
+    "Attention Is All You Need" (the encoder-decoder, sinusoidal positions); P24 Zoology (the
+    mixers); P68 Sigma / P19 MoH heads through their modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jattn.nn.attention import MultiHeadAttention
+from jattn.nn.heads import MixtureOfHeadsAttention
+from jattn.nn.linear import BasedLinearAttention, LinearAttention
+from jattn.nn.mixers import H3, BaseConv, Hyena, Mamba
+from jattn.nn.routing import RoutingAttention
+from jattn.positions import sinusoidal
+from jattn.typing import check_integer, check_rank
+
+MixerFactory = Callable[..., nnx.Module]
+
+
+def _causal_only(name: str, causal: bool) -> None:
+    if not causal:
+        raise ValueError(f"mixer: {name!r} is causal only (it has no bidirectional form)")
+
+
+def _conv_mixer(cls, name):
+    def make(d, *, num_heads, causal, max_length, rngs, **options):
+        del num_heads
+        _causal_only(name, causal)
+        return cls(d, max_length, rngs=rngs, **options)
+    return make
+
+
+def _linear(d, *, num_heads, causal, max_length, rngs, **options):
+    if options.get("feature_map") == "cosformer":  # its re-weighting spans the model length
+        options.setdefault("max_length", max_length)
+    return LinearAttention(d, num_heads, causal=causal, rngs=rngs, **options)
+
+
+def _mamba(d, *, num_heads, causal, max_length, rngs, **options):
+    del num_heads, max_length
+    _causal_only("mamba", causal)
+    return Mamba(d, rngs=rngs, **options)
+
+
+MIXERS: dict[str, MixerFactory] = {
+    "attention": lambda d, *, num_heads, causal, max_length, rngs, **o: MultiHeadAttention(
+        d, num_heads, causal=causal, rngs=rngs, **o),
+    "linear": _linear,
+    "based": lambda d, *, num_heads, causal, max_length, rngs, **o: BasedLinearAttention(
+        d, num_heads=num_heads, causal=causal, rngs=rngs, **o),
+    "moh": lambda d, *, num_heads, causal, max_length, rngs, **o: MixtureOfHeadsAttention(
+        d, num_heads, causal=causal, rngs=rngs, **o),
+    "routing": lambda d, *, num_heads, causal, max_length, rngs, **o: RoutingAttention(
+        d, num_heads, is_causal=causal, rngs=rngs, **o),
+    "base_conv": _conv_mixer(BaseConv, "base_conv"),
+    "hyena": _conv_mixer(Hyena, "hyena"),
+    "h3": _conv_mixer(H3, "h3"),
+    "mamba": _mamba,
+}
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+POSITIONS = ("learned", "sinusoidal", None)
+
+
+def _make_mixer(mixer: str | MixerFactory, d_model, *, num_heads, causal, max_length, rngs,
+                options) -> nnx.Module:
+    if isinstance(mixer, str):
+        if mixer not in MIXERS:
+            raise ValueError(f"mixer: expected a callable or one of {sorted(MIXERS)}, "
+                             f"got {mixer!r}")
+        mixer = MIXERS[mixer]
+    return mixer(d_model, num_heads=num_heads, causal=causal, max_length=max_length,
+                 rngs=rngs, **(options or {}))
+
+
+def _norm(kind: str, d_model: int, rngs: nnx.Rngs) -> nnx.Module:
+    if kind not in NORMS:
+        raise ValueError(f"norm: expected one of {NORMS}, got {kind!r}")
+    return (nnx.LayerNorm(d_model, rngs=rngs) if kind == "layernorm"
+            else nnx.RMSNorm(d_model, rngs=rngs))
+
+
+class MLP(nnx.Module):
+    """The feed-forward half of a block: GELU MLP d -> hidden -> d, or SwiGLU
+    W_down(silu(W_gate x) * W_up x)."""
+
+    def __init__(self, d_model: int, hidden: int, *, kind: str = "gelu", rngs: nnx.Rngs):
+        if kind not in MLPS:
+            raise ValueError(f"mlp: expected one of {MLPS}, got {kind!r}")
+        self.kind = kind
+        self.up = nnx.Linear(d_model, hidden, rngs=rngs)
+        self.gate = (nnx.Linear(d_model, hidden, rngs=rngs) if kind == "swiglu"
+                     else nnx.data(None))
+        self.down = nnx.Linear(hidden, d_model, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.kind == "gelu":
+            return self.down(jax.nn.gelu(self.up(x)))
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class LearnedPositionEmbedding(nnx.Module):
+    """A learned absolute position embedding: a [max_length, d_model] table read at the
+    positions of the tokens (N(0, 0.02) at start).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> LearnedPositionEmbedding(16, 8, rngs=nnx.Rngs(0))(jnp.arange(5)).shape
+        (5, 8)
+    """
+
+    def __init__(self, max_length: int, d_model: int, *, rngs: nnx.Rngs):
+        if max_length < 1:
+            raise ValueError(f"max_length: expected >= 1, got {max_length}")
+        self.max_length = max_length
+        self.table = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_length, d_model)))
+
+    def __call__(self, positions: jax.Array) -> jax.Array:
+        """positions (any shape, ints in [0, max_length)) -> [..., d_model]."""
+        return self.table[...][positions]
+
+
+class TokenEmbedding(nnx.Module):
+    """Token embedding plus absolute positions ("learned", "sinusoidal" or None), with
+    dropout: the input of a Transformer stack."""
+
+    def __init__(self, vocab_size: int, d_model: int, *, max_length: int,
+                 positions: str | None = "learned", dropout_rate: float = 0.0,
+                 rngs: nnx.Rngs):
+        if positions not in POSITIONS:
+            raise ValueError(f"positions: expected one of {POSITIONS}, got {positions!r}")
+        self.max_length = max_length
+        self.positions = positions
+        self.tokens = nnx.Embed(vocab_size, d_model, rngs=rngs)
+        self.learned = (LearnedPositionEmbedding(max_length, d_model, rngs=rngs)
+                        if positions == "learned" else nnx.data(None))
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, position=0) -> jax.Array:
+        """tokens int [B, T] starting at ``position`` -> [B, T, d_model]."""
+        check_rank("tokens", tokens, (2,), "[B, T]")
+        check_integer("tokens", tokens)
+        if tokens.shape[1] > self.max_length:
+            raise ValueError(f"tokens: {tokens.shape[1]} positions, more than max_length="
+                             f"{self.max_length}")
+        x = self.tokens(tokens)
+        where = position + jnp.arange(tokens.shape[1])
+        if self.positions == "learned":
+            x = x + self.learned(where)
+        elif self.positions == "sinusoidal":
+            x = x + sinusoidal(where, x.shape[-1]).astype(x.dtype)
+        return self.dropout(x)
+
+
+class TransformerBlock(nnx.Module):
+    """Pre-norm block: x + mixer(norm(x)), [x + cross_attention(norm(x), context)],
+    x + mlp(norm(x)), with dropout on each residual branch (active in ``train()`` mode).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> block = TransformerBlock(16, "linear", num_heads=2, rngs=nnx.Rngs(0))
+        >>> block(jnp.ones((1, 5, 16))).shape
+        (1, 5, 16)
+    """
+
+    def __init__(self, d_model: int, mixer: str | MixerFactory = "attention", *,
+                 num_heads: int = 1, causal: bool = True, max_length: int = 2048,
+                 mixer_options: dict | None = None, norm: str = "layernorm",
+                 mlp: str = "gelu", mlp_hidden: int | None = None, dropout_rate: float = 0.0,
+                 cross_attention: bool = False, rngs: nnx.Rngs):
+        self.mixer_name = mixer if isinstance(mixer, str) else getattr(mixer, "__name__",
+                                                                          "callable")
+        self.mixer = _make_mixer(mixer, d_model, num_heads=num_heads, causal=causal,
+                                 max_length=max_length, rngs=rngs, options=mixer_options)
+        self.mixer_norm = _norm(norm, d_model, rngs)
+        self.cross = self.cross_norm = nnx.data(None)
+        if cross_attention:
+            self.cross = MultiHeadAttention(d_model, num_heads, causal=False, rngs=rngs)
+            self.cross_norm = _norm(norm, d_model, rngs)
+        self.mlp_norm = _norm(norm, d_model, rngs)
+        self.mlp = MLP(d_model, mlp_hidden or 4 * d_model, kind=mlp, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+
+    def _rest(self, x, context, context_mask) -> jax.Array:
+        if self.cross is not None:
+            if context is None:
+                raise ValueError("context: this block has cross attention and needs one")
+            x = x + self.dropout(self.cross(self.cross_norm(x), context=context,
+                                            context_mask=context_mask))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+    def __call__(self, x: jax.Array, *, context: jax.Array | None = None,
+                 context_mask: jax.Array | None = None, return_aux: bool = False):
+        """x [B, T, d_model] (and the encoder's output as ``context``) -> [B, T, d_model];
+        with ``return_aux`` also the mixer's auxiliary loss (0 if it has none)."""
+        out = self.mixer(self.mixer_norm(x))
+        aux = jnp.zeros((), jnp.float32)
+        if isinstance(out, tuple):  # (output, auxiliary loss), e.g. mixture-of-heads
+            out, aux = out
+        x = self._rest(x + self.dropout(out), context, context_mask)
+        return (x, aux) if return_aux else x
+
+    def _decoder(self, method: str):
+        fn = getattr(self.mixer, method, None)
+        if fn is None:
+            raise NotImplementedError(f"mixer {self.mixer_name!r} has no decoding state "
+                                      f"(no {method}())")
+        return fn
+
+    def prefill(self, x, *, max_length, context=None, context_mask=None):
+        """The block on a prompt, and its mixer's decoding state."""
+        y, state = self._decoder("prefill")(self.mixer_norm(x), max_length=max_length)
+        return self._rest(x + self.dropout(y), context, context_mask), state
+
+    def step(self, x, state, *, position, context=None, context_mask=None):
+        """The block on the next tokens, from and to its mixer's decoding state."""
+        y, state = self._decoder("step")(self.mixer_norm(x), state, position=position)
+        return self._rest(x + self.dropout(y), context, context_mask), state
+
+
+def _per_layer(mixer, num_layers: int) -> list:
+    if isinstance(mixer, str) or callable(mixer):
+        return [mixer] * num_layers
+    mixers = list(mixer)
+    if len(mixers) != num_layers:
+        raise ValueError(f"mixer: expected one mixer or {num_layers} (one per layer), "
+                         f"got {len(mixers)}")
+    return mixers
+
+
+class TransformerLM(nnx.Module):
+    """A decoder-only (causal) language model: token embedding, positions, blocks, final
+    norm, output head (tied to the embedding by default).
+
+    ``positions``: "learned" (:class:`LearnedPositionEmbedding`), "sinusoidal", or None
+    (for mixers that carry their own order, e.g. convolutions, SSMs, RoPE inside a custom
+    mixer). Use :func:`generate` to sample.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> lm = TransformerLM(50, 16, 2, mixer=["attention", "linear"], num_heads=2,
+        ...                    max_length=32, rngs=nnx.Rngs(0))
+        >>> lm(jnp.zeros((1, 7), jnp.int32)).shape
+        (1, 7, 50)
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, num_layers: int, *,
+                 mixer: str | MixerFactory | Sequence[str | MixerFactory] = "attention",
+                 num_heads: int = 1, max_length: int = 2048, positions: str | None = "learned",
+                 mixer_options: dict | None = None, norm: str = "layernorm", mlp: str = "gelu",
+                 mlp_hidden: int | None = None, dropout_rate: float = 0.0,
+                 tie_embeddings: bool = True, cross_attention: bool = False, rngs: nnx.Rngs):
+        self.vocab_size, self.max_length = vocab_size, max_length
+        self.embed = TokenEmbedding(vocab_size, d_model, max_length=max_length,
+                                    positions=positions, dropout_rate=dropout_rate, rngs=rngs)
+        self.blocks = nnx.List([
+            TransformerBlock(d_model, m, num_heads=num_heads, causal=True,
+                             max_length=max_length, mixer_options=mixer_options, norm=norm,
+                             mlp=mlp, mlp_hidden=mlp_hidden, dropout_rate=dropout_rate,
+                             cross_attention=cross_attention, rngs=rngs)
+            for m in _per_layer(mixer, num_layers)])
+        self.final_norm = _norm(norm, d_model, rngs)
+        self.head = (nnx.data(None) if tie_embeddings
+                     else nnx.Linear(d_model, vocab_size, use_bias=False, rngs=rngs))
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        x = self.final_norm(x)
+        return self.embed.tokens.attend(x) if self.head is None else self.head(x)
+
+    def __call__(self, tokens: jax.Array, *, context: jax.Array | None = None,
+                 context_mask: jax.Array | None = None, return_aux: bool = False):
+        """tokens int [B, T] (and, with cross attention, the encoder output ``context``
+        [B, S, d_model] with its ``context_mask`` bool [B, S]) -> logits [B, T, vocab];
+        with ``return_aux`` also the sum of the mixers' auxiliary losses (e.g. MoH's load
+        balance, to add to the task loss with a small weight)."""
+        x = self.embed(tokens)
+        total = jnp.zeros((), jnp.float32)
+        for block in self.blocks:
+            x, aux = block(x, context=context, context_mask=context_mask, return_aux=True)
+            total = total + aux
+        logits = self._logits(x)
+        return (logits, total) if return_aux else logits
+
+    def prefill(self, tokens: jax.Array, *, max_length: int | None = None, context=None,
+                context_mask=None):
+        """Logits of a prompt [B, T] and every layer's decoding state (room for
+        ``max_length`` positions in all, default the model's)."""
+        max_length = self.max_length if max_length is None else max_length
+        x = self.embed(tokens)
+        states = []
+        for block in self.blocks:
+            x, state = block.prefill(x, max_length=max_length, context=context,
+                                     context_mask=context_mask)
+            states.append(state)
+        return self._logits(x), states
+
+    def step(self, tokens: jax.Array, states: list, position, *, context=None,
+             context_mask=None) -> tuple[jax.Array, list]:
+        """Logits of the next tokens [B, T'] at ``position`` (tokens before them), with the
+        updated states."""
+        x = self.embed(tokens, position)
+        new_states = []
+        for block, state in zip(self.blocks, states, strict=True):
+            x, state = block.step(x, state, position=position, context=context,
+                                  context_mask=context_mask)
+            new_states.append(state)
+        return self._logits(x), new_states
+
+
+def _sample(logits: jax.Array, key, temperature: float, top_k: int | None) -> jax.Array:
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(model: TransformerLM, prompt: jax.Array, *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int | None = None,
+             key: jax.Array | None = None, context: jax.Array | None = None,
+             context_mask: jax.Array | None = None) -> jax.Array:
+    """Continue ``prompt`` [B, T] by ``max_new_tokens`` tokens with the layers' decoding
+    states: greedy when ``temperature`` is 0, else sampling from softmax(logits /
+    temperature), restricted to the ``top_k`` most likely tokens when given (needs ``key``).
+    For an encoder-decoder, pass its decoder and ``context=model.encode(source)``.
+
+    The prompt is prefilled in one call, then each step is one jitted call on one token.
+
+    Returns:
+        int32 [B, T + max_new_tokens].
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> lm = TransformerLM(20, 8, 1, max_length=16, rngs=nnx.Rngs(0))
+        >>> generate(lm, jnp.zeros((2, 3), jnp.int32), max_new_tokens=4).shape
+        (2, 7)
+    """
+    check_rank("prompt", prompt, (2,), "[B, T]")
+    check_integer("prompt", prompt)
+    T = prompt.shape[1]
+    if max_new_tokens < 0 or T + max_new_tokens > model.max_length:
+        raise ValueError(f"max_new_tokens: prompt {T} + {max_new_tokens} new tokens must fit "
+                         f"in max_length={model.max_length}")
+    if temperature < 0:
+        raise ValueError(f"temperature: expected >= 0, got {temperature}")
+    if temperature > 0 and key is None:
+        raise ValueError("key: sampling (temperature > 0) needs a PRNG key")
+    if top_k is not None and not 1 <= top_k <= model.vocab_size:
+        raise ValueError(f"top_k: expected 1 <= top_k <= vocab_size={model.vocab_size}, "
+                         f"got {top_k}")
+    if max_new_tokens == 0:
+        return prompt.astype(jnp.int32)
+    keys = (jax.random.split(key, max_new_tokens) if key is not None
+            else [None] * max_new_tokens)
+
+    @nnx.jit
+    def prefill(model, prompt):
+        return model.prefill(prompt, context=context, context_mask=context_mask)
+
+    @nnx.jit
+    def step(model, token, states, position):
+        return model.step(token, states, position, context=context,
+                          context_mask=context_mask)
+
+    logits, states = prefill(model, prompt)
+    token = _sample(logits[:, -1], keys[0], temperature, top_k)
+    out = [prompt.astype(jnp.int32), token[:, None]]
+    for i in range(1, max_new_tokens):
+        logits, states = step(model, token[:, None], states, jnp.int32(T + i - 1))
+        token = _sample(logits[:, -1], keys[i], temperature, top_k)
+        out.append(token[:, None])
+    return jnp.concatenate(out, axis=1)
+
+
+class EncoderDecoder(nnx.Module):
+    """Encoder-decoder Transformer: a bidirectional encoder over the source and a causal
+    :class:`TransformerLM` whose blocks also cross-attend to the encoder's output.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> model = EncoderDecoder(30, 40, 16, num_heads=2, max_length=32, rngs=nnx.Rngs(0))
+        >>> model(jnp.zeros((1, 9), jnp.int32), jnp.zeros((1, 5), jnp.int32)).shape
+        (1, 5, 40)
+    """
+
+    def __init__(self, source_vocab: int, target_vocab: int, d_model: int, *,
+                 encoder_layers: int = 2, decoder_layers: int = 2,
+                 encoder_mixer: str | MixerFactory = "attention",
+                 decoder_mixer: str | MixerFactory = "attention", num_heads: int = 1,
+                 max_length: int = 2048, positions: str | None = "sinusoidal",
+                 norm: str = "layernorm", mlp: str = "gelu", dropout_rate: float = 0.0,
+                 tie_embeddings: bool = True, rngs: nnx.Rngs):
+        options = dict(num_heads=num_heads, max_length=max_length, norm=norm, mlp=mlp,
+                       dropout_rate=dropout_rate, rngs=rngs)
+        self.source_embed = TokenEmbedding(source_vocab, d_model, max_length=max_length,
+                                           positions=positions, dropout_rate=dropout_rate,
+                                           rngs=rngs)
+        self.encoder = nnx.List([TransformerBlock(d_model, encoder_mixer, causal=False,
+                                                  **options)
+                                 for _ in range(encoder_layers)])
+        self.encoder_norm = _norm(norm, d_model, rngs)
+        self.decoder = TransformerLM(target_vocab, d_model, decoder_layers,
+                                     mixer=decoder_mixer, positions=positions,
+                                     tie_embeddings=tie_embeddings, cross_attention=True,
+                                     **options)
+
+    def encode(self, source: jax.Array) -> jax.Array:
+        """source int [B, S] -> encoder output [B, S, d_model]."""
+        x = self.source_embed(source)
+        for block in self.encoder:
+            x = block(x)
+        return self.encoder_norm(x)
+
+    def __call__(self, source: jax.Array, target: jax.Array, *,
+                 source_mask: jax.Array | None = None) -> jax.Array:
+        """source [B, S], target [B, T] (teacher forcing) -> logits [B, T, target_vocab].
+        ``source_mask`` bool [B, S] hides padded source tokens from the cross attention."""
+        return self.decoder(target, context=self.encode(source), context_mask=source_mask)
