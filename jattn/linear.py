@@ -309,7 +309,9 @@ def linear_attention(q, k, v, *, feature_map: str | FeatureMap = "elu+1",
     pieces. Computed in float32 or wider whatever the input dtype.
 
     CAB's patterns: noncausal self, noncausal cross (any S) and causal self; causal cross
-    only with S == T (query t is paired with key t; other lengths raise ValueError).
+    only with S == T (query t is paired with key t). Other lengths raise
+    NotImplementedError: the running state is a prefix sum over one sequence, so there is no
+    alignment of T queries with S != T keys to sum up to.
 
     Feature maps with parameters:
 
@@ -377,9 +379,10 @@ def linear_attention(q, k, v, *, feature_map: str | FeatureMap = "elu+1",
     Raises:
         TypeError: non-floating or mismatched q/k/v dtypes, a non-floating decay or state, a
             feature map that is neither a name nor a callable.
-        ValueError: wrong ranks or shapes, heads that do not divide, S != T when causal, an
-            unknown feature map or form, decay without ``is_causal`` or outside (0, 1], a
-            non-positive chunk size, a negative eps; "favor+" without ``key``; a bad
+        NotImplementedError: causal cross attention with S != T.
+        ValueError: wrong ranks or shapes, heads that do not divide, an unknown feature map
+            or form, decay without ``is_causal`` or outside (0, 1], a non-positive chunk
+            size, a negative eps; "favor+" without ``key``; a bad
             ``num_features`` or one given without "favor+"; for "cosformer" a bad
             ``max_length`` (or one given for another map), a negative ``offset``, positions
             beyond ``max_length``, ``initial_state`` or ``offset`` without ``max_length``.
@@ -411,8 +414,9 @@ def linear_attention(q, k, v, *, feature_map: str | FeatureMap = "elu+1",
     query, key_, value = (jnp.asarray(x) for x in (q, k, v))
     B, T, N, H, S, K, Hv = check_qkv(query, key_, value)
     if is_causal and S != T:
-        raise ValueError(f"key: causal linear attention needs S == T, got query "
-                         f"{query.shape} and key {key_.shape}")
+        raise NotImplementedError(f"key: causal linear attention needs S == T (a prefix sum "
+                                  f"over one sequence), got query {query.shape} and key "
+                                  f"{key_.shape}")
     if form not in FORMS:
         raise ValueError(f"form: expected one of {', '.join(FORMS)}, got {form!r}")
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
