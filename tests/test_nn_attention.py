@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jattn import reference
+from jattn import positions, reference
 from jattn.nn import MultiHeadAttention
 
 
@@ -40,3 +40,21 @@ def test_dropout_needs_a_key_and_bad_sizes_raise():
         MultiHeadAttention(10, num_heads=3, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="window"):
         MultiHeadAttention(8, window=0, rngs=nnx.Rngs(0))
+
+
+def test_rope_rotates_queries_and_keys_before_attention():
+    mha = MultiHeadAttention(16, num_heads=2, rope_base=500.0, rope_scaling="ntk",
+                             rope_factor=2.0, rngs=nnx.Rngs(2))
+    x = jax.random.normal(jax.random.key(3), (2, 7, 16))
+    q, k, v = mha.proj(x)
+    options = dict(base=500.0, scaling="ntk", factor=2.0)
+    out = reference.dot_product_attention(positions.apply_rope(q, **options),
+                                          positions.apply_rope(k, **options), v,
+                                          is_causal=True)
+    want = out.reshape(2, 7, 16) @ mha.out_proj.kernel[...] + mha.out_proj.bias[...]
+    np.testing.assert_allclose(mha(x), want, atol=1e-5)
+    # Relative: shifting every position by the same amount changes nothing.
+    shifted = reference.dot_product_attention(
+        positions.apply_rope(q, jnp.arange(7) + 11, **options),
+        positions.apply_rope(k, jnp.arange(7) + 11, **options), v, is_causal=True)
+    np.testing.assert_allclose(shifted, out, atol=1e-5)

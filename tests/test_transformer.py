@@ -40,6 +40,8 @@ DECODABLE = {
     "window": dict(mixer="attention", mixer_options={"window": 3}),
     "gqa_diffqkv": dict(mixer="attention", mixer_options={"num_kv_heads": 1,
                                                           "num_value_heads": 2}),
+    "rope": dict(mixer="attention", positions=None, mixer_options={"rope_base": 100.0,
+                                                                   "rope_fraction": 0.5}),
     "linear": dict(mixer="linear"),
     "cosformer": dict(mixer="linear", mixer_options={"feature_map": "cosformer"}),
     "based": dict(mixer="based", positions="sinusoidal"),

@@ -9,11 +9,13 @@ References:
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 import jattn
 from jattn.nn._init import torch_linear
 from jattn.nn.heads import QKVProjection
+from jattn.positions import apply_rope
 
 
 class MultiHeadAttention(nnx.Module):
@@ -23,7 +25,10 @@ class MultiHeadAttention(nnx.Module):
     window attention); ``dropout_rate`` drops attention probabilities when the call gets a
     ``dropout_rng``. The head layout options (GQA/MQA with ``num_kv_heads``, DiffQKV with
     ``num_value_heads``, ``value_head_dim`` and the augmented query's ``query_mlp_dim``) are
-    :class:`jattn.nn.QKVProjection`'s. Linear layers start as torch.nn.Linear does.
+    :class:`jattn.nn.QKVProjection`'s. ``rope_base`` turns on rotary embeddings of the
+    queries and keys (:func:`jattn.positions.apply_rope` with ``rope_fraction``,
+    ``rope_scaling`` "linear"/"ntk" and ``rope_factor``), at positions 0.. in a full call and
+    continuing from the cache when decoding. Linear layers start as torch.nn.Linear does.
 
     Example:
         >>> import jax.numpy as jnp
@@ -37,9 +42,13 @@ class MultiHeadAttention(nnx.Module):
                  window: int | None = None, qkv_bias: bool = True, dropout_rate: float = 0.0,
                  num_kv_heads: int | None = None, num_value_heads: int | None = None,
                  value_head_dim: int | None = None, query_mlp_dim: int | None = None,
+                 rope_base: float | None = None, rope_fraction: float = 1.0,
+                 rope_scaling: str | None = None, rope_factor: float = 1.0,
                  rngs: nnx.Rngs):
         if window is not None and window < 1:
             raise ValueError(f"window: expected >= 1 or None, got {window}")
+        self.rope = None if rope_base is None else dict(
+            base=rope_base, fraction=rope_fraction, scaling=rope_scaling, factor=rope_factor)
         self.num_heads = num_heads
         self.causal = causal
         self.window = window
@@ -61,6 +70,8 @@ class MultiHeadAttention(nnx.Module):
         """
         q, k, v = self.proj(x, context)
         rate = self.dropout_rate if dropout_rng is not None else 0.0
+        if context is None and self.rope is not None:
+            q, k = (apply_rope(a, **self.rope) for a in (q, k))
         if context is not None:
             mask = None if context_mask is None else context_mask[:, None, None, :]
             out = jattn.dot_product_attention(q, k, v, mask=mask, dropout_rate=rate,
@@ -91,6 +102,9 @@ class MultiHeadAttention(nnx.Module):
         del position
         self._check_causal()
         q, k, v = self.proj(x)
+        if self.rope is not None:
+            where = cache.length + jnp.arange(x.shape[1])
+            q, k = (apply_rope(a, where, **self.rope) for a in (q, k))
         out, cache = jattn.cached_attention(q, k, v, cache)
         return self.out_proj(out.reshape(*x.shape[:-1], -1)), cache
 
