@@ -256,7 +256,10 @@ def attention_weights(query, key, bias=None, mask=None, *, scale=None, is_causal
                         preferred_element_type=acc).reshape(B, N, T, S)
     logits = logits * (float(H) ** -0.5 if scale is None else scale)
     if bias is not None:
-        bias = left_pad_rank(jnp.asarray(bias), 4)
+        bias = jnp.asarray(bias)
+        check_floating("bias", bias)
+        check_rank("bias", bias, range(5), "broadcastable to [B, N, T, S]")
+        bias = left_pad_rank(bias, 4)
         check_broadcastable("bias", bias.shape, (B, N, T, S), "BNTS")
         logits = logits + bias.astype(acc)
     combined = _combine_masks(

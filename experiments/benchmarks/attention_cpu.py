@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 import jattn
-from experiments.benchmarks.measure import measure
+from experiments.benchmarks.measure import measure, table_cell
 from experiments.common.config import parse_config, save_config
 
 BASELINE = "jax.nn xla"
@@ -108,14 +108,6 @@ def run(config: Config) -> list[dict]:
     return rows
 
 
-def _cell(row: dict | None) -> str:
-    if row is None:
-        return "—"
-    if row["seconds"] is None:
-        return f"not run ({row['note']})"
-    return f"{row['seconds']:.3g} s / {row['memory_bytes'] / 2**20:,.0f} MiB"
-
-
 def _index(rows: list[dict]) -> dict:
     return {(r["T"], r["causal"], r["mode"], r["method"]): r for r in rows}
 
@@ -134,7 +126,7 @@ def summary_markdown(rows: list[dict], config: Config) -> str:
                   "|---|---|" + "---|" * (len(names) + 2)]
         for T in config.seq_lens:
             for causal in (False, True):
-                cells = [_cell(idx.get((T, causal, mode, n))) for n in names]
+                cells = [table_cell(idx.get((T, causal, mode, n))) for n in names]
                 ours, base = idx.get((T, causal, mode, "jattn chunked")), idx.get(
                     (T, causal, mode, BASELINE))
                 t_ratio = m_ratio = "—"

@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 import jattn
-from experiments.benchmarks.measure import measure
+from experiments.benchmarks.measure import measure, table_cell
 from experiments.common.config import parse_config, save_config
 from experiments.common.plots import panels, save
 
@@ -241,14 +241,6 @@ def checks(rows: list[dict]) -> list[str]:
     return out
 
 
-def _cell(row: dict | None) -> str:
-    if row is None:
-        return "—"
-    if row["seconds"] is None:
-        return f"not run ({row['note']})"
-    return f"{row['seconds'] * 1e3:.3g} ms / {row['memory_bytes'] / 2**20:,.0f} MiB"
-
-
 def _length(entry: dict | None) -> str:
     if entry is None:
         return "—"
@@ -271,7 +263,8 @@ def summary_markdown(rows: list[dict], config: Config) -> str:
         for mode in MODES:
             lines += [f"**{pattern}, {mode}**", "", "| L | " + " | ".join(names) + " |",
                       "|---|" + "---|" * len(names)]
-            lines += [f"| {L} | " + " | ".join(_cell(idx.get((L, pattern, mode, n)))
+            lines += [f"| {L} | " + " | ".join(table_cell(idx.get((L, pattern, mode, n)),
+                                                                    unit="ms")
                                                for n in names) + " |"
                       for L in config.seq_lens]
             lines.append("")

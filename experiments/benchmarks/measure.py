@@ -63,3 +63,14 @@ def measure(fn: Callable, *args, repeats: int = 3, memory_budget: int | None = N
         return Measurement(first, 1, memory)
     times = [once() for _ in range(repeats)]
     return Measurement(statistics.median(times), len(times), memory)
+
+
+def table_cell(row: dict | None, *, unit: str = "s") -> str:
+    """A results row (a :class:`Measurement` as a dict) as "time / memory" for a markdown
+    table: the time in seconds or, with ``unit="ms"``, milliseconds; "—" for no row."""
+    if row is None:
+        return "—"
+    if row["seconds"] is None:
+        return f"not run ({row['note']})"
+    time = row["seconds"] * (1e3 if unit == "ms" else 1.0)
+    return f"{time:.3g} {unit} / {row['memory_bytes'] / 2**20:,.0f} MiB"
