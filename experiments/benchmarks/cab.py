@@ -283,9 +283,11 @@ def plot(rows: list[dict], config: Config, out: Path) -> list[Path]:
     paths = []
     measured = {r["method"] for r in rows}
     names = [m for m in methods() if m in measured]  # a fixed order: fixed colours
+    from matplotlib import colormaps
+
+    colours = colormaps["tab20"].colors
     for pattern in config.patterns:
-        plt, fig, axes = panels(3, sharey=False, width=4.0, height=3.2)
-        colours = plt.get_cmap("tab20").colors
+        fig, axes = panels(3, sharey=False, width=4.0, height=3.2)
         quantities = (("fwd", "seconds", "forward time (s)"),
                       ("fwd+bwd", "seconds", "fwd+bwd time (s)"),
                       ("fwd+bwd", "memory_bytes", "fwd+bwd memory (MiB)"))
@@ -300,7 +302,7 @@ def plot(rows: list[dict], config: Config, out: Path) -> list[Path]:
             ax.grid(alpha=0.3)
         axes[-1].legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
         path = out / "figures" / f"cab_{pattern.replace(' ', '_')}.png"
-        save(plt, fig, path)
+        save(fig, path)
         paths.append(path)
     return paths
 

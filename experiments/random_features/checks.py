@@ -314,13 +314,13 @@ def plot(config: CheckConfig, data: dict, out: Path) -> list[Path]:
     paths = []
 
     def figure(name, draw, **axes):
-        plt, fig, (ax,) = panels(1, sharey=False, width=4.2, height=3.2)
+        fig, (ax,) = panels(1, sharey=False, width=4.2, height=3.2)
         draw(ax)
         ax.set(ylabel="test MSE / Var(y)", **axes)
         ax.legend()
         ax.grid(alpha=0.3)
         paths.append(out / "figures" / f"{name}.png")
-        save(plt, fig, paths[-1])
+        save(fig, paths[-1])
 
     def lines(x, series):
         return lambda ax: [ax.plot(x, y, "o-", label=label) for label, y in series.items()]

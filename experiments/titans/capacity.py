@@ -274,7 +274,7 @@ MEMORY_STYLES = {"hebbian": ":", "linear": "--", "deep": "-"}
 def plot_recall(rows: list[dict], path: Path) -> None:
     """Recall error and cosine vs N, one line per method (log x): line style = memory,
     colour = variant."""
-    plt, fig, (ax_err, ax_cos) = panels(2, width=5.0, height=4.0, sharey=False)
+    fig, (ax_err, ax_cos) = panels(2, width=5.0, height=4.0, sharey=False)
     for method in dict.fromkeys(r["method"] for r in rows):
         sel = [r for r in rows if r["method"] == method]
         style = dict(ls=MEMORY_STYLES[sel[0]["memory"]], color=VARIANT_COLORS[sel[0]["variant"]],
@@ -289,7 +289,7 @@ def plot_recall(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     ax_err.set_yscale("log")
     ax_cos.legend(fontsize=6, ncol=2)
-    save(plt, fig, path)
+    save(fig, path)
 
 
 def _binned(x: list[float], bins: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -304,7 +304,7 @@ def plot_inner_loss(rows: list[dict], config: CapacityConfig, path: Path) -> Non
     """Inner loss of every chunk's tokens with the weights before (solid) and after (dashed)
     writing the chunk, at the largest N, one panel per memory (means over bins of chunks)."""
     n = max(config.num_pairs)
-    plt, fig, axes = panels(len(config.memories), width=4.0, height=3.4, sharey=False)
+    fig, axes = panels(len(config.memories), width=4.0, height=3.4, sharey=False)
     for ax, memory in zip(axes, config.memories, strict=True):
         for variant in config.variants:
             sel = [r for r in rows if r["memory"] == memory and r["variant"] == variant
@@ -324,7 +324,7 @@ def plot_inner_loss(rows: list[dict], config: CapacityConfig, path: Path) -> Non
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=6)
-    save(plt, fig, path)
+    save(fig, path)
 
 
 GOOD_RECALL = 0.1

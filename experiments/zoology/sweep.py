@@ -163,7 +163,7 @@ def plot_figure2(best: dict[tuple[str, int, int], dict], path: Path) -> None:
     """The paper's layout: a panel per L, accuracy against d_model, a line per mixer."""
     lens = sorted({L for _, L, _ in best})
     mixers = list(dict.fromkeys(m for m, _, _ in best))
-    plt, fig, axes = panels(len(lens))
+    fig, axes = panels(len(lens))
     for ax, L in zip(axes, lens, strict=True):
         for mixer in mixers:
             points = sorted((d, r["metrics"]["accuracy"]) for (m, length, d), r in best.items()
@@ -174,13 +174,13 @@ def plot_figure2(best: dict[tuple[str, int, int], dict], path: Path) -> None:
         _style(ax, L, "model dimension")
     axes[0].set_ylabel("MQAR accuracy")
     axes[-1].legend(fontsize=8, loc="lower right")
-    save(plt, fig, path)
+    save(fig, path)
 
 
 def plot_learning_curves(best: dict[tuple[str, int, int], dict], out: Path, path: Path) -> None:
     """Test accuracy after each epoch of the best run per (mixer, d_model); a panel per L."""
     lens = sorted({L for _, L, _ in best})
-    plt, fig, axes = panels(len(lens))
+    fig, axes = panels(len(lens))
     for ax, L in zip(axes, lens, strict=True):
         for (mixer, length, d), record in best.items():
             if length != L:
@@ -193,4 +193,4 @@ def plot_learning_curves(best: dict[tuple[str, int, int], dict], out: Path, path
         _style(ax, L, "epoch")
     axes[0].set_ylabel("MQAR test accuracy")
     axes[-1].legend(fontsize=7, loc="best")
-    save(plt, fig, path)
+    save(fig, path)
