@@ -171,6 +171,16 @@ def test_training_step_with_dropout():
     np.testing.assert_array_equal(lm(tokens), lm(tokens))
 
 
+def test_logits_at_gathers_the_full_logits():
+    lm = TransformerLM(V, D, 2, mixer=["attention", "linear"], num_heads=2, max_length=L,
+                       rngs=nnx.Rngs(0))
+    tokens = _tokens(3, (2, 11))
+    at = jnp.asarray([[10, 0, 4], [2, 2, 7]], jnp.int32)
+    full = np.asarray(lm(tokens))
+    want = np.stack([full[b, np.asarray(at[b])] for b in range(2)])
+    np.testing.assert_allclose(lm(tokens, logits_at=at), want, atol=1e-6)
+
+
 def test_errors():
     rngs = nnx.Rngs(0)
     with pytest.raises(ValueError, match="mixer"):
@@ -190,6 +200,10 @@ def test_errors():
         lm(_tokens(0, (1, 9)))
     with pytest.raises(TypeError, match="tokens"):
         lm(jnp.zeros((1, 3)))
+    with pytest.raises(TypeError, match="logits_at"):
+        lm(_tokens(0, (1, 4)), logits_at=jnp.zeros((1, 2)))
+    with pytest.raises(ValueError, match="logits_at"):
+        lm(_tokens(0, (1, 4)), logits_at=jnp.zeros((2, 2), jnp.int32))
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(lm, _tokens(0, (1, 4)), max_new_tokens=5)
     with pytest.raises(ValueError, match="key"):

@@ -294,9 +294,12 @@ class TransformerLM(nnx.Module):
         return self.embed.tokens.attend(x) if self.head is None else self.head(x)
 
     def __call__(self, tokens: jax.Array, *, context: jax.Array | None = None,
-                 context_mask: jax.Array | None = None, return_aux: bool = False):
+                 context_mask: jax.Array | None = None, return_aux: bool = False,
+                 logits_at: jax.Array | None = None):
         """tokens int [B, T] (and, with cross attention, the encoder output ``context``
         [B, S, d_model] with its ``context_mask`` bool [B, S]) -> logits [B, T, vocab];
+        with ``logits_at`` (int [B, P], positions in [0, T)) only the logits at those
+        positions, [B, P, vocab] (a loss on a few positions never builds [B, T, vocab]);
         with ``return_aux`` also the sum of the mixers' auxiliary losses (e.g. MoH's load
         balance, to add to the task loss with a small weight)."""
         x = self.embed(tokens)
@@ -304,6 +307,13 @@ class TransformerLM(nnx.Module):
         for block in self.blocks:
             x, aux = block(x, context=context, context_mask=context_mask, return_aux=True)
             total = total + aux
+        if logits_at is not None:
+            check_integer("logits_at", logits_at)
+            check_rank("logits_at", logits_at, (2,), "[B, P]")
+            if logits_at.shape[0] != tokens.shape[0]:
+                raise ValueError(f"logits_at: expected [B={tokens.shape[0]}, P], "
+                                 f"got {logits_at.shape}")
+            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         logits = self._logits(x)
         return (logits, total) if return_aux else logits
 
