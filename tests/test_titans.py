@@ -18,6 +18,7 @@ from jattn.memory.titans import (
     MemoryWeights,
     NeuralMemoryState,
     apply_memory,
+    chunk_gates,
     init_neural_memory,
     initial_memory_state,
     memory_inputs,
@@ -215,6 +216,64 @@ def test_linear_memory_closed_form_with_momentum_and_channelwise_decay():
         np.testing.assert_allclose(y, want_y, atol=1e-12)
 
 
+@pytest.mark.parametrize("implementation,options", [
+    ("chunked", DEEP_CW), ("chunked", {"memory_depth": 1}), ("sequential", DEEP)])
+def test_chunk_gates_are_the_first_token_gates_repeated(implementation, options):
+    """gate_granularity="chunk" equals per-token gates fed every chunk's first-token gates
+    (written out here by index): for "chunked" that is the frozen-gradient recurrence checked
+    against the reference above, for "sequential" the token-by-token one with the same
+    chunks. T = 7 with chunks of 3: [0, 1, 2], [3, 4, 5], [6]."""
+    B, T, c = 2, 7, 3
+    with jax.enable_x64(True):
+        p = to64(_params(30, **options))
+        state = initial_memory_state(p, B)
+        momentum = jax.tree_util.tree_map(lambda a: 0.1 * jnp.ones_like(a), state.momentum)
+        inputs = _random_inputs(31, B, T, p.config.forget_channels)
+        first = np.array([0, 0, 0, 3, 3, 3, 6])
+        repeated = inputs._replace(theta=inputs.theta[:, first], eta=inputs.eta[:, first],
+                                   keep=inputs.keep[:, first])
+        np.testing.assert_array_equal(chunk_gates(inputs, c).keep, repeated.keep)
+        run = jax.jit(functools.partial(memory_recurrence, chunk_size=c,
+                                        implementation=implementation, max_grad_norm=0.5),
+                      static_argnames="gate_granularity")
+        got = run(state.weights, momentum, inputs, gate_granularity="chunk")
+        _assert_all_close(got, run(state.weights, momentum, repeated), 1e-12)
+        assert normalised_error(got[0], run(state.weights, momentum, inputs)[0]) > 1e-3
+        assert chunk_gates(inputs, 1) is inputs  # chunk_size = 1: the per-token gates
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "sequential"])
+def test_chunk_gates_are_causal(implementation):
+    """With per-chunk gates, changing token 5 (inside the chunk [4, 8)) leaves y_0..y_4
+    unchanged, and changing its gates alone changes nothing (the chunk uses token 4's);
+    changing token 4's gates changes y_4.. and nothing before."""
+    T, c = 8, 4
+    with jax.enable_x64(True):
+        p, x = to64((_params(23, **DEEP), _x(24, T, B=1)))
+        run = jax.jit(functools.partial(neural_memory, chunk_size=c, gate_granularity="chunk",
+                                        implementation=implementation))
+        y = run(p, x)
+        changed = run(p, x.at[:, 5].add(1.0))
+        np.testing.assert_allclose(changed[:, :5], y[:, :5], rtol=0, atol=1e-13)
+        assert float(jnp.abs(changed[:, 5:] - y[:, 5:]).max(axis=(0, 2, 3)).min()) > 1e-6
+        inputs = memory_inputs(p, x)[0]
+        state = initial_memory_state(p, 1)
+        recur = jax.jit(functools.partial(memory_recurrence, chunk_size=c,
+                                          gate_granularity="chunk",
+                                          implementation=implementation))
+        base = recur(state.weights, state.momentum, inputs)[0]
+        for t in (5, 4):
+            gates = inputs._replace(theta=inputs.theta.at[:, t].mul(3.0),
+                                    eta=inputs.eta.at[:, t].mul(0.5),
+                                    keep=inputs.keep.at[:, t].mul(0.5))
+            out = recur(state.weights, state.momentum, gates)[0]
+            np.testing.assert_allclose(out[:, :t], base[:, :t], rtol=0, atol=1e-13)
+            if t == 5:
+                np.testing.assert_allclose(out, base, rtol=0, atol=1e-13)
+            else:
+                assert float(jnp.abs(out[:, 4:] - base[:, 4:]).max(axis=(0, 2, 3)).min()) > 1e-6
+
+
 def test_order_of_operations():
     """"after" (default): y_t = M_t(q_t), the weights that include token t's write (the state
     a call on x[:t+1] ends with); "before": y_t = M_{t-1}(q_t) (the state after x[:t]; at
@@ -327,6 +386,8 @@ def test_bad_input_raises():
         neural_memory(p, x, chunk_size=2, retrieve="during")
     with pytest.raises(ValueError, match="max_grad_norm"):
         neural_memory(p, x, chunk_size=2, max_grad_norm=0.0)
+    with pytest.raises(ValueError, match="gate_granularity"):
+        neural_memory(p, x, chunk_size=2, gate_granularity="mean")
     state = initial_memory_state(p, 3)  # batch 3 against x's 2
     with pytest.raises(ValueError, match=r"initial_state\.weights\.matrices\[0\]"):
         neural_memory(p, x, chunk_size=2, initial_state=state)

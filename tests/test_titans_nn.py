@@ -154,6 +154,13 @@ def test_neural_memory_holds_the_functional_parameters_and_equals_the_call():
     y = neural_memory(seq.params, x, chunk_size=CHUNK, implementation="sequential",
                       retrieve="before")
     _close(seq(x), _memory_head(seq, y, x))
+    # gate_granularity passes through
+    per_chunk = NeuralMemory(D, N, chunk_size=CHUNK, gate_granularity="chunk", memory_depth=1,
+                             rngs=nnx.Rngs(0))
+    y = neural_memory(per_chunk.params, x, chunk_size=CHUNK, gate_granularity="chunk")
+    _close(per_chunk(x), _memory_head(per_chunk, y, x))
+    per_token = NeuralMemory(D, N, chunk_size=CHUNK, memory_depth=1, rngs=nnx.Rngs(0))
+    assert np.abs(np.asarray(per_chunk(x) - per_token(x))).max() > 1e-4
 
 
 def test_lmm_equals_memory_on_persistent_and_input():
@@ -300,6 +307,7 @@ def test_bad_options_raise_naming_the_argument():
                          (dict(implementation="fast"), "implementation"),
                          (dict(retrieve="during"), "retrieve"),
                          (dict(max_grad_norm=0.0), "max_grad_norm"),
+                         (dict(gate_granularity="segment"), "gate_granularity"),
                          (dict(memory_depth=0), "memory_depth"),
                          (dict(initial_lr=2.0), "initial_lr")):
         with pytest.raises(ValueError, match=name):

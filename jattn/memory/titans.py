@@ -12,7 +12,9 @@ descent with momentum and weight decay on the associative loss, and reads with a
 depthwise convolution, l2-normalised q and k) and data-dependent gates theta_t = max_lr
 sigmoid(.) (inner learning rate), eta_t = sigmoid(.) (momentum), alpha_t = sigmoid(.)
 (forgetting; one scalar per head, or one value per output unit of every memory layer with
-``channelwise_forget``).
+``channelwise_forget``). The gates are per token, or with ``gate_granularity="chunk"`` per
+chunk: every token of a chunk uses the gates of the chunk's first token (causal, unlike a
+chunk mean; see :func:`chunk_gates`).
 
 Memory network (``memory_depth`` L_M): L_M = 1 is a matrix, M(x) = x W (the linear memory,
 a delta rule with momentum and decay); L_M >= 2 is the paper's default
@@ -34,20 +36,29 @@ Implementations:
   and every gradient in a chunk is taken at the chunk-start weights M_{t'} (t' = t - t mod b);
   chunk_size = 1 is exactly the sequential recurrence. Inside a chunk every weight
   matrix's per-token gradient is an outer product a_j^T delta_j (layer input times the
-  gradient at the layer's output), so nothing per token is materialised: the momentum
-  recurrence is solved for its coefficients on the basis (M_0, S_0, u_1..u_b) with
-  ``jax.lax.associative_scan`` (S_i = eta_i S_{i-1} - theta_i u_i), the decay is folded in
-  by a second scan (M_i = (1 - alpha_i) M_{i-1} + S_i), and M_i(q_i) is evaluated layer by
-  layer in the dual form q_i M_i = c^M_i q_i M_0 + c^S_i q_i S_0 + sum_j c_ij (q_i . a_j)
+  gradient at the layer's output), so nothing per token is materialised. With
+  w_j = -theta_j c_j u_j (token j's gradient u_j times its learning rate and clamp factor,
+  which depend on the chunk-start weights), the momentum recurrence S_i = eta_i S_{i-1} + w_i
+  is solved for its coefficients on the basis (S_0, w_1..w_b) with
+  ``jax.lax.associative_scan``, and the decay is folded in by a second scan
+  (M_i = (1 - alpha_i) M_{i-1} + S_i) on the basis (M_0, S_0, w_1..w_b): these coefficients
+  depend on the gates only, so with a per-head forget gate they are computed for all chunks
+  at once before the chunk scan (inside it with a channel-wise gate, whose coefficients for
+  all chunks would be T C (b + 2) numbers per head). M_i(q_i) is evaluated layer by layer in
+  the dual form q_i M_i = c^M_i q_i M_0 + c^S_i q_i S_0 - sum_j c_ij (q_i . a_j) theta_j c_j
   delta_j, which costs O(b^2 (H + E)) per layer and chunk. A ``lax.scan`` (rematerialised
   per chunk) carries (M, S) across chunks. A last partial chunk is zero-padded and its state
   read at its last real token: row i of the coefficients involves tokens <= i only, so the
   padding never reaches the state or the outputs (no token is dropped, none is invented).
 
+GELU is evaluated as h (1 + erf(h / sqrt(2))) / 2 (``jax.nn.gelu(approximate=False)``
+uses erfc, which costs several times as much on CPU; they differ by rounding only).
+
 Numerical guards: gates are sigmoids, so every coefficient of the chunked form is a product
-of numbers in [0, 1] (no division, no ratio of cumulative products that could overflow on
-its own). The inner dynamics can still diverge: gradient descent with momentum diverges when
-theta * curvature / (1 - eta) is too large, the frozen gradients of a chunk add up (a chunk
+of numbers in [0, 1] or a sum of at most b + 1 of them (no division, no ratio of cumulative
+products that could overflow on its own; a gate equal to 0 is exact). The inner dynamics can
+still diverge: gradient descent with momentum diverges when theta * curvature / (1 - eta) is
+too large, the frozen gradients of a chunk add up (a chunk
 acts like one step with the sum of its tokens' learning rates), and the deep memory's
 LayerNorm scales its weight gradients by 1 / std of its input, which grows without bound as
 forgetting shrinks the weights (seen with this module's initialisation at D = 64, 4 heads of
@@ -66,6 +77,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 from typing import NamedTuple
 
 import jax
@@ -75,6 +87,7 @@ from jax import lax
 from jattn.mixers.conv import conv_history, short_causal_conv
 from jattn.typing import Array, check_floating, check_rank, check_shape
 
+GATE_GRANULARITIES = ("token", "chunk")
 LAYER_NORM_EPS = 1e-5  # the memory's LayerNorm: (h - mean) / sqrt(var + eps)
 L2_NORM_EPS = 1e-6  # q / sqrt(|q|^2 + eps)
 
@@ -312,6 +325,13 @@ def _layer_norm(h: Array) -> Array:
     return centred * lax.rsqrt(jnp.mean(jnp.square(centred), -1, keepdims=True) + LAYER_NORM_EPS)
 
 
+def _gelu(h: Array) -> Array:
+    """Exact GELU, h Phi(h) = h (1 + erf(h / sqrt(2))) / 2. The same function as
+    ``jax.nn.gelu(h, approximate=False)`` (which evaluates erfc, several times the cost of erf
+    on CPU and the largest part of a chunk step); they differ by rounding only."""
+    return h * (0.5 + 0.5 * lax.erf(h * math.sqrt(0.5)))
+
+
 def _memory_forward(weights: MemoryWeights, x: Array, probes: MemoryWeights | None = None):
     """M(x) for one head (x [..., H]); ``probes`` (zeros) are added to every layer output and
     to the LayerNorm gain and bias, so that their gradients are the per-token gradients at
@@ -319,7 +339,7 @@ def _memory_forward(weights: MemoryWeights, x: Array, probes: MemoryWeights | No
     inputs, h = [], x
     for i, w in enumerate(weights.matrices):
         if i:
-            h = jax.nn.gelu(h, approximate=False)
+            h = _gelu(h)
         inputs.append(h)
         h = h @ w
         if probes is not None:
@@ -405,18 +425,48 @@ def _affine_compose(first, second):
     return a1 * a2, a2 * b1 + b2
 
 
-def _mix(coef: Array, weights: Array) -> Array:
-    """sum_j coef[i, q, j] * weights[j, q] -> [i, q] (coef's q axis may be 1)."""
-    if coef.shape[1] == 1:
-        return coef[:, 0, :] @ weights
-    return jnp.einsum("iqj,jq->iq", coef, weights)
+def _gate_coefficients(eta, keep, last, *, retrieve: str):
+    """The coefficients of one chunk that depend on the gates only (eta [b], keep [b, C]).
+
+    With w_j = -theta_j c_j u_j (token j's gradient u_j, scaled by its learning rate and
+    clamp factor c_j, which depend on the chunk-start weights and are applied by the caller):
+
+    * momentum, rows i = 0..b on the basis (S_0, w_1..w_b): S_i = eta_i S_{i-1} + w_i, so
+      row i is (prod_{0<l<=i} eta_l, prod_{j<l<=i} eta_l for j <= i, 0 after);
+    * memory, rows i = 0..b on the basis (M_0, S_0, w_1..w_b) and per channel:
+      M_i = keep_i M_{i-1} + S_i.
+
+    Both are solved by associative scans of affine maps (products and sums of gates, no
+    division). ``last`` is the row of the chunk's last valid token.
+
+    Returns:
+        (momentum row ``last`` [1 + b], memory rows read by the tokens [b, C, 2 + b] (rows
+        1..b with ``retrieve="after"``, 0..b-1 with "before"), memory row ``last``
+        [C, 2 + b]).
+    """
+    b, C = keep.shape
+    dtype = keep.dtype
+    drive = jnp.concatenate([jnp.zeros((b, 1), dtype), jnp.eye(b, dtype=dtype)], 1)
+    cum_eta, mom = lax.associative_scan(_affine_compose, (eta[:, None], drive))
+    mom = mom.at[:, 0].add(cum_eta[:, 0])
+    mom = jnp.concatenate([jnp.eye(1, 1 + b, dtype=dtype), mom], 0)  # [b + 1, 1 + b]
+    drive = jnp.broadcast_to(
+        jnp.concatenate([jnp.zeros((b, 1), dtype), mom[1:]], 1)[:, None, :], (b, C, 2 + b))
+    cum_keep, coef = lax.associative_scan(_affine_compose, (keep[..., None], drive))
+    coef = coef.at[..., 0].add(cum_keep[..., 0])
+    start = jnp.zeros((1, C, 2 + b), dtype).at[..., 0].set(1.0)
+    coef = jnp.concatenate([start, coef], 0)  # [b + 1, C, 2 + b]
+    rows = coef[1:] if retrieve == "after" else coef[:-1]
+    take = functools.partial(lax.dynamic_index_in_dim, index=last, axis=0, keepdims=False)
+    return take(mom), rows, take(coef)
 
 
-def _chunk_step(M: MemoryWeights, S: MemoryWeights, q, k, v, theta, eta, keep, valid, *,
-                retrieve: str, max_grad_norm: float | None, channels: tuple[int, ...]):
-    """One chunk of one (batch, head): q, k, v [b, H], theta, eta [b], keep [b, C]; only the
-    first ``valid`` tokens count (the rest is padding of a last, partial chunk: row i of the
-    coefficients involves tokens <= i only, so padding never reaches the returned state)."""
+def _chunk_step(M: MemoryWeights, S: MemoryWeights, q, k, v, theta, coefficients, *,
+                max_grad_norm: float | None, channels: tuple[int, ...]):
+    """One chunk of one (batch, head): q, k, v [b, H], theta [b], ``coefficients`` from
+    :func:`_gate_coefficients` (padding tokens of a last, partial chunk only enter rows
+    after its last valid token, so they never reach the returned state)."""
+    mom_end, rows, end = coefficients
     b = q.shape[0]
     dtype = q.dtype
     deep = M.scale is not None
@@ -430,80 +480,71 @@ def _chunk_step(M: MemoryWeights, S: MemoryWeights, q, k, v, theta, eta, keep, v
         return jnp.sum(jnp.square(out - v)), inputs
 
     grads, inputs = jax.grad(inner_loss, has_aux=True)(probes)
-    deltas = grads.matrices
     if max_grad_norm is not None:
         # |a^T d|_F = |a| |d| for a rank-one matrix.
         sq = sum(jnp.sum(jnp.square(a), -1) * jnp.sum(jnp.square(d), -1)
-                 for a, d in zip(inputs, deltas, strict=True))
+                 for a, d in zip(inputs, grads.matrices, strict=True))
         if deep:
             sq = sq + jnp.sum(jnp.square(grads.scale), -1) + jnp.sum(jnp.square(grads.bias), -1)
         theta = theta * _clip_factor(sq, max_grad_norm)
-
-    # 2. Momentum coefficients on the basis (S_0, u_1..u_b), rows i = 0..b:
-    # S_i = eta_i S_{i-1} - theta_i u_i, solved by an associative scan of affine maps.
-    eye = jnp.eye(b, dtype=dtype)
-    drive = jnp.concatenate([jnp.zeros((b, 1), dtype), -theta[:, None] * eye], 1)
-    cum_eta, mom = lax.associative_scan(_affine_compose, (eta[:, None], drive))
-    mom = mom.at[:, 0].add(cum_eta[:, 0])
-    mom = jnp.concatenate([jnp.eye(1, 1 + b, dtype=dtype), mom], 0)  # [b + 1, 1 + b]
-
-    # 3. Memory coefficients on the basis (M_0, S_0, u_1..u_b), rows i = 0..b: the decay
-    # folded in by a second scan, M_i = keep_i M_{i-1} + S_i (per output channel when the
-    # forget gate is channel-wise: all leaves' channels in one scan).
-    C = keep.shape[1]
-    drive = jnp.broadcast_to(
-        jnp.concatenate([jnp.zeros((b, 1), dtype), mom[1:]], 1)[:, None, :], (b, C, 2 + b))
-    cum_keep, coef = lax.associative_scan(_affine_compose, (keep[..., None], drive))
-    coef = coef.at[..., 0].add(cum_keep[..., 0])
-    start = jnp.zeros((1, C, 2 + b), dtype).at[..., 0].set(1.0)
-    coef = jnp.concatenate([start, coef], 0)  # [b + 1, C, 2 + b]
-    if C == 1:
-        coefs = [coef] * len(channels)
+    # w_j = -theta_j c_j u_j: the coefficients' basis (the gradient of matrix l is still
+    # inputs[l][j]^T times the scaled delta).
+    w = jax.tree_util.tree_map(lambda g: -theta[:, None] * g, grads)
+    n_mat = len(M.matrices)
+    per_leaf = len(channels)
+    if rows.shape[1] == 1:
+        rows, end = [rows[:, 0]] * per_leaf, [end[0]] * per_leaf
     else:
-        offsets = [sum(channels[:i]) for i in range(len(channels) + 1)]
-        coefs = [coef[:, lo:hi] for lo, hi in itertools.pairwise(offsets)]
-    rows = [c[1:] if retrieve == "after" else c[:-1] for c in coefs]
+        offsets = [sum(channels[:i]) for i in range(per_leaf + 1)]
+        rows = [rows[:, lo:hi] for lo, hi in itertools.pairwise(offsets)]
+        end = [end[lo:hi] for lo, hi in itertools.pairwise(offsets)]
 
-    # 4. Read: every token i through its own weights M_i (or M_{i-1}), layer by layer.
+    # 2. Read: every token i through its own weights M_i (or M_{i-1}), layer by layer:
+    # z_i M_i = c^M_i z_i M_0 + c^S_i z_i S_0 + sum_j c_ij (z_i . a_j) w_j.
     def through(z, W0, S0, a, d, r):
         scores = z @ a.T  # (z_i . a_j)
-        if r.shape[1] == 1:
-            mixed = (scores * r[:, 0, 2:]) @ d
-        else:
-            mixed = jnp.einsum("ij,iqj,jq->iq", scores, r[..., 2:], d)
+        if r.ndim == 2:
+            return (r[:, :1] * (z @ W0) + r[:, 1:2] * (z @ S0) + (scores * r[:, 2:]) @ d)
+        mixed = jnp.einsum("ij,iqj,jq->iq", scores, r[..., 2:], d)
         return r[..., 0] * (z @ W0) + r[..., 1] * (z @ S0) + mixed
 
     def per_token(v0, s0, g, r):
-        return r[..., 0] * v0 + r[..., 1] * s0 + _mix(r[..., 2:], g)
+        if r.ndim == 2:
+            return r[:, :1] * v0 + r[:, 1:2] * s0 + r[:, 2:] @ g
+        return r[..., 0] * v0 + r[..., 1] * s0 + jnp.einsum("iqj,jq->iq", r[..., 2:], g)
 
-    n_mat = len(M.matrices)
     h = q
     for i in range(n_mat):
         if i:
-            h = jax.nn.gelu(h, approximate=False)
-        h = through(h, M.matrices[i], S.matrices[i], inputs[i], deltas[i], rows[i])
+            h = _gelu(h)
+        h = through(h, M.matrices[i], S.matrices[i], inputs[i], w.matrices[i], rows[i])
     if deep:
-        scale = per_token(M.scale, S.scale, grads.scale, rows[n_mat])
-        bias = per_token(M.bias, S.bias, grads.bias, rows[n_mat + 1])
+        scale = per_token(M.scale, S.scale, w.scale, rows[n_mat])
+        bias = per_token(M.bias, S.bias, w.bias, rows[n_mat + 1])
         y = q + _layer_norm(h) * scale + bias
     else:
         y = h
 
-    # 5. Weights and momentum after the last valid token.
-    end = [lax.dynamic_index_in_dim(c, valid, 0, keepdims=False) for c in coefs]  # [Q, 2 + b]
-    s_end = lax.dynamic_index_in_dim(mom, valid, 0, keepdims=False)  # [1 + b]
+    # 3. Weights and momentum after the last valid token.
+    def end_terms(e):  # memory row ``last``: (c^M, c^S, per-token coefficients [b, 1 or Q])
+        return (e[0], e[1], e[2:, None]) if e.ndim == 1 else (e[:, 0], e[:, 1], e[:, 2:].T)
+
+    s_last, s_tokens = mom_end[0], mom_end[1:, None]
     new_w, new_s = [], []
-    for i in range(n_mat):
-        e = end[i]
-        new_w.append(e[:, 0] * M.matrices[i] + e[:, 1] * S.matrices[i]
-                     + inputs[i].T @ (deltas[i] * e[:, 2:].T))
-        new_s.append(s_end[0] * S.matrices[i] + inputs[i].T @ (deltas[i] * s_end[1:, None]))
+    for i, (W0, S0, a, d) in enumerate(zip(M.matrices, S.matrices, inputs, w.matrices,
+                                           strict=True)):
+        e0, e1, eu = end_terms(end[i])
+        new_w.append(e0 * W0 + e1 * S0 + a.T @ (d * eu))
+        new_s.append(s_last * S0 + a.T @ (d * s_tokens))
     if deep:
         vec = []
-        for e, w0, s0, g in ((end[n_mat], M.scale, S.scale, grads.scale),
-                             (end[n_mat + 1], M.bias, S.bias, grads.bias)):
-            vec.append((e[:, 0] * w0 + e[:, 1] * s0 + jnp.sum(g * e[:, 2:].T, 0),
-                        s_end[0] * s0 + s_end[1:] @ g))
+        for e, w0, s0, g in ((end[n_mat], M.scale, S.scale, w.scale),
+                             (end[n_mat + 1], M.bias, S.bias, w.bias)):
+            # (a vector-matrix product where the row is per head: several times faster on
+            # CPU at b = 64 than the equal sum of products)
+            e0, e1 = end_terms(e)[:2]
+            add = e[2:] @ g if e.ndim == 1 else jnp.sum(g * e[:, 2:].T, 0)
+            vec.append((e0 * w0 + e1 * s0 + add, s_last * s0 + mom_end[1:] @ g))
         M_new = MemoryWeights(tuple(new_w), vec[0][0], vec[1][0])
         S_new = MemoryWeights(tuple(new_s), vec[0][1], vec[1][1])
     else:
@@ -514,24 +555,31 @@ def _chunk_step(M: MemoryWeights, S: MemoryWeights, q, k, v, theta, eta, keep, v
 def _chunked_single(M, S, q, k, v, theta, eta, keep, *, chunk_size: int, retrieve: str,
                     max_grad_norm: float | None, channels: tuple[int, ...]):
     """One (batch, head): a rematerialised lax.scan over chunks; a last partial chunk is
-    padded and its state read at its last valid token (one compiled chunk step)."""
+    padded and its state read at its last valid token (one compiled chunk step).
+
+    The gate-only coefficients of every chunk are computed before the scan, batched over
+    chunks, when the forget gate is one per head; with a channel-wise one they are computed
+    inside (for all chunks at once they would be T C (b + 2) numbers per head)."""
     T = q.shape[0]
     b = min(chunk_size, T)  # one chunk either way
     n = -(-T // b)
     pad = n * b - T
     xs = tuple(jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in
                (q, k, v, theta, eta, keep))
-    chunks = tuple(a.reshape(n, b, *a.shape[1:]) for a in xs)
-    valid = jnp.full((n,), b, jnp.int32).at[-1].set(b - pad)
-    step = functools.partial(_chunk_step, retrieve=retrieve, max_grad_norm=max_grad_norm,
-                             channels=channels)
+    q, k, v, theta, eta, keep = (a.reshape(n, b, *a.shape[1:]) for a in xs)
+    last = jnp.full((n,), b, jnp.int32).at[-1].set(b - pad)
+    gates = functools.partial(_gate_coefficients, retrieve=retrieve)
+    before = keep.shape[-1] == 1
+    coefficients = jax.vmap(gates)(eta, keep, last) if before else (eta, keep, last)
+    step = functools.partial(_chunk_step, max_grad_norm=max_grad_norm, channels=channels)
 
     @jax.checkpoint
     def body(carry, chunk):
-        y, M, S = step(*carry, *chunk)
+        *inputs, coefs = chunk
+        y, M, S = step(*carry, *inputs, coefs if before else gates(*coefs))
         return (M, S), y
 
-    (M, S), y = lax.scan(body, (M, S), (*chunks, valid))
+    (M, S), y = lax.scan(body, (M, S), (q, k, v, theta, coefficients))
     return y.reshape(n * b, -1)[:T], M, S
 
 
@@ -587,16 +635,19 @@ def memory_inputs(params: NeuralMemoryParams, x: Array, *,
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     p = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
     xf = x.astype(dtype)
-    u = jnp.concatenate([xf @ p.w_q, xf @ p.w_k, xf @ p.w_v], -1)  # [B, T, 3 N H]
+    # one product for q|k|v: [B, T, 3 N H]
+    u = xf @ jnp.concatenate([p.w_q, p.w_k, p.w_v], -1)
     new_conv = None
     if p.conv is not None:
         width = p.conv.shape[0] - 1
-        if conv_state is None:
-            conv_state = jnp.zeros((B, width, 3 * N * H), dtype)
-        check_shape("conv_state", conv_state, (B, width, 3 * N * H), "BWC")
-        full = jnp.concatenate([conv_state.astype(dtype), u], 1)
-        u = short_causal_conv(full, p.conv)[:, width:]
-        new_conv = conv_history(full, width)
+        if conv_state is None:  # zeros before position 0: no concatenated copy
+            new_conv = conv_history(u, width)
+            u = short_causal_conv(u, p.conv)
+        else:
+            check_shape("conv_state", conv_state, (B, width, 3 * N * H), "BWC")
+            full = jnp.concatenate([conv_state.astype(dtype), u], 1)
+            u = short_causal_conv(full, p.conv)[:, width:]
+            new_conv = conv_history(full, width)
     if cfg.activation == "silu":
         u = jax.nn.silu(u)
     q, k, v = (a.reshape(B, T, N, H) for a in jnp.split(u, 3, -1))
@@ -611,9 +662,43 @@ def memory_inputs(params: NeuralMemoryParams, x: Array, *,
     return MemoryInputs(q, k, v, theta, eta, keep), new_conv
 
 
+def chunk_gates(inputs: MemoryInputs, chunk_size: int) -> MemoryInputs:
+    """Per-chunk gates: every token of a chunk of ``chunk_size`` tokens takes theta, eta and
+    1 - alpha of the chunk's first token (chunks start at token 0).
+
+    The first token, not a summary of the chunk (a mean would make token i's update, and so
+    its output, depend on the later tokens of its chunk): it precedes every other token of
+    its chunk, so the recurrence stays causal and y_i depends on x_0..x_i only.
+
+    Args:
+        inputs: :class:`MemoryInputs` (theta, eta [B, T, N]; keep [B, T, N, C]).
+        chunk_size: tokens per chunk (>= 1; 1 returns the gates unchanged).
+
+    Returns:
+        ``inputs`` with theta, eta and keep repeated from every chunk's first token.
+
+    >>> import jax.numpy as jnp
+    >>> x = jnp.arange(5.0).reshape(1, 5, 1)
+    >>> inputs = MemoryInputs(*[x[..., None]] * 3, x, x, x[..., None])
+    >>> chunk_gates(inputs, 2).theta[0, :, 0]
+    Array([0., 0., 2., 2., 4.], dtype=float32)
+    """
+    _positive_int("chunk_size", chunk_size)
+    if chunk_size == 1:
+        return inputs
+    T = inputs.theta.shape[1]
+
+    def repeat(a):
+        return jnp.repeat(a[:, ::chunk_size], chunk_size, axis=1)[:, :T]
+
+    return inputs._replace(theta=repeat(inputs.theta), eta=repeat(inputs.eta),
+                           keep=repeat(inputs.keep))
+
+
 def memory_recurrence(weights: MemoryWeights, momentum: MemoryWeights, inputs: MemoryInputs, *,
                       chunk_size: int, implementation: str = "chunked",
                       retrieve: str = "after", max_grad_norm: float | None = None,
+                      gate_granularity: str = "token",
                       ) -> tuple[Array, MemoryWeights, MemoryWeights]:
     """Write every (k_t, v_t) into the memory and read every q_t: the recurrence of
     :func:`neural_memory` on given queries, keys, values and gates (for architectures that
@@ -623,7 +708,8 @@ def memory_recurrence(weights: MemoryWeights, momentum: MemoryWeights, inputs: M
         weights, momentum: MemoryWeights with leaves [B, N, ...] (M_0 and S_0).
         inputs: :class:`MemoryInputs` (query, key, value [B, T, N, H]; theta, eta [B, T, N];
             keep = 1 - alpha [B, T, N, 1 or C]).
-        chunk_size, implementation, retrieve, max_grad_norm: as :func:`neural_memory`.
+        chunk_size, implementation, retrieve, max_grad_norm, gate_granularity: as
+            :func:`neural_memory`.
 
     Returns:
         (y [B, T, N, H], final weights, final momentum), in the dtype of ``inputs.query``
@@ -640,6 +726,9 @@ def memory_recurrence(weights: MemoryWeights, momentum: MemoryWeights, inputs: M
         raise ValueError(f"retrieve: expected 'after' or 'before', got {retrieve!r}")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm: expected None or > 0, got {max_grad_norm!r}")
+    if gate_granularity not in GATE_GRANULARITIES:
+        raise ValueError(f"gate_granularity: expected one of {GATE_GRANULARITIES}, "
+                         f"got {gate_granularity!r}")
     q = inputs.query
     check_rank("inputs.query", q, (4,), "[B, T, N, H]")
     B, T, N, _ = q.shape
@@ -663,6 +752,8 @@ def memory_recurrence(weights: MemoryWeights, momentum: MemoryWeights, inputs: M
     dtype = jnp.promote_types(q.dtype, jnp.float32)
     cast = functools.partial(jax.tree_util.tree_map, lambda a: a.astype(dtype))
     weights, momentum, inputs = cast(weights), cast(momentum), cast(inputs)
+    if gate_granularity == "chunk":
+        inputs = chunk_gates(inputs, chunk_size)
     heads_first = [jnp.moveaxis(a, 2, 1) for a in inputs]  # [B, N, T, ...]
     if implementation == "chunked":
         single = functools.partial(_chunked_single, chunk_size=chunk_size, retrieve=retrieve,
@@ -691,7 +782,7 @@ def initial_memory_state(params: NeuralMemoryParams, batch_size: int) -> NeuralM
 def neural_memory(params: NeuralMemoryParams, x: Array, *, chunk_size: int,
                   implementation: str = "chunked", initial_state: NeuralMemoryState | None = None,
                   return_state: bool = False, retrieve: str = "after",
-                  max_grad_norm: float | None = None):
+                  max_grad_norm: float | None = None, gate_granularity: str = "token"):
     """Titans long-term memory over a sequence: write every token, read every query.
 
     y_t = M_t(q_t) with M_t = (1 - alpha_t) M_{t-1} + S_t,
@@ -717,14 +808,19 @@ def neural_memory(params: NeuralMemoryParams, x: Array, *, chunk_size: int,
         return_state: also return the final :class:`NeuralMemoryState`.
         retrieve: "after" (y_t = M_t(q_t), the default) or "before" (y_t = M_{t-1}(q_t)).
         max_grad_norm: clamp each token's inner gradient to this global norm (None: no clamp).
+        gate_granularity: "token" (every token's own theta_t, eta_t, alpha_t) or "chunk"
+            (every token of a chunk of ``chunk_size`` tokens uses the gates of the chunk's
+            first token, which keeps the output causal; see :func:`chunk_gates`). The chunks
+            are those of "chunked" and, with "chunk", also apply to "sequential" (which then
+            equals "chunked" with chunk_size = 1 fed the same repeated gates).
 
     Returns:
         y [B, T, N, H] in x's dtype; with ``return_state`` (y, state).
 
     Raises:
         ValueError: x not [B, T, D] with D = config.dim, chunk_size < 1, an unknown
-            implementation or retrieve, max_grad_norm <= 0, an initial_state of the wrong
-            shapes (each named). TypeError: x not floating.
+            implementation, retrieve or gate_granularity, max_grad_norm <= 0, an
+            initial_state of the wrong shapes (each named). TypeError: x not floating.
 
     >>> import jax, jax.numpy as jnp
     >>> params = init_neural_memory(jax.random.key(0), dim=8, num_heads=2, head_dim=4)
@@ -753,7 +849,8 @@ def neural_memory(params: NeuralMemoryParams, x: Array, *, chunk_size: int,
     inputs, conv = memory_inputs(params, x, conv_state=initial_state.conv)
     y, weights, momentum = memory_recurrence(
         initial_state.weights, initial_state.momentum, inputs, chunk_size=chunk_size,
-        implementation=implementation, retrieve=retrieve, max_grad_norm=max_grad_norm)
+        implementation=implementation, retrieve=retrieve, max_grad_norm=max_grad_norm,
+        gate_granularity=gate_granularity)
     y = y.astype(x.dtype)
     if return_state:
         return y, NeuralMemoryState(weights, momentum, conv)

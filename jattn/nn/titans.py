@@ -53,10 +53,10 @@ pieces ``memory_inputs`` / ``apply_memory`` for MAC's read-only retrieval), atte
 
 Options of the memory (``memory_depth``, ``memory_expansion``, ``chunk_size``,
 ``implementation``, ``momentum``, ``forget``, ``channelwise_forget``, ``max_grad_norm``,
-``num_persistent``, ...) pass through every architecture to :class:`NeuralMemory`.
-Outputs are in the input's dtype. All four mixers are causal only (the memory is a
-recurrence) and have no decoding state (no ``prefill``/``step``): :func:`jattn.nn.generate`
-raises NotImplementedError for them.
+``gate_granularity``, ``num_persistent``, ...) pass through every architecture to
+:class:`NeuralMemory`. Outputs are in the input's dtype. All four mixers are causal only
+(the memory is a recurrence) and have no decoding state (no ``prefill``/``step``):
+:func:`jattn.nn.generate` raises NotImplementedError for them.
 
 ``TITANS_MIXERS`` maps "titans_lmm", "titans_mag", "titans_mal", "titans_mac" to factories
 with :data:`jattn.nn.transformer.MIXERS`' signature.
@@ -78,6 +78,7 @@ from jax import lax
 import jattn
 from jattn import masks
 from jattn.memory.titans import (
+    GATE_GRANULARITIES,
     MemoryWeights,
     NeuralMemoryParams,
     NeuralMemoryState,
@@ -123,8 +124,9 @@ class NeuralMemory(nnx.Module):
         memory_depth, memory_expansion, conv_size, activation, normalize_qk, momentum, forget,
             channelwise_forget, max_lr, num_persistent, initial_lr, initial_momentum,
             initial_forget: as :func:`jattn.memory.titans.init_neural_memory`.
-        chunk_size, implementation, retrieve, max_grad_norm: as
-            :func:`jattn.memory.titans.neural_memory`.
+        chunk_size, implementation, retrieve, max_grad_norm, gate_granularity: as
+            :func:`jattn.memory.titans.neural_memory` (``gate_granularity="chunk"``: one
+            theta, eta, alpha per chunk, those of its first token).
         rngs: ``nnx.Rngs`` (``params`` stream).
 
     Raises:
@@ -146,13 +148,14 @@ class NeuralMemory(nnx.Module):
                  initial_momentum: float = 0.9, initial_forget: float = 0.01,
                  chunk_size: int = 16, implementation: str = "chunked",
                  retrieve: str = "after", max_grad_norm: float | None = None,
-                 rngs: nnx.Rngs):
+                 gate_granularity: str = "token", rngs: nnx.Rngs):
         if head_dim is None:
             check_heads(d_model, num_heads)
             head_dim = d_model // num_heads
         _positive("chunk_size", chunk_size)
         _choice("implementation", implementation, IMPLEMENTATIONS)
         _choice("retrieve", retrieve, RETRIEVE)
+        _choice("gate_granularity", gate_granularity, GATE_GRANULARITIES)
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm: expected None or > 0, got {max_grad_norm!r}")
         p = init_neural_memory(
@@ -165,6 +168,7 @@ class NeuralMemory(nnx.Module):
         self.config = p.config
         self.chunk_size, self.implementation = chunk_size, implementation
         self.retrieve, self.max_grad_norm = retrieve, max_grad_norm
+        self.gate_granularity = gate_granularity
         for field in _FIELDS:
             value = getattr(p, field)
             setattr(self, field, nnx.data(None) if value is None else nnx.Param(value))
@@ -208,7 +212,8 @@ class NeuralMemory(nnx.Module):
         out = neural_memory(self.params, x, chunk_size=self.chunk_size,
                             implementation=self.implementation, initial_state=initial_state,
                             return_state=return_state, retrieve=self.retrieve,
-                            max_grad_norm=self.max_grad_norm)
+                            max_grad_norm=self.max_grad_norm,
+                            gate_granularity=self.gate_granularity)
         y, state = out if return_state else (out, None)
         y = self.output(y, x).astype(x.dtype)
         return (y, state) if return_state else y
