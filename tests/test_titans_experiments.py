@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from experiments.benchmarks import titans_memory
+from experiments.titans import recall
 from experiments.titans.__main__ import main
 from experiments.titans.capacity import (
     VARIANTS,
@@ -115,3 +116,115 @@ def test_benchmark_smoke(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["seq_lens"] == [48]
     summary = (tmp_path / "summary.md").read_text()
     assert "speed-up chunked 16" in summary and "| 48 |" in summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Trained recall (experiment 2)
+
+
+def test_passkey_rows_hold_one_needle_and_the_query():
+    V, noise, L = 5, 7, 40
+    x, y = recall.passkey(seq_len=L, num_examples=300, num_values=V, num_noise=noise, seed=1)
+    mark, query = noise + V, noise + V + 1
+    assert x.shape == y.shape == (300, L) and x.dtype == y.dtype == np.int32
+    assert (x[:, -1] == query).all() and (x[:, :-1] != query).all()
+    assert ((x == mark).sum(1) == 1).all()
+    where = np.argmax(x == mark, axis=1)
+    needle = x[np.arange(300), where + 1]
+    # the passkey follows the marker and is the only label; the rest is noise
+    np.testing.assert_array_equal(y[:, -1], needle)
+    assert ((needle >= noise) & (needle < mark)).all()
+    assert (y[:, :-1] == -100).all()
+    rest = x.copy()
+    rest[np.arange(300), where] = rest[np.arange(300), where + 1] = 0
+    assert (rest[:, :-1] < noise).all()
+    # positions and values cover their ranges
+    assert where.min() == 0 and where.max() == L - 3
+    assert set(needle.tolist()) == set(range(noise, mark))
+    with pytest.raises(ValueError, match="seq_len"):
+        recall.passkey(seq_len=2, num_examples=1, num_values=1, num_noise=1, seed=0)
+    with pytest.raises(ValueError, match="num_values"):
+        recall.passkey(seq_len=5, num_examples=1, num_values=0, num_noise=1, seed=0)
+
+
+def _tiny_recall(tmp_path, **kw):
+    return dataclasses.replace(
+        recall.PRESETS["quick"], tasks=("passkey", "mqar"), models=("swa",),
+        train_len=16, eval_lens=(16, 32), d_model=16, num_heads=2, window=4, chunk_size=4,
+        num_values=4, num_noise=6, num_kv_pairs=2, mqar_vocab=64, num_train=32, num_eval=6,
+        batch_size=8, eval_batch_size=4, max_epochs=1, progress=False,
+        out=str(tmp_path / "recall"), **kw)
+
+
+def test_recall_rows_and_task_functions(tmp_path):
+    config = _tiny_recall(tmp_path)
+    rows = recall.make_rows(config, "mqar", 32, 5, stream=3)
+    assert rows["inputs"].shape == (5, 32) and rows["positions"].shape[1] == 2
+    again = recall.make_rows(config, "mqar", 32, 5, stream=3)
+    other = recall.make_rows(config, "mqar", 32, 5, stream=4)
+    np.testing.assert_array_equal(rows["inputs"], again["inputs"])
+    assert not np.array_equal(rows["inputs"], other["inputs"])
+    # The loss and accuracy are those of the full logits at the supervised positions.
+    lm = recall.build_model(config, "mqar", "swa")
+    params, loss_fn, eval_fn = recall.task_functions(lm)
+    batch = {k: jnp.asarray(v) for k, v in rows.items()} | {"weight": jnp.ones(5)}
+    logits = np.asarray(lm(batch["inputs"]), np.float64)
+    pos = rows["positions"]
+    picked = np.take_along_axis(logits, pos[..., None], 1)
+    logp = picked - np.log(np.exp(picked).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, rows["targets"][..., None], -1)[..., 0]
+    mask = rows["target_mask"]
+    total, count = loss_fn(params, batch, None)
+    np.testing.assert_allclose(float(total), (nll * mask).sum(), rtol=1e-5)
+    assert float(count) == mask.sum()
+    correct = (picked.argmax(-1) == rows["targets"]) * mask
+    np.testing.assert_allclose(eval_fn(params, batch)["accuracy"],
+                               correct.sum(1) / mask.sum(1), atol=1e-6)
+    # A short last batch is padded, not counted twice.
+    want = float((correct.sum(1) / mask.sum(1)).mean())
+    assert recall.evaluate(eval_fn, params, rows, 2) == pytest.approx(want, abs=1e-6)
+
+
+def test_recall_cli_writes_outputs_and_resumes(tmp_path, capsys):
+    config = _tiny_recall(tmp_path)
+    rows = recall.run_recall(config)
+    out = tmp_path / "recall"
+    assert [(r["task"], r["model"]) for r in rows] == [
+        (t, m) for t in config.tasks for m in config.models]
+    for r in rows:
+        assert set(r["accuracy"]) == {"16", "32"}
+        assert all(0 <= a <= 1 for a in r["accuracy"].values())
+        assert r["train_steps"] == 4 and np.isfinite(r["train_loss"]) and r["parameters"] > 0
+    assert len(_read_jsonl(out / "results.jsonl")) == 2
+    assert (out / "figures" / "recall.png").stat().st_size > 0
+    summary = (out / "summary.md").read_text()
+    assert "### passkey (chance 0.25)" in summary and "| sliding-window attention |" in summary
+    assert "### mqar (chance 0.0312)" in summary
+    # Finished runs are read back, not trained again (eval.json is the marker).
+    marker = out / "runs" / "passkey-swa" / "eval.json"
+    saved = json.loads(marker.read_text())
+    saved["accuracy"]["16"] = 0.123
+    marker.write_text(json.dumps(saved))
+    assert main(["--experiment", "recall", "--preset", "quick", "--tasks", "passkey",
+                 "--models", "swa", "--train-len", "16", "--eval-lens", "16,32",
+                 "--d-model", "16", "--window", "4", "--chunk-size", "4", "--num-values", "4",
+                 "--num-noise", "6", "--out", str(out)]) == 0
+    assert "| 0.123 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="models"):
+        recall.run_recall(dataclasses.replace(config, models=("lstm",)))
+    with pytest.raises(ValueError, match="tasks"):
+        recall.run_recall(dataclasses.replace(config, tasks=("copy",)))
+
+
+def test_recall_summary_sets_paper_numbers_beside_the_measured_ones(tmp_path):
+    config = dataclasses.replace(_tiny_recall(tmp_path), tasks=("passkey",),
+                                 models=("mac", "lmm_no_momentum"))
+    rows = [{"task": "passkey", "model": "mac", "accuracy": {"16": 0.5, "32": 0.25}},
+            {"task": "passkey", "model": "lmm_no_momentum",
+             "accuracy": {"16": 1.0, "32": 0.75}}]
+    lines = recall.summary(config, rows).splitlines()
+    assert ("| Titans MAC | 0.500 | 0.250 | T2 S-NIAH 16K: 97.4; "
+            "T5 ppl / long-ctx: 26.67 / 97.95 |") in lines
+    assert "| LMM without momentum | 1.000 | 0.750 | T5 ppl / long-ctx: 28.98 / 87.12 |" in lines
+    recall.plot(config, rows, tmp_path / "recall.png")
+    assert (tmp_path / "recall.png").stat().st_size > 0

@@ -1,0 +1,376 @@
+"""Trained recall with length generalisation (issue 7, experiment 2).
+
+Small language models are trained on a recall task at one length (256 tokens) and evaluated,
+unchanged, on longer sequences (512 .. 2048): the paper's question of whether a test-time
+memory keeps recalling beyond the span its attention can see (Titans Table 2, S-NIAH; Table
+5, the ablations).
+
+Tasks:
+
+* ``passkey`` (needle in noise, one needle): ``L - 1`` random noise tokens with a marker
+  ``MARK`` followed by a passkey (one of ``num_values`` tokens) at a uniform random position;
+  the last token is ``QUERY`` and the model must predict the passkey there. Chance is
+  1 / ``num_values``. Evaluated at each length with the needle anywhere in the sequence, so
+  at 2048 most needles sit farther from the query than any training example could.
+* ``mqar``: Zoology's multi-query associative recall (:func:`experiments.zoology.data.mqar`)
+  with ``num_kv_pairs`` pairs at the start and the queries spread over the rest; every
+  query position is supervised. At longer lengths the gaps between a pair and its query grow.
+
+Models: ``layers`` x [short causal convolution (Zoology's BaseConv, kernel 3) -> mixer], no
+position embedding (the convolution gives local order; nothing is tied to absolute
+positions, so every model can run at any length). Mixers (see :data:`MODELS`): sliding-window
+attention (``window`` tokens), linear attention (elu + 1), the Titans LMM, MAC, MAG and MAL
+(:mod:`jattn.nn.titans`; attention windows and MAC segments of ``window`` tokens), and the
+Table 5 ablations of the LMM (linear memory L_M = 1, no momentum, no forgetting), and the LMM
+trained with the paper's chunk-parallel form (chunks of 16) instead of token by token
+(``chunk_size`` 1, the default here: the deep memory learns the passkey only at 1).
+
+Each run is trained with the shared resumable trainer (:func:`experiments.common.trainer.fit`)
+and then evaluated at every length of ``eval_lens`` on fresh rows; finished runs are skipped.
+Writes runs/<task>-<model>/ (checkpoints, metrics.jsonl, result.json, eval.json),
+results.jsonl, summary.md and figures/recall.png under ``out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from experiments.common.config import save_config
+from experiments.common.plots import panels, save
+from experiments.common.trainer import TrainConfig, fit
+from experiments.zoology import data as zoology_data
+from experiments.zoology.run import label_positions
+from jattn.nn.attention import MultiHeadAttention
+from jattn.nn.linear import LinearAttention
+from jattn.nn.mixers import BaseConv
+from jattn.nn.titans import TitansLMM, TitansMAC, TitansMAG, TitansMAL
+from jattn.nn.transformer import TransformerLM
+
+TASKS = ("passkey", "mqar")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def passkey(*, seq_len: int, num_examples: int, num_values: int, num_noise: int,
+            seed: int | np.random.SeedSequence) -> tuple[np.ndarray, np.ndarray]:
+    """Needle-in-noise rows.
+
+    Tokens: noise [0, num_noise), passkeys [num_noise, num_noise + num_values), MARK =
+    num_noise + num_values, QUERY = MARK + 1 (vocabulary :func:`passkey_vocab`).
+
+    Returns:
+        (inputs, labels) int32 [num_examples, seq_len]: noise everywhere except MARK at a
+        uniform position m in [0, seq_len - 2), the passkey at m + 1 and QUERY last; labels
+        are -100 except at the last position, which holds the passkey.
+
+    Raises:
+        ValueError: seq_len < 3 or a count < 1.
+
+    >>> x, y = passkey(seq_len=6, num_examples=2, num_values=3, num_noise=4, seed=0)
+    >>> x.shape, bool((x[:, -1] == 8).all()), bool(((y[:, -1] >= 4) & (y[:, -1] < 7)).all())
+    ((2, 6), True, True)
+    """
+    if seq_len < 3:
+        raise ValueError(f"seq_len: expected >= 3, got {seq_len}")
+    for name, value in (("num_examples", num_examples), ("num_values", num_values),
+                        ("num_noise", num_noise)):
+        if value < 1:
+            raise ValueError(f"{name}: expected >= 1, got {value}")
+    rng = np.random.default_rng(seed)
+    mark = num_noise + num_values
+    inputs = rng.integers(0, num_noise, (num_examples, seq_len)).astype(np.int32)
+    where = rng.integers(0, seq_len - 2, num_examples)
+    keys = rng.integers(num_noise, mark, num_examples).astype(np.int32)
+    rows = np.arange(num_examples)
+    inputs[rows, where] = mark
+    inputs[rows, where + 1] = keys
+    inputs[:, -1] = mark + 1
+    labels = np.full((num_examples, seq_len), zoology_data.IGNORE, np.int32)
+    labels[:, -1] = keys
+    return inputs, labels
+
+
+def passkey_vocab(num_values: int, num_noise: int) -> int:
+    return num_noise + num_values + 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclasses.dataclass(frozen=True)
+class RecallConfig:
+    """Trained-recall settings (every field is a command-line flag)."""
+
+    tasks: tuple[str, ...] = TASKS
+    models: tuple[str, ...] = ("swa", "linear", "lmm", "mac", "mag", "mal", "lmm_linear",
+                               "lmm_no_momentum", "lmm_no_forget", "lmm_chunk16")
+    train_len: int = 256
+    eval_lens: tuple[int, ...] = (256, 512, 1024, 2048)
+    d_model: int = 64
+    num_heads: int = 2
+    layers: int = 1  # [conv, mixer] pairs
+    window: int = 32  # attention window (SWA, MAG, MAL) and MAC segment
+    chunk_size: int = 1  # memory chunk (the deep memory learns the passkey only at 1)
+    initial_lr: float = 0.1  # memory gates at initialisation: theta,
+    initial_forget: float = 0.001  # alpha
+    num_persistent: int = 4
+    num_values: int = 16  # passkey: candidate passkeys (chance 1 / num_values)
+    num_noise: int = 32  # passkey: noise vocabulary
+    num_kv_pairs: int = 8  # mqar
+    mqar_vocab: int = 4096  # mqar: must exceed the longest eval length
+    num_train: int = 4096  # training rows (steps = num_train / batch_size * max_epochs)
+    num_eval: int = 256  # rows per eval length
+    batch_size: int = 32
+    eval_batch_size: int = 16
+    max_epochs: int = 4
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.1
+    seed: int = 0
+    progress: bool = True
+    out: str = "results/titans/recall"
+
+
+PRESETS = {
+    # about 8 min on 2 CPU cores; the docs' table adds --models ...,linear,lmm_chunk16
+    "quick": RecallConfig(tasks=("passkey",), models=("swa", "lmm_linear", "lmm"),
+                          num_eval=128, max_epochs=2),
+    "full": RecallConfig(num_train=8192, max_epochs=2, num_eval=256,
+                         out="results/titans/recall_full"),
+}
+
+
+def _titans(cls, **fixed):
+    def make(config: RecallConfig, rngs: nnx.Rngs) -> nnx.Module:
+        options = dict(chunk_size=config.chunk_size, num_persistent=config.num_persistent,
+                       initial_lr=config.initial_lr, initial_forget=config.initial_forget,
+                       max_grad_norm=1.0) | fixed
+        if cls is TitansMAC:
+            options["segment_size"] = config.window
+        elif cls is not TitansLMM:
+            options["window"] = config.window
+        return cls(config.d_model, config.num_heads, rngs=rngs, **options)
+    return make
+
+
+# name -> (what it is, builder(config, rngs) -> mixer module [B, T, D] -> [B, T, D]).
+MODELS: dict[str, tuple[str, Callable[[RecallConfig, nnx.Rngs], nnx.Module]]] = {
+    "swa": ("sliding-window attention", lambda c, rngs: MultiHeadAttention(
+        c.d_model, c.num_heads, window=c.window, rngs=rngs)),
+    "linear": ("linear attention (elu+1)", lambda c, rngs: LinearAttention(
+        c.d_model, c.num_heads, feature_map="elu+1", rngs=rngs)),
+    "lmm": ("Titans LMM (deep memory L_M = 2)", _titans(TitansLMM)),
+    "mac": ("Titans MAC", _titans(TitansMAC)),
+    "mag": ("Titans MAG", _titans(TitansMAG)),
+    "mal": ("Titans MAL", _titans(TitansMAL)),
+    "lmm_linear": ("LMM, linear memory (L_M = 1)", _titans(TitansLMM, memory_depth=1)),
+    "lmm_no_momentum": ("LMM without momentum", _titans(TitansLMM, momentum=False)),
+    "lmm_no_forget": ("LMM without forgetting", _titans(TitansLMM, forget=False)),
+    "lmm_chunk16": ("LMM, chunks of 16 (paper's parallel training)",
+                    _titans(TitansLMM, chunk_size=16)),
+}
+
+
+def vocab_size(config: RecallConfig, task: str) -> int:
+    if task == "passkey":
+        return passkey_vocab(config.num_values, config.num_noise)
+    return config.mqar_vocab
+
+
+def build_model(config: RecallConfig, task: str, model: str) -> TransformerLM:
+    """layers x [BaseConv(kernel 3) -> mixer], no position embedding, tied output head."""
+    build = MODELS[model][1]
+
+    def conv(d, *, num_heads, causal, max_length, rngs):
+        return BaseConv(d, max_length, 3, rngs=rngs)
+
+    def mixer(d, *, num_heads, causal, max_length, rngs):
+        return build(config, rngs)
+
+    return TransformerLM(vocab_size(config, task), config.d_model, 2 * config.layers,
+                         mixer=[conv, mixer] * config.layers, num_heads=config.num_heads,
+                         max_length=max((*config.eval_lens, config.train_len)),
+                         positions=None, rngs=nnx.Rngs(config.seed))
+
+
+def make_rows(config: RecallConfig, task: str, seq_len: int, num_examples: int,
+              stream: int) -> dict[str, np.ndarray]:
+    """Rows of ``task`` at ``seq_len`` from seed stream ``stream`` (0: train, 1 + i: eval at
+    the i-th length), as the trainer's dict (inputs, positions, targets, target_mask)."""
+    seed = np.random.SeedSequence([config.seed, TASKS.index(task), stream])
+    if task == "passkey":
+        x, y = passkey(seq_len=seq_len, num_examples=num_examples,
+                       num_values=config.num_values, num_noise=config.num_noise, seed=seed)
+    elif task == "mqar":
+        x, y = zoology_data.mqar(vocab_size=config.mqar_vocab, input_seq_len=seq_len,
+                                 num_kv_pairs=config.num_kv_pairs, num_examples=num_examples,
+                                 seed=seed)
+    else:
+        raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
+    return {"inputs": x} | label_positions(y)
+
+
+def task_functions(model: TransformerLM):
+    """(params, loss_fn, eval_fn) for the trainer: cross-entropy and accuracy at the
+    supervised positions only (the logits are computed there only)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def logits(params, batch):
+        return nnx.merge(graphdef, params, rest)(batch["inputs"], logits_at=batch["positions"])
+
+    def loss_fn(params, batch, rng):
+        del rng
+        ce = optax.softmax_cross_entropy_with_integer_labels(
+            logits(params, batch).astype(jnp.float32), batch["targets"])
+        weight = batch["target_mask"] * batch["weight"][:, None]
+        return (ce * weight).sum(), weight.sum()
+
+    def eval_fn(params, batch):
+        correct = jnp.argmax(logits(params, batch), -1) == batch["targets"]
+        mask = batch["target_mask"]
+        return {"accuracy": (correct * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)}
+
+    return params, loss_fn, eval_fn
+
+
+def evaluate(eval_fn, params, rows: dict[str, np.ndarray], batch_size: int) -> float:
+    """Mean per-row accuracy over ``rows`` (one compiled shape: a short last batch is
+    padded and its padding ignored)."""
+    step = jax.jit(eval_fn)
+    n = len(rows["inputs"])
+    total = 0.0
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size) % n
+        real = min(batch_size, n - start)
+        acc = np.asarray(step(params, {k: v[idx] for k, v in rows.items()})["accuracy"])
+        total += float(acc[:real].sum())
+    return total / n
+
+
+def run_one(config: RecallConfig, task: str, model: str, workdir: Path) -> dict:
+    """Train (or resume) one (task, model) run at ``train_len``, then evaluate it at every
+    length of ``eval_lens``; returns the row written to eval.json."""
+    done = workdir / "eval.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    workdir.mkdir(parents=True, exist_ok=True)
+    lm = build_model(config, task, model)
+    params, loss_fn, eval_fn = task_functions(lm)
+    train = make_rows(config, task, config.train_len, config.num_train, 0)
+    valid = make_rows(config, task, config.train_len, config.num_eval, 1)
+    train_config = TrainConfig(
+        learning_rate=config.learning_rate, batch_size=config.batch_size,
+        max_epochs=config.max_epochs, weight_decay=config.weight_decay,
+        eval_batch_size=config.eval_batch_size, early_stop_metric=None,
+        checkpoint_every=100, seed=config.seed, progress=config.progress)
+    params, result = fit(params, loss_fn=loss_fn, eval_fn=eval_fn, train=train, valid=valid,
+                         config=train_config, workdir=workdir)
+    accuracy = {}
+    for i, length in enumerate(config.eval_lens):
+        rows = make_rows(config, task, length, config.num_eval, 2 + i)
+        accuracy[str(length)] = evaluate(eval_fn, params, rows, config.eval_batch_size)
+    row = {"task": task, "model": model, "accuracy": accuracy, "train_steps": result.step,
+           "train_loss": result.train_loss, "train_seconds": result.seconds,
+           "parameters": int(sum(np.size(p) for p in jax.tree_util.tree_leaves(params)))}
+    done.write_text(json.dumps(row, indent=1))
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweep, table, figure
+
+# Titans (arXiv 2501.00663): Table 2, S-NIAH accuracy (%) at 16K; Table 5, perplexity /
+# long-context accuracy of the ablations (760M parameters).
+PAPER_TABLE2 = {"lmm": 80.2, "mac": 97.4}
+PAPER_TABLE5 = {"lmm": (27.01, 92.68), "lmm_linear": (28.49, 85.34),
+                "lmm_no_momentum": (28.98, 87.12), "lmm_no_forget": (29.04, 85.60),
+                "mac": (26.67, 97.95)}
+
+
+def chance(config: RecallConfig, task: str) -> float:
+    """Accuracy of guessing: 1 / num_values (passkey) or 1 / the values' range (mqar)."""
+    if task == "passkey":
+        return 1.0 / config.num_values
+    return 1.0 / (config.mqar_vocab // 2)
+
+
+def summary(config: RecallConfig, rows: list[dict]) -> str:
+    lens = [str(n) for n in config.eval_lens]
+    lines = [f"Train length {config.train_len}; d_model {config.d_model}, {config.layers} x "
+             f"[conv, mixer], window/segment {config.window}, memory chunk "
+             f"{config.chunk_size}; {config.num_train} training rows x {config.max_epochs} "
+             f"epochs; accuracy over {config.num_eval} fresh rows per length."]
+    for task in config.tasks:
+        lines += ["", f"### {task} (chance {chance(config, task):.3g})", "",
+                  "| model | " + " | ".join(f"L={n}" for n in lens) + " | paper |",
+                  "|---|" + "---|" * (len(lens) + 1)]
+        for row in rows:
+            if row["task"] != task:
+                continue
+            name = row["model"]
+            paper = []
+            if task == "passkey" and name in PAPER_TABLE2:
+                paper.append(f"T2 S-NIAH 16K: {PAPER_TABLE2[name]}")
+            if name in PAPER_TABLE5:
+                paper.append("T5 ppl / long-ctx: {} / {}".format(*PAPER_TABLE5[name]))
+            cells = [f"{row['accuracy'][n]:.3f}" for n in lens]
+            lines.append(f"| {MODELS[name][0]} | " + " | ".join(cells) + " | "
+                         + "; ".join(paper) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(config: RecallConfig, rows: list[dict], path: Path) -> None:
+    fig, axes = panels(len(config.tasks), width=4.2, height=3.4)
+    for ax, task in zip(axes, config.tasks, strict=True):
+        for row in rows:
+            if row["task"] != task:
+                continue
+            lens = [int(n) for n in row["accuracy"]]
+            style = "--" if row["model"].startswith("lmm_") else "-"
+            ax.plot(lens, list(row["accuracy"].values()), style, marker="o",
+                    label=row["model"])
+        ax.axhline(chance(config, task), color="grey", lw=0.8, ls=":", label="chance")
+        ax.axvline(config.train_len, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(config.eval_lens, [str(n) for n in config.eval_lens])
+        ax.set_xlabel(f"evaluation length (trained at {config.train_len})")
+        ax.set_title(task)
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("accuracy")
+    axes[-1].legend(fontsize=7)
+    save(fig, path)
+
+
+def run_recall(config: RecallConfig) -> list[dict]:
+    """Every (task, model) of the config: train, evaluate, then the table and figure."""
+    for task in config.tasks:
+        if task not in TASKS:
+            raise ValueError(f"tasks: expected names from {TASKS}, got {task!r}")
+    for model in config.models:
+        if model not in MODELS:
+            raise ValueError(f"models: expected names from {sorted(MODELS)}, got {model!r}")
+    out = Path(config.out)
+    save_config(config, out)
+    rows = []
+    pairs = [(t, m) for t in config.tasks for m in config.models]
+    for task, model in tqdm(pairs, desc="recall runs", disable=not config.progress):
+        rows.append(run_one(config, task, model, out / "runs" / f"{task}-{model}"))
+    with open(out / "results.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    (out / "summary.md").write_text(summary(config, rows))
+    plot(config, rows, out / "figures" / "recall.png")
+    return rows
+
