@@ -52,6 +52,10 @@ DECODABLE = {
     "hyena": dict(mixer="hyena", mixer_options={"filter_order": 8}),
     "h3": dict(mixer="h3", mixer_options={"d_state": 4}),
     "mamba": dict(mixer="mamba", mixer_options={"d_state": 4}),
+    "titans_lmm": dict(mixer="titans_lmm", positions=None,
+                       mixer_options={"chunk_size": 1, "num_persistent": 2}),
+    "titans_mal": dict(mixer="titans_mal", positions=None,
+                       mixer_options={"implementation": "sequential", "window": 3}),
 }
 
 
@@ -179,6 +183,16 @@ def test_logits_at_gathers_the_full_logits():
     full = np.asarray(lm(tokens))
     want = np.stack([full[b, np.asarray(at[b])] for b in range(2)])
     np.testing.assert_allclose(lm(tokens, logits_at=at), want, atol=1e-6)
+
+
+def test_titans_decoding_needs_token_by_token_writes():
+    lm = TransformerLM(V, D, 1, mixer="titans_lmm", mixer_options={"chunk_size": 4},
+                       rngs=nnx.Rngs(0))
+    with pytest.raises(NotImplementedError, match="chunk_size=4"):
+        lm.prefill(_tokens(0, (1, 5)))
+    lm = TransformerLM(V, D, 1, mixer="titans_mag", rngs=nnx.Rngs(0))
+    with pytest.raises(NotImplementedError, match="titans_mag"):
+        lm.prefill(_tokens(0, (1, 5)))
 
 
 def test_errors():

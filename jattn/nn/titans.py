@@ -55,8 +55,10 @@ Options of the memory (``memory_depth``, ``memory_expansion``, ``chunk_size``,
 ``implementation``, ``momentum``, ``forget``, ``channelwise_forget``, ``max_grad_norm``,
 ``gate_granularity``, ``num_persistent``, ...) pass through every architecture to
 :class:`NeuralMemory`. Outputs are in the input's dtype. All four mixers are causal only
-(the memory is a recurrence) and have no decoding state (no ``prefill``/``step``):
-:func:`jattn.nn.generate` raises NotImplementedError for them.
+(the memory is a recurrence). LMM and MAL decode (``prefill``/``step``: the memory state,
+plus MAL's attention KV cache) when the memory writes token by token (``chunk_size=1`` or
+``implementation="sequential"``; otherwise NotImplementedError); MAG and MAC have no
+decoding state yet, and :func:`jattn.nn.generate` raises NotImplementedError for them.
 
 ``TITANS_MIXERS`` maps "titans_lmm", "titans_mag", "titans_mal", "titans_mac" to factories
 with :data:`jattn.nn.transformer.MIXERS`' signature.
@@ -200,6 +202,21 @@ class NeuralMemory(nnx.Module):
         gate = jax.nn.sigmoid(self.gate(x)).reshape(y.shape)
         return self.out_proj((self.norm(y) * gate).reshape(*x.shape[:-1], -1))
 
+    def decoding(self) -> None:
+        """Check that decoding (a prompt, then a few tokens per call) computes what one call on
+        the whole sequence computes: true when every token is written on its own
+        (``implementation="sequential"`` or ``chunk_size=1``). Chunks restart at every call,
+        so with larger chunks the calls would freeze the gradients at other points.
+
+        Raises:
+            NotImplementedError: chunked with ``chunk_size`` > 1.
+        """
+        if self.implementation == "chunked" and self.chunk_size > 1:
+            raise NotImplementedError(
+                f"decoding: chunks restart at every call, so decoding with chunk_size="
+                f"{self.chunk_size} would differ from the full forward; use chunk_size=1 or "
+                "implementation='sequential'")
+
     def prepend_persistent(self, x: jax.Array) -> jax.Array:
         """[persistent || x]: [B, T, D] -> [B, N_p + T, D]."""
         return prepend_persistent(self.params, x) if self.num_persistent else x
@@ -263,6 +280,20 @@ class TitansLMM(nnx.Module):
         """x [B, T, D] -> [B, T, D]."""
         out = self.memory(self.memory.prepend_persistent(x))
         return out[:, self.memory.num_persistent:].astype(x.dtype)
+
+    def prefill(self, x: jax.Array, *, max_length: int | None = None):
+        """(output, :class:`NeuralMemoryState`) of a prompt x [B, T, D]; the state does not
+        grow with the length. Token-by-token writes only: see :meth:`NeuralMemory.decoding`."""
+        del max_length
+        self.memory.decoding()
+        out, state = self.memory(self.memory.prepend_persistent(x), return_state=True)
+        return out[:, self.memory.num_persistent:].astype(x.dtype), state
+
+    def step(self, x: jax.Array, state: NeuralMemoryState, *, position=None):
+        """The next tokens x [B, T, D]: (output, new state); ``position`` is not needed."""
+        del position
+        out, state = self.memory(x, initial_state=state, return_state=True)
+        return out.astype(x.dtype), state
 
 
 class TitansMAG(nnx.Module):
@@ -338,6 +369,23 @@ class TitansMAL(nnx.Module):
         """x [B, T, D] -> [B, T, D]."""
         y = self.memory(self.memory.prepend_persistent(x))
         return self.attention(y)[:, self.memory.num_persistent:].astype(x.dtype)
+
+    def prefill(self, x: jax.Array, *, max_length: int):
+        """(output, (memory state, attention KV cache)) of a prompt x [B, T, D] (a cache of
+        ``max_length`` + N_p slots, or a ring of ``window``). Token-by-token writes only: see
+        :meth:`NeuralMemory.decoding`."""
+        self.memory.decoding()
+        y, memory = self.memory(self.memory.prepend_persistent(x), return_state=True)
+        out, cache = self.attention.prefill(y, max_length=max_length + self.memory.num_persistent)
+        return out[:, self.memory.num_persistent:].astype(x.dtype), (memory, cache)
+
+    def step(self, x: jax.Array, state, *, position=None):
+        """The next tokens x [B, T, D]: (output, new state); ``position`` is not needed."""
+        del position
+        memory, cache = state
+        y, memory = self.memory(x, initial_state=memory, return_state=True)
+        out, cache = self.attention.step(y, cache)
+        return out.astype(x.dtype), (memory, cache)
 
 
 class MACState(NamedTuple):
