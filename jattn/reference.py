@@ -1828,3 +1828,24 @@ def neural_memory(params, x, *, chunk_size=1, initial_state=None, retrieve="afte
                    for i, (w, s) in enumerate(zip(weights, momentum, strict=True))]
         ys.append(memory(weights if retrieve == "after" else previous, q[:, t]))
     return jnp.stack(ys, 1).astype(x.dtype), weights, momentum, conv_out
+
+
+def rwkv_wkv(w, u, k, v):
+    """RWKV-4's WKV from its definition: per channel c, a softmax over positions i <= t with
+    logits -(t-1-i) w + k_i for i < t and u + k_t for i = t, averaging v_i. Dense [T, T]
+    logits per channel with a causal mask; stabilised by subtracting each row's max.
+    w, u [C]; k, v [B, T, C] -> [B, T, C] in v's dtype (computed in float32 or wider)."""
+    dtype = jnp.promote_types(jnp.result_type(w, u, k, v), jnp.float32)
+    w, u, k32, v32 = (jnp.asarray(x).astype(dtype) for x in (w, u, k, v))
+    T = k.shape[1]
+    t = jnp.arange(T)[:, None]
+    i = jnp.arange(T)[None, :]
+    distance = (t - 1 - i).astype(dtype)  # [T, T]
+    logits = -distance[None, :, :, None] * w + k32[:, None, :, :]  # [B, t, i, C]
+    logits = jnp.where((i == t)[None, :, :, None], u + k32[:, :, None, :], logits)
+    allowed = (i <= t)[None, :, :, None]
+    logits = jnp.where(allowed, logits, -jnp.inf)
+    weights = jnp.exp(logits - jnp.max(logits, axis=2, keepdims=True))
+    weights = jnp.where(allowed, weights, 0.0)
+    y = jnp.sum(weights * v32[:, None, :, :], axis=2) / jnp.sum(weights, axis=2)
+    return y.astype(v.dtype)

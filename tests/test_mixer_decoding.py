@@ -24,7 +24,7 @@ from jattn.mixers import (
     h3_step,
     selective_scan,
 )
-from jattn.nn import H3, BaseConv, Hyena, Mamba, ShortConv
+from jattn.nn import H3, BaseConv, Hyena, Mamba, RWKV4TimeMix, ShortConv
 
 PIECES = (5, 1, 1, 1, 3)  # a prompt of 5, three single tokens, a block of 3: 11 in all
 
@@ -110,6 +110,7 @@ MODULES = {
     "hyena": lambda: Hyena(6, 16, filter_order=8, rngs=nnx.Rngs(3)),
     "mamba": lambda: Mamba(6, d_state=4, rngs=nnx.Rngs(4)),
     "h3": lambda: H3(6, 16, d_state=4, rngs=nnx.Rngs(5)),
+    "rwkv": lambda: RWKV4TimeMix(6, layer=1, num_layers=3, rngs=nnx.Rngs(6)),
 }
 
 

@@ -52,6 +52,7 @@ DECODABLE = {
     "hyena": dict(mixer="hyena", mixer_options={"filter_order": 8}),
     "h3": dict(mixer="h3", mixer_options={"d_state": 4}),
     "mamba": dict(mixer="mamba", mixer_options={"d_state": 4}),
+    "rwkv": dict(mixer="rwkv", positions=None),
     "titans_lmm": dict(mixer="titans_lmm", positions=None,
                        mixer_options={"chunk_size": 1, "num_persistent": 2}),
     "titans_mal": dict(mixer="titans_mal", positions=None,

@@ -36,6 +36,7 @@ from jattn.nn import (
     LinearAttention,
     Mamba,
     MultiHeadAttention,
+    RWKV4TimeMix,
     SparseAttention,
 )
 
@@ -68,6 +69,10 @@ MIXERS: dict[str, MixerSpec] = {
     "hyena": MixerSpec(lambda d, layer, l_max, rngs: Hyena(d, l_max, rngs=rngs)),
     "h3": MixerSpec(lambda d, layer, l_max, rngs: H3(d, l_max, head_dim=2, rngs=rngs)),
     "mamba": MixerSpec(lambda d, layer, l_max, rngs: Mamba(d, rngs=rngs)),
+    # The original's time mixer keeps its default n_layer=12 for its initialisation (the
+    # figure-2 config does not pass the model's depth).
+    "rwkv": MixerSpec(
+        lambda d, layer, l_max, rngs: RWKV4TimeMix(d, layer=layer, num_layers=12, rngs=rngs)),
     "linear_attention": MixerSpec(
         lambda d, layer, l_max, rngs: LinearAttention(d, 1, feature_map="elu+1", rngs=rngs)),
     # Hybrids: even layers a short-conv BaseConv, odd layers the (sub-quadratic) lookup.

@@ -36,7 +36,7 @@ PRESETS: dict[str, SweepConfig] = {
         d_models=(64, 128), learning_rates=(1e-3, 3e-3), vocab_size=256, max_epochs=4,
         out="results/zoology/cpu"),
     "paper": SweepConfig(
-        mixers=("attention", "base_conv", "hyena", "h3", "based", "mamba"),
+        mixers=("attention", "base_conv", "hyena", "h3", "rwkv", "based", "mamba"),
         seq_lens=(64, 128, 256, 512), num_kv_pairs=(4, 8, 16, 64),
         batch_sizes=(512, 512, 256, 128), d_models=(64, 128, 256, 512),
         learning_rates=PAPER_LEARNING_RATES, max_epochs=64, out="results/zoology/paper"),

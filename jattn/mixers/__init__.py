@@ -22,17 +22,25 @@ from jattn.mixers.h3 import (
     h3_step,
     shift_ssm_kernel,
 )
+from jattn.mixers.rwkv import (
+    WKVState,
+    empty_wkv_state,
+    token_shift,
+    wkv,
+)
 from jattn.mixers.ssm import selective_scan
 
 __all__ = [
     "DiagonalSSM",
     "H3State",
     "ShiftSSM",
+    "WKVState",
     "causal_conv_step",
     "conv_history",
     "decay_rates",
     "diag_ssm_kernel",
     "discretize",
+    "empty_wkv_state",
     "h3_mix",
     "h3_prefill",
     "h3_ssm",
@@ -44,4 +52,6 @@ __all__ = [
     "selective_scan",
     "shift_ssm_kernel",
     "short_causal_conv",
+    "token_shift",
+    "wkv",
 ]

@@ -72,6 +72,11 @@ from jattn.nn.pooling import (
     MultiQuerySelfAttention,
 )
 from jattn.nn.routing import RoutingAttention, RoutingCentroids
+from jattn.nn.rwkv import (
+    RWKV4TimeMix,
+    RWKVState,
+    rwkv4_time_mix_init,
+)
 from jattn.nn.sparse import SelectionPenalty, SelectiveLookups, SparseAttention
 from jattn.nn.structure import (
     BoxRelativeAttention,
@@ -146,6 +151,8 @@ __all__ = [
     "QKVProjection",
     "QueryDecoder",
     "QueryDecoderLayer",
+    "RWKV4TimeMix",
+    "RWKVState",
     "RandomFeatureKey",
     "RecurrentCorrespondenceRegulator",
     "ReferenceAttention",
@@ -169,4 +176,5 @@ __all__ = [
     "WingsLearners",
     "generate",
     "mac_mask",
+    "rwkv4_time_mix_init",
 ]

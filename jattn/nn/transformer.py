@@ -31,6 +31,7 @@ from jattn.nn.heads import MixtureOfHeadsAttention
 from jattn.nn.linear import BasedLinearAttention, LinearAttention
 from jattn.nn.mixers import H3, BaseConv, Hyena, Mamba
 from jattn.nn.routing import RoutingAttention
+from jattn.nn.rwkv import RWKV4TimeMix
 from jattn.nn.titans import TITANS_MIXERS
 from jattn.positions import sinusoidal
 from jattn.typing import check_integer, check_rank
@@ -57,10 +58,12 @@ def _linear(d, *, num_heads, causal, max_length, rngs, **options):
     return LinearAttention(d, num_heads, causal=causal, rngs=rngs, **options)
 
 
-def _mamba(d, *, num_heads, causal, max_length, rngs, **options):
-    del num_heads, max_length
-    _causal_only("mamba", causal)
-    return Mamba(d, rngs=rngs, **options)
+def _recurrent_mixer(cls, name):
+    def make(d, *, num_heads, causal, max_length, rngs, **options):
+        del num_heads, max_length
+        _causal_only(name, causal)
+        return cls(d, rngs=rngs, **options)
+    return make
 
 
 MIXERS: dict[str, MixerFactory] = {
@@ -76,7 +79,8 @@ MIXERS: dict[str, MixerFactory] = {
     "base_conv": _conv_mixer(BaseConv, "base_conv"),
     "hyena": _conv_mixer(Hyena, "hyena"),
     "h3": _conv_mixer(H3, "h3"),
-    "mamba": _mamba,
+    "mamba": _recurrent_mixer(Mamba, "mamba"),
+    "rwkv": _recurrent_mixer(RWKV4TimeMix, "rwkv"),
     **TITANS_MIXERS,
 }
 NORMS = ("layernorm", "rmsnorm")
