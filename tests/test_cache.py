@@ -19,9 +19,9 @@ def _sequence(seed=0, value_heads=K):
             jax.random.normal(k[2], (B, L, value_heads, HV)))
 
 
-def _full(q, k, v, window):
+def _full(q, k, v, window, sinks=0):
     t, s = np.arange(L)[:, None], np.arange(L)[None, :]
-    allowed = s <= t if window is None else (s <= t) & (s > t - window)
+    allowed = s <= t if window is None else (s <= t) & ((s > t - window) | (s < sinks))
     return reference.dot_product_attention(q, k, v, mask=jnp.asarray(allowed)[None, None])
 
 
@@ -68,6 +68,22 @@ def test_prefill_then_decode_equals_decoding_from_scratch():
         np.testing.assert_allclose(cache_a.value, cache_b.value, atol=0)
 
 
+@pytest.mark.parametrize("window,sinks", [(1, 2), (4, 3), (3, 20)])
+@pytest.mark.parametrize("splits", [list(range(1, L)), [6], [2, 9], []],
+                         ids=["token-by-token", "prefill-6", "blocks", "one-call"])
+def test_sinks_stay_visible_beside_the_window(window, sinks, splits):
+    q, k, v = _sequence(3)
+    cache = init_cache(B, L, K, H, value_head_dim=HV, window=window, sinks=sinks)
+    assert cache.key.shape[1] == sinks + window
+    got, cache = _decode(q, k, v, cache, splits)
+    np.testing.assert_allclose(got, _full(q, k, v, window, sinks), atol=2e-5)
+    # The sink slots hold the first positions, the ring the last `window` after them.
+    for p in range(min(sinks, L)):
+        np.testing.assert_array_equal(cache.key[:, p], k[:, p])
+    for p in range(max(sinks, L - window), L):
+        np.testing.assert_array_equal(cache.key[:, sinks + (p - sinks) % window], k[:, p])
+
+
 def test_ring_keeps_the_last_window_tokens():
     q, k, v = _sequence(2)
     _, cache = cached_attention(q, k, v, init_cache(B, L, K, H, value_head_dim=HV, window=4))
@@ -84,3 +100,7 @@ def test_errors():
         cached_attention(q[:, :1], k[:, :1], v[:, :1, :, :4], cache)
     with pytest.raises(ValueError, match="window"):
         init_cache(B, 4, K, H, window=0)
+    with pytest.raises(ValueError, match="sinks"):
+        init_cache(B, 4, K, H, sinks=2)  # sinks need a window
+    with pytest.raises(ValueError, match="sinks"):
+        init_cache(B, 4, K, H, window=2, sinks=-1)

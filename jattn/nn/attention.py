@@ -84,15 +84,18 @@ class MultiHeadAttention(nnx.Module):
                                               dropout_rng=dropout_rng)
         return self.out_proj(out.reshape(*x.shape[:-1], -1))
 
-    def prefill(self, x: jax.Array, *, max_length: int) -> tuple[jax.Array, jattn.KVCache]:
+    def prefill(self, x: jax.Array, *, max_length: int, sinks: int = 0
+                ) -> tuple[jax.Array, jattn.KVCache]:
         """Causal forward of a prompt x [B, T, d_model] that also returns the KV cache
-        (``max_length`` slots, or a ring of ``window`` slots) for :meth:`step`."""
+        (``max_length`` slots, or a ring of ``window`` slots) for :meth:`step`. With a
+        window, the first ``sinks`` positions stay visible to every query
+        (:func:`jattn.init_cache`)."""
         self._check_causal()
         p = self.proj
         cache = jattn.init_cache(x.shape[0], max_length, p.num_kv_heads, p.head_dim,
                                  value_head_dim=p.value_head_dim,
                                  num_value_heads=p.num_value_heads, window=self.window,
-                                 dtype=x.dtype)
+                                 sinks=sinks, dtype=x.dtype)
         return self.step(x, cache)
 
     def step(self, x: jax.Array, cache: jattn.KVCache, *, position=None

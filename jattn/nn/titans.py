@@ -55,10 +55,11 @@ Options of the memory (``memory_depth``, ``memory_expansion``, ``chunk_size``,
 ``implementation``, ``momentum``, ``forget``, ``channelwise_forget``, ``max_grad_norm``,
 ``gate_granularity``, ``num_persistent``, ...) pass through every architecture to
 :class:`NeuralMemory`. Outputs are in the input's dtype. All four mixers are causal only
-(the memory is a recurrence). LMM and MAL decode (``prefill``/``step``: the memory state,
-plus MAL's attention KV cache) when the memory writes token by token (``chunk_size=1`` or
-``implementation="sequential"``; otherwise NotImplementedError); MAG and MAC have no
-decoding state yet, and :func:`jattn.nn.generate` raises NotImplementedError for them.
+(the memory is a recurrence). LMM, MAG and MAL decode (``prefill``/``step``: the memory
+state, plus the attention KV cache of MAG (a ring of the window beside the persistent tokens'
+slots) and MAL) when the memory writes token by token (``chunk_size=1`` or
+``implementation="sequential"``; otherwise NotImplementedError); MAC has no decoding state
+yet, and :func:`jattn.nn.generate` raises NotImplementedError for it.
 
 ``TITANS_MIXERS`` maps "titans_lmm", "titans_mag", "titans_mal", "titans_mac" to factories
 with :data:`jattn.nn.transformer.MIXERS`' signature.
@@ -340,6 +341,30 @@ class TitansMAG(nnx.Module):
         y = self.attention.out_proj(y.reshape(*xt.shape[:-1], -1))
         out = self.gate(y, self.memory(xt))[:, self.memory.num_persistent:]
         return out.astype(x.dtype)
+
+    def prefill(self, x: jax.Array, *, max_length: int):
+        """(output, (memory state, attention KV cache)) of a prompt x [B, T, D]: the cache
+        keeps the N_p persistent tokens (always visible) and a ring of ``window``; its size
+        does not depend on ``max_length``. Token-by-token writes only: see
+        :meth:`NeuralMemory.decoding`."""
+        self.memory.decoding()
+        xt = self.memory.prepend_persistent(x)
+        num_persistent = self.memory.num_persistent
+        # Persistent queries see the persistent tokens causally here (all of them in
+        # __call__); their outputs are dropped either way.
+        y, cache = self.attention.prefill(xt, max_length=max_length + num_persistent,
+                                          sinks=num_persistent)
+        m, memory = self.memory(xt, return_state=True)
+        out = self.gate(y, m)[:, num_persistent:]
+        return out.astype(x.dtype), (memory, cache)
+
+    def step(self, x: jax.Array, state, *, position=None):
+        """The next tokens x [B, T, D]: (output, new state); ``position`` is not needed."""
+        del position
+        memory, cache = state
+        y, cache = self.attention.step(x, cache)
+        m, memory = self.memory(x, initial_state=memory, return_state=True)
+        return self.gate(y, m).astype(x.dtype), (memory, cache)
 
 
 class TitansMAL(nnx.Module):
