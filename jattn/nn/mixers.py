@@ -191,6 +191,25 @@ class BaseConv(nnx.Module):
         return y * self.projection(u) + u, history
 
 
+class RecurrentMixer(nnx.Module):
+    """A mixer whose decoding state has a fixed size: a subclass defines
+    ``_mix(u, state, return_state) -> (y, new state or None)`` (``state`` None: from the
+    start) and gets the full forward, ``prefill`` and ``step`` from it."""
+
+    def __call__(self, u: jax.Array) -> jax.Array:
+        return self._mix(u, None, return_state=False)[0]
+
+    def prefill(self, u: jax.Array, *, max_length: int | None = None):
+        """(y, state) of a prompt; the state does not grow with the length."""
+        del max_length
+        return self._mix(u, None, return_state=True)
+
+    def step(self, u: jax.Array, state, *, position=None):
+        """The next tokens (one or more): (y, new state)."""
+        del position
+        return self._mix(u, state, return_state=True)
+
+
 class MambaState(NamedTuple):
     """Decoding state of :class:`Mamba`."""
 
@@ -198,9 +217,10 @@ class MambaState(NamedTuple):
     ssm: jax.Array  # [B, d_inner, d_state]: the selective scan's state (float32 or wider)
 
 
-class Mamba(nnx.Module):
+class Mamba(RecurrentMixer):
     """Mamba block: in_proj to (x, z), causal conv + SiLU on x, input-dependent (delta, B, C)
-    from x, selective scan (``jattn.mixers.selective_scan``), gate by SiLU(z), out_proj.
+    from x, selective scan (``jattn.mixers.selective_scan``), gate by SiLU(z), out_proj; decoding
+    (``prefill``/``step``) carries a :class:`MambaState`.
 
     Initialisation as in Mamba: A = -[1..d_state] per channel (stored as log), D = 1, and
     the dt projection's bias set so that softplus(bias) is log-uniform in [dt_min, dt_max].
@@ -229,20 +249,7 @@ class Mamba(nnx.Module):
         self.D = nnx.Param(jnp.ones((d_inner,), jnp.float32))
         self.out_proj = nnx.Linear(d_inner, d_model, use_bias=False, rngs=rngs)
 
-    def __call__(self, u: jax.Array) -> jax.Array:
-        return self._mix(u, None)[0]
-
-    def prefill(self, u: jax.Array, *, max_length: int | None = None):
-        """(y, :class:`MambaState`) of a prompt; the state does not grow."""
-        del max_length
-        return self._mix(u, None, return_state=True)
-
-    def step(self, u: jax.Array, state: MambaState, *, position=None):
-        """The next tokens: (y, new state)."""
-        del position
-        return self._mix(u, state, return_state=True)
-
-    def _mix(self, u, state: MambaState | None, return_state: bool = False):
+    def _mix(self, u, state: MambaState | None, return_state: bool):
         x, z = jnp.split(self.in_proj(u), 2, axis=-1)
         if state is None:
             history = conv.conv_history(x, self.conv.kernel.shape[0] - 1)

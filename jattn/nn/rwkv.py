@@ -34,6 +34,7 @@ from flax import nnx
 
 from jattn.mixers.rwkv import WKVState, token_shift, wkv
 from jattn.nn._init import torch_linear
+from jattn.nn.mixers import RecurrentMixer
 from jattn.typing import check_rank, check_shape
 
 
@@ -62,9 +63,10 @@ def rwkv4_time_mix_init(d_model: int, layer: int, num_layers: int) -> dict[str, 
     }
 
 
-class RWKV4TimeMix(nnx.Module):
+class RWKV4TimeMix(RecurrentMixer):
     """RWKV-4 time mixing: token-shift lerps, key/value/receptance projections, WKV gated by
-    sigmoid(receptance), output projection. Input and output [B, T, d_model].
+    sigmoid(receptance), output projection. Input and output [B, T, d_model]; decoding
+    (``prefill``/``step``) carries an :class:`RWKVState`.
 
     ``implementation`` picks :func:`jattn.mixers.rwkv.wkv`'s ("scan" or "sequential").
     """
@@ -88,19 +90,6 @@ class RWKV4TimeMix(nnx.Module):
         self.value = torch_linear(d_model, d_model, rngs, use_bias=False)
         self.receptance = torch_linear(d_model, d_model, rngs, use_bias=False)
         self.output = torch_linear(d_model, d_model, rngs, use_bias=False)
-
-    def __call__(self, u: jax.Array) -> jax.Array:
-        return self._mix(u, None, return_state=False)[0]
-
-    def prefill(self, u: jax.Array, *, max_length: int | None = None):
-        """(y, :class:`RWKVState`) of a prompt; the state does not grow."""
-        del max_length
-        return self._mix(u, None, return_state=True)
-
-    def step(self, u: jax.Array, state: RWKVState, *, position=None):
-        """The next tokens (one or more): (y, new state)."""
-        del position
-        return self._mix(u, state, return_state=True)
 
     def _mix(self, u: jax.Array, state: RWKVState | None, return_state: bool):
         check_rank("u", u, (3,), "[B, T, d_model]")
