@@ -53,12 +53,12 @@ def test_grid_lists_must_match_the_lengths_and_mixers_exist():
     with pytest.raises(ValueError, match="batch_sizes"):
         config.runs()
     with pytest.raises(ValueError, match="mixers: unknown"):
-        SweepConfig(**{**PRESETS["paper"].__dict__, "mixers": ("rwkv",)}).runs()
+        SweepConfig(**{**PRESETS["paper"].__dict__, "mixers": ("retnet",)}).runs()
 
 
 def test_paper_preset_is_the_figure_2_grid():
     runs = PRESETS["paper"].runs()
-    assert len(runs) == 6 * 4 * 4 * 4
+    assert len(runs) == 7 * 4 * 4 * 4
     assert {(r.seq_len, r.num_kv_pairs, r.batch_size) for r in runs} == {
         (64, 4, 512), (128, 8, 512), (256, 16, 256), (512, 64, 128)}
     assert all(r.vocab_size == 8192 and r.num_train == 100_000 and r.num_test == 3_000

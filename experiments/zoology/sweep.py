@@ -164,23 +164,32 @@ def plot_figure2(best: dict[tuple[str, int, int], dict], path: Path) -> None:
     lens = sorted({L for _, L, _ in best})
     mixers = list(dict.fromkeys(m for m, _, _ in best))
     fig, axes = panels(len(lens))
+    handles = {}
     for ax, L in zip(axes, lens, strict=True):
-        for mixer in mixers:
+        for i, mixer in enumerate(mixers):
             points = sorted((d, r["metrics"]["accuracy"]) for (m, length, d), r in best.items()
                             if m == mixer and length == L)
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=mixer)
+                handles[mixer], = ax.plot(*zip(*points, strict=True), marker="o",
+                                          color=f"C{i}")
         ax.set_xscale("log", base=2)
         _style(ax, L, "model dimension")
     axes[0].set_ylabel("MQAR accuracy")
-    axes[-1].legend(fontsize=8, loc="lower right")
+    _legend(axes[-1], handles, fontsize=8, loc="lower right")
     save(fig, path)
+
+
+def _legend(ax, handles: dict, **options) -> None:
+    """One legend of every line in the figure (a panel may lack some): same colours."""
+    ax.legend(list(handles.values()), list(handles), **options)
 
 
 def plot_learning_curves(best: dict[tuple[str, int, int], dict], out: Path, path: Path) -> None:
     """Test accuracy after each epoch of the best run per (mixer, d_model); a panel per L."""
     lens = sorted({L for _, L, _ in best})
+    colours = {key: f"C{i}" for i, key in enumerate(dict.fromkeys((m, d) for m, _, d in best))}
     fig, axes = panels(len(lens))
+    handles = {}
     for ax, L in zip(axes, lens, strict=True):
         for (mixer, length, d), record in best.items():
             if length != L:
@@ -188,9 +197,10 @@ def plot_learning_curves(best: dict[tuple[str, int, int], dict], out: Path, path
             run = RunConfig(**{f.name: record[f.name] for f in dataclasses.fields(RunConfig)})
             log = (out / "runs" / run.name / "metrics.jsonl").read_text().splitlines()
             epochs = [r for r in map(json.loads, log) if "valid_accuracy" in r]
-            ax.plot([r["epoch"] + 1 for r in epochs], [r["valid_accuracy"] for r in epochs],
-                    marker=".", label=f"{mixer} d={d}")
+            handles[f"{mixer} d={d}"], = ax.plot(
+                [r["epoch"] + 1 for r in epochs], [r["valid_accuracy"] for r in epochs],
+                marker=".", color=colours[mixer, d])
         _style(ax, L, "epoch")
     axes[0].set_ylabel("MQAR test accuracy")
-    axes[-1].legend(fontsize=7, loc="best")
+    _legend(axes[-1], handles, fontsize=7, loc="best")
     save(fig, path)
