@@ -244,6 +244,24 @@ def test_changing_future_tokens_leaves_past_outputs(name):
     assert np.abs(np.asarray(a[:, cut:] - b[:, cut:])).max() > 1e-4
 
 
+# --- decoding -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", [1, C, 2 * C - 1])  # within, one, nearly two segments
+def test_mac_decoding_equals_the_full_forward(prompt):
+    mac = MODULES["mac"](dict(FAST, memory_depth=2, memory_expansion=2))
+    x = _x(13)
+    y, state = mac.prefill(x[:, :prompt])
+    pieces = [y]
+    step = nnx.jit(lambda m, a, s: m.step(a, s))
+    for t in range(prompt, T - 2):  # single tokens, then a block of 2
+        y, state = step(mac, x[:, t:t + 1], state)
+        pieces.append(y)
+    y, state = step(mac, x[:, T - 2:], state)
+    _close(jnp.concatenate([*pieces, y], 1), mac(x), 1e-4)
+    assert int(state.count) == T % C
+
+
 # --- transformations ------------------------------------------------------------------------
 
 

@@ -57,6 +57,8 @@ DECODABLE = {
                        mixer_options={"chunk_size": 1, "num_persistent": 2}),
     "titans_mag": dict(mixer="titans_mag", positions=None,
                        mixer_options={"chunk_size": 1, "window": 3, "num_persistent": 2}),
+    "titans_mac": dict(mixer="titans_mac", positions=None,
+                       mixer_options={"chunk_size": 1, "segment_size": 4, "num_persistent": 2}),
     "titans_mal": dict(mixer="titans_mal", positions=None,
                        mixer_options={"implementation": "sequential", "window": 3}),
 }
@@ -193,8 +195,9 @@ def test_titans_decoding_needs_token_by_token_writes():
                        rngs=nnx.Rngs(0))
     with pytest.raises(NotImplementedError, match="chunk_size=4"):
         lm.prefill(_tokens(0, (1, 5)))
-    lm = TransformerLM(V, D, 1, mixer="titans_mac", rngs=nnx.Rngs(0))
-    with pytest.raises(NotImplementedError, match="titans_mac"):
+    lm = TransformerLM(V, D, 1, mixer="titans_mac", mixer_options={"chunk_size": 2},
+                       rngs=nnx.Rngs(0))
+    with pytest.raises(NotImplementedError, match="chunk_size=2"):
         lm.prefill(_tokens(0, (1, 5)))
 
 

@@ -85,6 +85,7 @@ from jattn.nn.structure import (
 )
 from jattn.nn.titans import (
     TITANS_MIXERS,
+    MACDecodeState,
     MACState,
     NeuralMemory,
     TitansLMM,
@@ -132,6 +133,7 @@ __all__ = [
     "LinearAttention",
     "LongHeadsAttention",
     "LowRankResidualAttention",
+    "MACDecodeState",
     "MACState",
     "Mamba",
     "MambaState",

@@ -58,8 +58,9 @@ Options of the memory (``memory_depth``, ``memory_expansion``, ``chunk_size``,
 (the memory is a recurrence). LMM, MAG and MAL decode (``prefill``/``step``: the memory
 state, plus the attention KV cache of MAG (a ring of the window beside the persistent tokens'
 slots) and MAL) when the memory writes token by token (``chunk_size=1`` or
-``implementation="sequential"``; otherwise NotImplementedError); MAC has no decoding state
-yet, and :func:`jattn.nn.generate` raises NotImplementedError for it.
+``implementation="sequential"``; otherwise NotImplementedError). MAC decodes too: its state
+is the one after the last complete segment plus the current segment's tokens, which each
+new token recomputes (O(segment) per token, as the segment's attention costs anyway).
 
 ``TITANS_MIXERS`` maps "titans_lmm", "titans_mag", "titans_mal", "titans_mac" to factories
 with :data:`jattn.nn.transformer.MIXERS`' signature.
@@ -425,6 +426,20 @@ class MACState(NamedTuple):
     query_conv: jax.Array | None
 
 
+class MACDecodeState(NamedTuple):
+    """Decoding state of :class:`TitansMAC`: the state after the last complete segment and
+    the tokens of the current one so far.
+
+    start: :class:`MACState` after the last complete segment.
+    segment: [B, C, D], the current segment's tokens (zeros after the first ``count``).
+    count: [] int32, how many of them there are (0 <= count < C).
+    """
+
+    start: MACState
+    segment: jax.Array
+    count: jax.Array
+
+
 def mac_mask(num_persistent: int, length: int, retrieved: str = "causal") -> masks.Mask:
     """MAC's attention mask for a segment of ``length`` queries over the keys
     [persistent (N_p) || retrieved (length) || segment (length)] (see the module docstring).
@@ -525,6 +540,56 @@ class TitansMAC(nnx.Module):
         out = jnp.concatenate(outputs, axis=1) if len(outputs) > 1 else outputs[0]
         out = out.astype(x.dtype)
         return (out, MACState(state, query_conv)) if return_state else out
+
+    def _segment_from(self, start: MACState, x: jax.Array) -> tuple[jax.Array, MACState]:
+        """One segment x [B, C', D] from ``start``: (output, the state after it)."""
+        inputs, query_conv = memory_inputs(self.memory.params, x, conv_state=start.query_conv)
+        state, out = self.segment(start.memory, x, inputs.query)
+        return out, MACState(state, query_conv)
+
+    def prefill(self, x: jax.Array, *, max_length: int | None = None):
+        """(output, :class:`MACDecodeState`) of a prompt x [B, T, D]: its complete segments as
+        in :meth:`__call__`, the rest kept as the current segment. Token-by-token writes
+        only: see :meth:`NeuralMemory.decoding`."""
+        del max_length
+        self.memory.decoding()
+        B, T, D = x.shape
+        C = self.segment_size
+        full = T // C * C
+        memory = initial_memory_state(self.memory.params, B)
+        start = MACState(memory, memory.conv)  # zeros: no history (a fixed state structure)
+        outputs = []
+        if full:
+            out, start = self(x[:, :full], return_state=True)
+            outputs.append(out)
+        segment = jnp.zeros((B, C, D), x.dtype).at[:, :T - full].set(x[:, full:])
+        if T > full:
+            outputs.append(self._segment_from(start, segment)[0][:, :T - full])
+        out = jnp.concatenate(outputs, axis=1) if len(outputs) > 1 else outputs[0]
+        return out.astype(x.dtype), MACDecodeState(start, segment, jnp.int32(T - full))
+
+    def step(self, x: jax.Array, state: MACDecodeState, *, position=None):
+        """The next tokens x [B, T, D], one at a time: each recomputes its segment so far
+        from the state at the segment's start (O(C) per token, as the segment's attention
+        is), and a completed segment becomes the new start. ``position`` is not needed."""
+        del position
+        if not isinstance(state, MACDecodeState):
+            raise ValueError(f"state: expected a MACDecodeState, got {type(state).__name__}")
+        C = self.segment_size
+
+        def token(state: MACDecodeState, x_t):
+            segment = lax.dynamic_update_slice_in_dim(state.segment, x_t[:, None], state.count,
+                                                      axis=1)
+            out, after = self._segment_from(state.start, segment)
+            y = lax.dynamic_index_in_dim(out, state.count, axis=1, keepdims=False)
+            complete = state.count + 1 == C
+            start = jax.tree_util.tree_map(lambda a, b: jnp.where(complete, a, b), after,
+                                           state.start)
+            return MACDecodeState(start, jnp.where(complete, 0, segment).astype(segment.dtype),
+                                  jnp.where(complete, 0, state.count + 1)), y
+
+        state, y = lax.scan(token, state, jnp.moveaxis(x, 1, 0))
+        return jnp.moveaxis(y, 0, 1).astype(x.dtype), state
 
 
 def _factory(cls, name: str):
