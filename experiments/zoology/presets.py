@@ -4,8 +4,8 @@
   sized to finish in under 10 minutes on a 2-core CPU.
 * ``cpu``: a reduced figure-2 grid that shows the trend across L in several hours on a
   2-core CPU (four mixers, shorter sequences, a smaller vocabulary, two widths, two learning
-  rates, 4 epochs of the paper's 100k rows; 7 hours of training for its first 42 runs, with
-  other jobs sharing the cores).
+  rates, 4 epochs of the paper's 100k rows; its Hyena runs at L=128 take 35-45
+  minutes each with other jobs on the cores).
 * ``paper``: the full figure-2 grid (V=8192, 100k/3k rows, L in 64..512, d_model in 64..512,
   four learning rates, up to 64 epochs), for GPUs/TPUs; see the README for its cost.
 """
@@ -30,7 +30,7 @@ PRESETS: dict[str, SweepConfig] = {
     # 0.99 at 3e-3 but 0.27 at 1e-3; d=128 L=32 0.996 at 1e-3 but 0.28 at 3e-3), so both run
     # and the figure takes the best, as the paper does. H3 is left to the paper preset: it
     # costs more than the other four together on a CPU and behaves like Hyena in figure 2.
-    # Several hours on a 2-core CPU (7 h for the first 42 runs, shared cores), resumable.
+    # Several hours on a 2-core CPU, resumable.
     "cpu": SweepConfig(
         mixers=("attention", "base_conv", "hyena", "based"),
         seq_lens=(32, 64, 128), num_kv_pairs=(4, 4, 8), batch_sizes=(64, 64, 64),
