@@ -262,6 +262,19 @@ def test_mac_decoding_equals_the_full_forward(prompt):
     assert int(state.count) == T % C
 
 
+def test_mac_decoding_rejects_bad_input():
+    mac = MODULES["mac"](FAST)
+    with pytest.raises(ValueError, match="at least one token"):
+        mac.prefill(_x(14)[:, :0])
+    _, state = mac.prefill(_x(14)[:, :2])
+    with pytest.raises(ValueError, match="x"):
+        mac.step(_x(15, (B, 1, D + 1)), state)
+    with pytest.raises(ValueError, match="x"):
+        mac.step(_x(15, (B + 1, 1, D)), state)
+    with pytest.raises(ValueError, match="MACDecodeState"):
+        mac.step(_x(15, (B, 1, D)), state.start)
+
+
 # --- transformations ------------------------------------------------------------------------
 
 

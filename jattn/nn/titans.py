@@ -95,6 +95,7 @@ from jattn.memory.titans import (
 )
 from jattn.nn._init import check_heads, torch_linear
 from jattn.nn.attention import MultiHeadAttention
+from jattn.typing import check_rank, check_shape
 
 _FIELDS = ("w_q", "w_k", "w_v", "conv", "w_lr", "b_lr", "w_momentum", "b_momentum",
            "w_forget", "b_forget", "persistent")
@@ -553,7 +554,10 @@ class TitansMAC(nnx.Module):
         only: see :meth:`NeuralMemory.decoding`."""
         del max_length
         self.memory.decoding()
+        check_rank("x", x, (3,), "[B, T, D]")
         B, T, D = x.shape
+        if T == 0:
+            raise ValueError(f"x: expected a prompt of at least one token, got shape {x.shape}")
         C = self.segment_size
         full = T // C * C
         memory = initial_memory_state(self.memory.params, B)
@@ -575,6 +579,9 @@ class TitansMAC(nnx.Module):
         del position
         if not isinstance(state, MACDecodeState):
             raise ValueError(f"state: expected a MACDecodeState, got {type(state).__name__}")
+        check_rank("x", x, (3,), "[B, T, D]")
+        B, _, D = state.segment.shape
+        check_shape("x", x, (B, x.shape[1], D), "BTD")
         C = self.segment_size
 
         def token(state: MACDecodeState, x_t):
