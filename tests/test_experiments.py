@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from experiments.benchmarks import attention_cpu
-from experiments.benchmarks.measure import measure
+from experiments.benchmarks.measure import measure, table_cell
 from experiments.common.config import parse_config
 
 
@@ -40,6 +40,15 @@ def test_measure_reports_memory_without_running_what_does_not_fit():
     assert result.memory_bytes >= 256 * 256 * 4
     ran = measure(lambda a: a @ a, x, repeats=2)
     assert ran.seconds > 0 and ran.runs == 2
+
+
+
+def test_table_cell_formats():
+    row = {"seconds": 1.6934, "memory_bytes": 3 * 2**30, "note": ""}
+    assert table_cell(row, unit="ms") == "1,693 ms / 3,072 MiB"
+    assert table_cell({**row, "seconds": 0.0366}, unit="ms") == "36.6 ms / 3,072 MiB"
+    assert table_cell({**row, "seconds": None, "note": "too big"}) == "not run (too big)"
+    assert table_cell(None) == "—"
 
 
 def test_attention_benchmark_smoke(tmp_path):

@@ -73,4 +73,5 @@ def table_cell(row: dict | None, *, unit: str = "s") -> str:
     if row["seconds"] is None:
         return f"not run ({row['note']})"
     time = row["seconds"] * (1e3 if unit == "ms" else 1.0)
-    return f"{time:.3g} {unit} / {row['memory_bytes'] / 2**20:,.0f} MiB"
+    shown = f"{time:,.0f}" if time >= 1000 else f"{time:.3g}"  # 1,690 rather than 1.69e+03
+    return f"{shown} {unit} / {row['memory_bytes'] / 2**20:,.0f} MiB"
