@@ -17,12 +17,27 @@ def _rand(seed, *shape, dtype=jnp.float32):
     return jax.random.normal(jax.random.key(seed), shape, dtype)
 
 
-def test_short_conv_matches_direct_convolution():
+@pytest.mark.parametrize("batch,length", [(2, 19), (1, 19), (1, 2), (3, 1)])
+def test_short_conv_matches_direct_convolution(batch, length):
+    """Both the batched and the one-sequence ([L, D]) forms, and a kernel longer than the
+    sequence; values, gradients and forward-mode tangents (its custom JVP) against a direct
+    convolution in float64."""
     with jax.enable_x64(True):
-        x, k, b = _rand(0, 2, 19, 5, dtype=jnp.float64), _rand(1, 4, 5, dtype=jnp.float64), \
-            _rand(2, 5, dtype=jnp.float64)
+        x, k, b = (_rand(0, batch, length, 5, dtype=jnp.float64),
+                   _rand(1, 4, 5, dtype=jnp.float64), _rand(2, 5, dtype=jnp.float64))
         got = conv.short_causal_conv(x, k, b)
         want = reference.causal_conv(x, k[::-1]) + b  # last tap is the current input
+        np.testing.assert_allclose(got, want, atol=1e-12)
+        r = _rand(3, batch, length, 5, dtype=jnp.float64)
+        grads = jax.grad(lambda *a: jnp.sum(conv.short_causal_conv(*a) * r), (0, 1, 2))(x, k, b)
+        want = jax.grad(lambda x, k, b: jnp.sum((reference.causal_conv(x, k[::-1]) + b) * r),
+                        (0, 1, 2))(x, k, b)
+        for g, w in zip(grads, want, strict=True):
+            np.testing.assert_allclose(g, w, atol=1e-12)
+        tangents = (_rand(4, batch, length, 5, dtype=jnp.float64),
+                    _rand(5, 4, 5, dtype=jnp.float64))
+        got = jax.jvp(lambda x, k: conv.short_causal_conv(x, k, b), (x, k), tangents)[1]
+        want = jax.jvp(lambda x, k: reference.causal_conv(x, k[::-1]), (x, k), tangents)[1]
         np.testing.assert_allclose(got, want, atol=1e-12)
 
 
