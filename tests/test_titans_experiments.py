@@ -9,6 +9,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from experiments.benchmarks import titans_memory
@@ -183,6 +184,26 @@ def test_recall_rows_and_task_functions(tmp_path):
     # A short last batch is padded, not counted twice.
     want = float((correct.sum(1) / mask.sum(1)).mean())
     assert recall.evaluate(eval_fn, params, rows, 2) == pytest.approx(want, abs=1e-6)
+
+
+
+@pytest.mark.parametrize("initial_lr,bounded", [(recall.MAC_INITIAL_LR, True), (0.1, False)])
+def test_mac_outer_gradient_over_segments(initial_lr, bounded):
+    """The recall model's MAC at initialisation on 2 segments of 32 (passkey rows): with its
+    initial theta the outer gradient norm stays near one segment's (~50); at theta 0.1 it is
+    ~1e5 and grows with every segment (the full preset then trained to NaN)."""
+    config = recall.PRESETS["full"]
+    recall.MODELS["mac_test"] = ("MAC", recall._titans(recall.TitansMAC, initial_lr=initial_lr))
+    try:
+        lm = recall.build_model(config, "passkey", "mac_test")
+    finally:
+        del recall.MODELS["mac_test"]
+    params, loss_fn, _ = recall.task_functions(lm)
+    rows = recall.make_rows(config, "passkey", 64, 2, stream=0)
+    batch = {k: jnp.asarray(v) for k, v in rows.items()} | {"weight": jnp.ones(2)}
+    grads = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, None)[0]))(params, batch)
+    norm = float(optax.global_norm(grads))
+    assert np.isfinite(norm) and (norm < 1e3) == bounded, norm
 
 
 def test_recall_cli_writes_outputs_and_resumes(tmp_path, capsys):
