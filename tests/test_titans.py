@@ -308,6 +308,18 @@ def test_state_carried_across_calls():
         assert state.conv.shape == (2, 3, 3 * N * H)
 
 
+
+@pytest.mark.parametrize("implementation", ["chunked", "sequential"])
+def test_batch_of_several_rows_against_reference(implementation):
+    """B = 3 rows and several heads run as one vmap over B x N: outputs and final states
+    equal the float64 reference row by row (the reference tests above use B = 1)."""
+    with jax.enable_x64(True):
+        p, x = to64((_params(25, **DEEP_CW), _x(26, 6, B=3)))
+        got = _fast(p, x, chunk_size=2, implementation=implementation)
+        # (the sequential form takes every gradient at the previous token's weights)
+        want = _ref(p, x, chunk_size=2 if implementation == "chunked" else 1)
+        _assert_all_close(got, want, 1e-10)
+
 def test_jit_and_vmap():
     """vmap over parameters and inputs together (an ensemble of memories) equals jit calls."""
     ps = jax.tree_util.tree_map(lambda *a: jnp.stack(a), _params(11, **DEEP_CW),

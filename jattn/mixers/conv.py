@@ -58,22 +58,20 @@ def _taps_shifted(z: Array, kernel: Array) -> Array:
 
 
 @jax.custom_jvp
-def _shifted_sum(z: Array, kernel: Array) -> Array:
+def _causal_taps(z: Array, kernel: Array) -> Array:
     """The short causal convolution of z [..., L, D]: the padded form forward, the shifted
     form for tangents (so reverse mode transposes the shifted form)."""
     return _taps_padded(z, kernel)
 
 
-@functools.partial(_shifted_sum.defjvp, symbolic_zeros=True)
-def _shifted_sum_jvp(primals, tangents):
+@functools.partial(_causal_taps.defjvp, symbolic_zeros=True)
+def _causal_taps_jvp(primals, tangents):
     (z, kernel), (dz, dkernel) = primals, tangents
     y = _taps_padded(z, kernel)
-    dy = jnp.zeros_like(y)
-    if not isinstance(dz, SymbolicZero):
-        dy = _taps_shifted(dz, kernel)
-    if not isinstance(dkernel, SymbolicZero):
-        dy = dy + _taps_shifted(z, dkernel)
-    return y, dy
+    # The convolution is bilinear in (z, kernel); a zero tangent's term is skipped.
+    terms = [_taps_shifted(a, b) for a, b, t in ((dz, kernel, dz), (z, dkernel, dkernel))
+             if not isinstance(t, SymbolicZero)]
+    return y, sum(terms) if terms else jnp.zeros_like(y)
 
 
 def short_causal_conv(x: Array, kernel: Array, bias: Array | None = None) -> Array:
@@ -106,7 +104,7 @@ def short_causal_conv(x: Array, kernel: Array, bias: Array | None = None) -> Arr
     # XLA:CPU reduces arrays with a size-1 axis several times slower (forward+backward 34 ms
     # batched vs 2.3 ms at [1, 4096, 384], K=4).
     z = x[0] if x.shape[0] == 1 else x
-    y = _shifted_sum(z, kernel.astype(x.dtype)).reshape(x.shape)
+    y = _causal_taps(z, kernel.astype(x.dtype)).reshape(x.shape)
     if bias is not None:
         check_shape("bias", bias, (D,), "D")
         y = y + bias.astype(y.dtype)
