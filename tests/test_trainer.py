@@ -47,7 +47,8 @@ def _log_without_times(workdir: Path) -> list[dict]:
 
 def _run_script(config: RunConfig, workdir: Path, devices: int = 1, **popen):
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+               f"--xla_force_host_platform_device_count={devices}")
     import dataclasses
     args = [sys.executable, "-c", SCRIPT, json.dumps(dataclasses.asdict(config)), str(workdir)]
     return subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE,
