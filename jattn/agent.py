@@ -35,6 +35,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from jattn.attention import masked_softmax
 from jattn.typing import (
     Array,
     accumulation_dtype,
@@ -122,16 +123,6 @@ def _check_bias(name: str, bias, target: tuple[int, ...], letters: str) -> Array
     check_broadcastable(name, left_pad_rank(bias, 4).shape, target, letters)
     return left_pad_rank(bias, 4)
 
-
-def _softmax_rows(logits: Array, allowed: Array | None) -> Array:
-    """Softmax over the last axis among the allowed entries; rows with none give zeros."""
-    if allowed is None:
-        allowed = jnp.ones(logits.shape, bool)
-    row_max = jnp.max(jnp.where(allowed, logits, -jnp.inf), axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0)
-    weights = jnp.where(allowed, jnp.exp(jnp.where(allowed, logits, row_max) - row_max), 0)
-    total = weights.sum(-1, keepdims=True)
-    return weights / jnp.where(total > 0, total, 1)
 
 
 def agent_attention(query: Array, key: Array, value: Array, *, n_agents: int | None = None,
@@ -222,7 +213,7 @@ def agent_attention(query: Array, key: Array, value: Array, *, n_agents: int | N
     q = query.astype(dtype)
     a = pool_agents(q, n) if agents is None else agents.astype(dtype)
 
-    aggregate_allowed = broadcast_allowed = None
+    aggregate_allowed = broadcast_allowed = jnp.asarray(True)  # every entry
     if is_causal:
         _, end = agent_segments(T, n)
         last = end - 1
@@ -234,14 +225,14 @@ def agent_attention(query: Array, key: Array, value: Array, *, n_agents: int | N
     logits = logits * scale
     if b1 is not None:
         logits = logits + _split_heads(b1.astype(dtype), K, G)
-    agent_values = jnp.einsum("bkgas,bskv->bkgav", _softmax_rows(logits, aggregate_allowed),
+    agent_values = jnp.einsum("bkgas,bskv->bkgav", masked_softmax(logits, aggregate_allowed),
                               value.astype(dtype))
 
     # Agent broadcast: [B, N, T, n] over the agents.
     logits = jnp.einsum("btnh,banh->bnta", q, a) * scale
     if b2 is not None:
         logits = logits + b2.astype(dtype)
-    probs = _softmax_rows(logits, broadcast_allowed)
+    probs = masked_softmax(logits, broadcast_allowed)
     out = jnp.einsum("bnta,bnav->btnv", probs, agent_values.reshape(B, N, n, Hv))
     return out.astype(query.dtype)
 

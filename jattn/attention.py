@@ -77,7 +77,10 @@ _REGISTRY: dict[str, Implementation] = {}
 
 def masked_softmax(logits: Array, allowed: Array) -> Array:
     """Softmax over the last axis restricted to ``allowed``; a row with nothing allowed gives
-    zeros and zero gradients, never NaN (every exp sees a finite argument).
+    zeros and zero gradients, never NaN (every exp sees a finite argument). The subtracted
+    row maximum is a constant for the gradient: the softmax does not depend on it, and the
+    gradient of max() would hinge on an equality test between the maximum and the logits,
+    which XLA may recompute with different roundings in different fusions.
 
     >>> import jax.numpy as jnp
     >>> masked_softmax(jnp.zeros((2, 2)), jnp.array([[True, True], [False, False]])).tolist()

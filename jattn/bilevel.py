@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jattn.attention import masked_softmax
 from jattn.typing import Array, accumulation_dtype, check_spatial_qkv
 
 MAX_SPATIAL_AXES = 2
@@ -84,17 +85,6 @@ def _from_regions(x: Array, spatial, region) -> Array:
 def _region_valid(spatial, region) -> np.ndarray:
     """[R, P]: which region slots hold a real (not padded) position."""
     return _to_regions(np.ones((1, *spatial, 1), bool), spatial, region, xp=np)[0, ..., 0]
-
-
-def _softmax_average(logits: Array, allowed: Array, v: Array, spec: str) -> Array:
-    """Masked softmax over the last axis of ``logits``, then ``einsum(spec, probs, v)``; the
-    where keeps masked slots (stand-in gathers) out of the values and the gradients."""
-    row_max = jnp.max(jnp.where(allowed, logits, -jnp.inf), axis=-1, keepdims=True)
-    row_max = lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0))
-    probs = jnp.where(allowed, jnp.exp(jnp.where(allowed, logits - row_max, 0)), 0)
-    denom = probs.sum(-1, keepdims=True)
-    probs = probs / jnp.where(denom > 0, denom, 1)
-    return jnp.einsum(spec, probs, v)
 
 
 def _gather(x: Array, index: Array) -> Array:
@@ -199,7 +189,8 @@ def bilevel_routing_attention(query: Array, key: Array, value: Array, *,
         vg = _gather(v, routed).reshape(B, Rq, topk * P, K, Hv)
         allowed = jnp.asarray(valid_k)[routed].reshape(B, Rq, 1, 1, 1, topk * P)
         logits = jnp.einsum("brpkgh,brskh->brpkgs", q, kg) * scale
-        out = _softmax_average(logits, allowed, vg, "brpkgs,brskv->brpkgv")
+        # masked_softmax keeps masked slots (stand-in gathers) out of values and gradients
+        out = jnp.einsum("brpkgs,brskv->brpkgv", masked_softmax(logits, allowed), vg)
         out = out.reshape(B, Rq, P, N, Hv)
         return _from_regions(out, spatial, region).astype(query.dtype)
 
@@ -225,7 +216,7 @@ def bilevel_routing_attention(query: Array, key: Array, value: Array, *,
     query_pos = (jnp.arange(Rq)[:, None] * P + jnp.arange(P))[None, :, :, None]
     allowed = (jnp.repeat(ok, P, axis=-1) & (key_pos <= query_pos) & (key_pos < L))
     logits = jnp.einsum("brpkgh,brpskh->brpkgs", q, kg) * scale
-    out = _softmax_average(logits, allowed[:, :, :, None, None, :], vg,
-                           "brpkgs,brpskv->brpkgv")
+    out = jnp.einsum("brpkgs,brpskv->brpkgv",
+                     masked_softmax(logits, allowed[:, :, :, None, None, :]), vg)
     out = out.reshape(B, Rq, P, N, Hv)
     return _from_regions(out, spatial, region).astype(query.dtype)

@@ -55,7 +55,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.attention import attention_weights, dot_product_attention
+from jattn.attention import attention_weights, dot_product_attention, masked_softmax
 from jattn.typing import (
     Array,
     accumulation_dtype,
@@ -529,14 +529,9 @@ def multi_level_cross_attention(query: Array, keys: Sequence[Array], values: Seq
     stacked = jnp.stack(outs).astype(dtype)  # [L, B, T, N, Hv]
     if combine == "sum":
         return stacked.sum(0).astype(query.dtype)
-    lse = jnp.stack(lses).astype(dtype)  # [L, B, N, T]; -inf for a level with no key
-    finite = jnp.isfinite(lse)
-    top = jnp.max(jnp.where(finite, lse, -jnp.inf), axis=0, keepdims=True)
-    top = jnp.where(jnp.isfinite(top), top, 0)
-    mass = jnp.where(finite, jnp.exp(jnp.where(finite, lse, 0) - top), 0)
-    total = mass.sum(0, keepdims=True)
-    weight = mass / jnp.where(total > 0, total, 1)  # each level's share of the joint softmax
-    weight = jnp.transpose(weight, (0, 1, 3, 2))[..., None]  # [L, B, T, N, 1]
+    lse = jnp.moveaxis(jnp.stack(lses).astype(dtype), 0, -1)  # [B, N, T, L]; -inf: no key
+    weight = masked_softmax(lse, jnp.isfinite(lse))  # each level's share of the joint softmax
+    weight = jnp.transpose(weight, (3, 0, 2, 1))[..., None]  # [L, B, T, N, 1]
     return (weight * stacked).sum(0).astype(query.dtype)
 
 

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jattn.attention import masked_softmax
 from jattn.typing import Array, accumulation_dtype, check_floating, check_qkv, check_rank
 
 
@@ -55,15 +56,6 @@ def num_blocks(length: int, block_size: int) -> int:
     3
     """
     return -(-length // block_size)
-
-
-def _softmax_rows(logits: Array, allowed: Array) -> Array:
-    """Softmax over the last axis among the allowed entries; rows with none give zeros."""
-    row_max = jnp.max(jnp.where(allowed, logits, -jnp.inf), axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0)
-    weights = jnp.where(allowed, jnp.exp(jnp.where(allowed, logits, row_max) - row_max), 0)
-    total = weights.sum(-1, keepdims=True)
-    return weights / jnp.where(total > 0, total, 1)
 
 
 def _check_int(name: str, x, low: int, what: str) -> int:
@@ -184,11 +176,11 @@ def _grouped(q, kb, vb, landmark_logits, others, key_pos, key_valid, own_block, 
         in_own &= key_pos[None] <= t[:, None, None]  # [P, nb, bs]
     # The own group: own-block tokens and the other blocks' landmarks, one softmax.
     flat = logits.reshape(*logits.shape[:4], nb * bs)
-    group = _softmax_rows(jnp.concatenate([flat, landmark_logits], -1),
+    group = masked_softmax(jnp.concatenate([flat, landmark_logits], -1),
                           np.concatenate([in_own.reshape(P, nb * bs), others], -1))
     direct = group[..., :nb * bs].reshape(logits.shape)
     gate = group[..., nb * bs:]  # [B, K, G, P, nb], zero outside C(i)
-    within = _softmax_rows(logits, np.broadcast_to(key_valid, logits.shape))
+    within = masked_softmax(logits, np.broadcast_to(key_valid, logits.shape))
     weights = direct + gate[..., None] * within
     return jnp.einsum("bkgtcj,bcjkv->bkgtv", weights, vb)
 
@@ -222,11 +214,11 @@ def _retrieved(q, kb, vb, landmark_logits, others, key_pos, key_valid, k_top, is
     sel_logits = jnp.einsum("btkgh,bkgtcjh->bkgtcj", q, k_sel) * scale
     sel_valid = jnp.asarray(key_valid)[index]  # [B, K, G, P, k, bs]
 
-    group = _softmax_rows(jnp.concatenate([own_logits, scores], -1),
+    group = masked_softmax(jnp.concatenate([own_logits, scores], -1),
                           jnp.concatenate([jnp.broadcast_to(own_allowed, own_logits.shape),
                                            chosen], -1))
     direct, gate = group[..., :bs], group[..., bs:]
-    within = _softmax_rows(sel_logits, sel_valid)
+    within = masked_softmax(sel_logits, sel_valid)
     out = jnp.einsum("bkgnqj,bknjv->bkgnqv", direct.reshape(B, K, G, nb, bs, bs), vt)
     out = out.reshape(B, K, G, P, -1)
     return out + jnp.einsum("bkgtc,bkgtcj,bkgtcjv->bkgtv", gate, within, v_sel)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jattn.attention import masked_softmax
 from jattn.typing import (
     Array,
     accumulation_dtype,
@@ -126,11 +127,7 @@ def _blockwise_softmax(q: Array, k: Array, v: Array, allowed, bias, scale: float
         probs = jax.nn.softmax(logits, axis=-1)
     else:
         allowed = allowed[None, :, None, None]  # [1, W, 1, 1, Pq, Pk]
-        row_max = jnp.max(jnp.where(allowed, logits, -jnp.inf), axis=-1, keepdims=True)
-        row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0))
-        weights = jnp.where(allowed, jnp.exp(jnp.where(allowed, logits, row_max) - row_max), 0)
-        total = weights.sum(-1, keepdims=True)
-        probs = weights / jnp.where(total > 0, total, 1)
+        probs = masked_softmax(logits, allowed)
     out = jnp.einsum("bwkgts,bwskd->bwtkgd", probs, v.astype(dtype))
     return out.reshape(B, W, Pq, N, v.shape[-1]).astype(out_dtype)
 

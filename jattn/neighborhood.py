@@ -23,10 +23,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
+from jattn.attention import masked_softmax
 from jattn.typing import Array, accumulation_dtype, check_floating, check_spatial_qkv
 
 MAX_SPATIAL_AXES = 3
@@ -211,15 +212,11 @@ def neighborhood_attention(query: Array, key: Array, value: Array, *,
         logits = jnp.concatenate([logits, extra_logits], axis=-1)
         valid = np.concatenate([valid, np.ones((L, E), bool)], axis=-1)
     if valid.all():
-        probs = jnp.exp(logits - lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+        probs = jax.nn.softmax(logits, axis=-1)
     else:
-        # Every query sees itself, so no row is empty; the where keeps masked slots (which
-        # hold a stand-in index) out of the softmax and of the gradients.
-        allowed = jnp.asarray(valid)[None, :, None, None, :]
-        row_max = jnp.max(jnp.where(allowed, logits, -jnp.inf), axis=-1, keepdims=True)
-        shifted = jnp.where(allowed, logits - lax.stop_gradient(row_max), 0)
-        probs = jnp.where(allowed, jnp.exp(shifted), 0)
-    probs = probs / probs.sum(-1, keepdims=True)
+        # masked_softmax keeps masked slots (which hold a stand-in index) out of the softmax
+        # and of the gradients.
+        probs = masked_softmax(logits, jnp.asarray(valid)[None, :, None, None, :])
     out = jnp.einsum("blkgw,blwkv->blkgv", probs[..., :index.shape[1]], v)
     if E:
         out = out + jnp.einsum("blkge,bekv->blkgv", probs[..., index.shape[1]:],

@@ -76,16 +76,34 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     return (out, lse) if return_lse else out
 
 
+def _softmax_terms(logits: Array, allowed: Array, axis: int = -1) -> tuple[Array, Array, Array]:
+    """exp(logits - m) on the allowed entries (0 elsewhere), their sum over ``axis`` and the
+    shift m (each row's largest allowed logit, 0 for a row with none).
+
+    The shift is a constant for the gradient: the softmax does not depend on it, and
+    differentiating max() would route the gradient through an equality test between the
+    maximum and the logits, which XLA is free to recompute with different roundings in
+    different fusions (at LLVM optimisation level 0 it does, and the gradient becomes 0/0).
+    """
+    row_max = jnp.max(jnp.where(allowed, logits, -jnp.inf), axis=axis, keepdims=True)
+    row_max = lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0))
+    terms = jnp.where(allowed, jnp.exp(jnp.where(allowed, logits, row_max) - row_max), 0)
+    return terms, terms.sum(axis, keepdims=True), row_max
+
+
+def _masked_softmax(logits: Array, allowed: Array, axis: int = -1) -> Array:
+    """Softmax over ``axis`` among the allowed entries; a row with none is all zeros."""
+    terms, total, _ = _softmax_terms(logits, allowed, axis)
+    return terms / jnp.where(total > 0, total, 1)
+
+
 def _masked_softmax_average(logits: Array, allowed: Array, v: Array) -> tuple[Array, Array]:
     """out[b,t,n] = sum_s p[b,n,t,s] v[b,s,n]; rows with nothing allowed give 0 and lse -inf."""
-    neg = jnp.asarray(-jnp.inf, logits.dtype)
-    row_max = jnp.max(jnp.where(allowed, logits, neg), axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0)
-    weights = jnp.where(allowed, jnp.exp(jnp.where(allowed, logits, row_max) - row_max), 0)
-    total = weights.sum(-1, keepdims=True)
+    weights, total, row_max = _softmax_terms(logits, allowed)
     nonempty = total > 0
     probs = weights / jnp.where(nonempty, total, 1)
     out = jnp.einsum("bnts,bsnh->btnh", probs, v)
+    neg = jnp.asarray(-jnp.inf, logits.dtype)
     lse = jnp.where(nonempty, row_max + jnp.log(jnp.where(nonempty, total, 1)), neg)[..., 0]
     return out, lse
 
@@ -449,16 +467,8 @@ def agent_attention(query, key, value, *, n_agents=None, agents=None, agent_key_
         allowed1 = jnp.arange(S)[None, :] <= e[:, None]
         allowed2 = e[None, :] <= jnp.arange(T)[:, None]
 
-    def softmax(logits, allowed):
-        logits = jnp.where(allowed, logits, -jnp.inf)
-        peak = jnp.max(logits, axis=-1, keepdims=True)
-        peak = jnp.where(jnp.isfinite(peak), peak, 0)
-        w = jnp.where(allowed, jnp.exp(jnp.where(allowed, logits, peak) - peak), 0)
-        total = w.sum(-1, keepdims=True)
-        return w / jnp.where(total > 0, total, 1)
-
-    weights = jnp.einsum("bnta,bnas->bnts", softmax(logits2, allowed2),
-                         softmax(logits1, allowed1))  # [B, N, T, S], rows sum to 1 or 0
+    weights = jnp.einsum("bnta,bnas->bnts", _masked_softmax(logits2, allowed2),
+                         _masked_softmax(logits1, allowed1))  # [B, N, T, S], rows sum to 1 or 0
     return jnp.einsum("bnts,bsnv->btnv", weights, v).astype(query.dtype)
 
 
@@ -527,7 +537,7 @@ def landmark_attention(query, key, value, landmark_keys, *, block_size, is_causa
     # Grouped softmax: S[e] = exp(l[e]) / sum over allowed e' of the same group exp(l[e']).
     same = (group[:, :, None] == group[:, None, :]) & allowed[..., None, :]  # [B, N, T, E, E]
     peak = jnp.max(jnp.where(same, logits[..., None, :], -jnp.inf), axis=-1)
-    peak = jnp.where(jnp.isfinite(peak), peak, 0)
+    peak = lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0))  # see _softmax_terms
     terms = jnp.where(same, jnp.exp(jnp.where(same, logits[..., None, :], peak[..., None])
                                     - peak[..., None]), 0)
     denominator = terms.sum(-1)
@@ -893,10 +903,7 @@ def decoupled_target_attention(target_att, behaviour_att, behaviour_repr, *, top
     pooled = pooled[:, 0, 0].astype(r.dtype)
     if not return_weights:
         return pooled
-    shifted = scores - jnp.max(jnp.where(selected, scores, -jnp.inf), axis=1, keepdims=True)
-    e = jnp.where(selected, jnp.exp(jnp.where(selected, shifted, 0.0)), 0.0)
-    total = e.sum(1, keepdims=True)
-    return pooled, (e / jnp.where(total > 0, total, 1.0)).astype(a_t.dtype)
+    return pooled, _masked_softmax(scores, selected).astype(a_t.dtype)
 
 
 def relative_attention(query, key, value, relative_key, content_bias, *, position_bias=None,
@@ -1077,9 +1084,7 @@ def similarity_weighted_aggregation(query, keys, values, *, mask=None, temperatu
         q, k = _matching_unit(q), _matching_unit(k)
     s = jnp.einsum("bd,bkd->bk", q, k) / temperature
     valid = jnp.ones(s.shape, bool) if mask is None else jnp.asarray(mask)
-    e = jnp.where(valid, jnp.exp(s - jnp.max(s, -1, keepdims=True)), 0)
-    total = jnp.sum(e, -1, keepdims=True)
-    w = jnp.where(total > 0, e / jnp.where(total > 0, total, 1), 0)
+    w = _masked_softmax(s, valid)
     out = jnp.einsum("bk,bk...->b...", w, v)
     out = out.astype(jnp.asarray(values).dtype)
     return (out, w) if return_weights else out
@@ -1547,15 +1552,6 @@ def box_relative_attention(query, key, value, query_boxes, key_boxes, weight, bi
 # plain definitions for jattn.cross, every softmax written out on the dense score matrix.
 
 
-def _cross_softmax_rows(logits, allowed):
-    """exp / sum exp over the last axis on the allowed entries; an empty row is 0."""
-    top = jnp.max(jnp.where(allowed, logits, -jnp.inf), axis=-1, keepdims=True)
-    top = jnp.where(jnp.isfinite(top), top, 0)
-    e = jnp.where(allowed, jnp.exp(jnp.where(allowed, logits, 0) - top), 0)
-    total = jnp.sum(e, axis=-1, keepdims=True)
-    return e / jnp.where(total > 0, total, 1)
-
-
 def label_attention(label_queries, features, values=None, *, num_heads=1, mask=None,
                     label_mask=None, scale=None, return_weights=False):
     """P77/P15/P58: per head n, A = softmax_s(scale q_l . f_s) over the valid features (and
@@ -1577,7 +1573,7 @@ def label_attention(label_queries, features, values=None, *, num_heads=1, mask=N
         allowed = allowed & jnp.asarray(mask)[:, None, None, :]
     if label_mask is not None:
         allowed = allowed & jnp.broadcast_to(jnp.asarray(label_mask), (B, L))[:, None, :, None]
-    w = _cross_softmax_rows(logits, allowed)
+    w = _masked_softmax(logits, allowed)
     pooled = jnp.einsum("bnls,bsnh->blnh", w, vh).reshape(B, L, N * Hv).astype(f.dtype)
     return (pooled, w) if return_weights else pooled
 
@@ -1617,13 +1613,9 @@ def co_attention(a, b, value_a=None, value_b=None, *, a_mask=None, b_mask=None, 
     am = jnp.ones((B, Ta), bool) if a_mask is None else jnp.asarray(a_mask)
     bm = jnp.ones((B, Tb), bool) if b_mask is None else jnp.asarray(b_mask)
     allowed = am[:, None, :, None] & bm[:, None, None, :]
-    w_ab = _cross_softmax_rows(C, allowed)
+    w_ab = _masked_softmax(C, allowed)
     # the column softmax of the same C, written on C itself and transposed afterwards
-    top = jnp.max(jnp.where(allowed, C, -jnp.inf), axis=2, keepdims=True)
-    top = jnp.where(jnp.isfinite(top), top, 0)
-    e = jnp.where(allowed, jnp.exp(jnp.where(allowed, C, 0) - top), 0)
-    total = e.sum(2, keepdims=True)
-    w_ba = jnp.swapaxes(e / jnp.where(total > 0, total, 1), 2, 3)  # [B, N, Tb, Ta]
+    w_ba = jnp.swapaxes(_masked_softmax(C, allowed, axis=2), 2, 3)  # [B, N, Tb, Ta]
     out_a = jnp.einsum("bnij,bjnh->binh", w_ab, vb).astype(a.dtype)
     out_b = jnp.einsum("bnji,binh->bjnh", w_ba, va).astype(a.dtype)
     if rank == 3:
@@ -1650,7 +1642,7 @@ def latent_cross_attention(latents, keys, values, *, mask=None, latent_keys=None
     k, v = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)
     scale = H ** -0.5 if scale is None else scale
     logits = scale * jnp.einsum("bmnh,bjnh->bnmj", z, k)
-    w = _cross_softmax_rows(logits, jnp.broadcast_to(valid[:, None, None, :], logits.shape))
+    w = _masked_softmax(logits, jnp.broadcast_to(valid[:, None, None, :], logits.shape))
     return jnp.einsum("bnmj,bjnh->bmnh", w, v).astype(keys.dtype)
 
 
@@ -1673,7 +1665,7 @@ def multi_level_cross_attention(query, keys, values, *, masks=None, combine="joi
 
     def attend(k, v, valid):
         logits = scale * jnp.einsum("btnh,bsnh->bnts", q, k)
-        w = _cross_softmax_rows(logits, jnp.broadcast_to(valid[:, None, None, :],
+        w = _masked_softmax(logits, jnp.broadcast_to(valid[:, None, None, :],
                                                          logits.shape))
         return jnp.einsum("bnts,bsnh->btnh", w, v)
 
@@ -1843,9 +1835,6 @@ def rwkv_wkv(w, u, k, v):
     distance = (t - 1 - i).astype(dtype)  # [T, T]
     logits = -distance[None, :, :, None] * w + k32[:, None, :, :]  # [B, t, i, C]
     logits = jnp.where((i == t)[None, :, :, None], u + k32[:, :, None, :], logits)
-    allowed = (i <= t)[None, :, :, None]
-    logits = jnp.where(allowed, logits, -jnp.inf)
-    weights = jnp.exp(logits - jnp.max(logits, axis=2, keepdims=True))
-    weights = jnp.where(allowed, weights, 0.0)
-    y = jnp.sum(weights * v32[:, None, :, :], axis=2) / jnp.sum(weights, axis=2)
+    weights = _masked_softmax(logits, (i <= t)[None, :, :, None], axis=2)
+    y = jnp.sum(weights * v32[:, None, :, :], axis=2)
     return y.astype(v.dtype)

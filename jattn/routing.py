@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jattn.attention import masked_softmax
 from jattn.typing import Array, accumulation_dtype, check_floating, check_qkv, check_rank
 
 _EPS = 1e-12
@@ -265,11 +266,7 @@ def routing_attention(query: Array, key: Array, value: Array, state: RoutingStat
         seen = k_idx[..., None, :] <= q_idx[..., :, None]  # [B, N, C, wq, wk]
     else:
         seen = jnp.ones(logits.shape, bool)
-    row_max = jnp.max(jnp.where(seen, logits, -jnp.inf), axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0)
-    weights = jnp.where(seen, jnp.exp(jnp.where(seen, logits, row_max) - row_max), 0)
-    total = weights.sum(-1, keepdims=True)
-    probs = weights / jnp.where(total > 0, total, 1)
+    probs = masked_softmax(logits, seen)
     per_cluster = jnp.einsum("bncqk,bnckd->bncqd", probs, v_members)  # [B, N, C, wq, Hv]
 
     # A query sits at most once in a cluster (top_k indices are distinct), so scatter-adding

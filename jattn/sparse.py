@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jattn.attention import masked_softmax
 from jattn.typing import (
     Array,
     accumulation_dtype,
@@ -105,11 +106,7 @@ def topk_attention(query: Array, key: Array, value: Array, *, top_k: int | None 
     # disallowed keys, at -inf, come last and are dropped below.
     values, index = lax.top_k(jnp.where(allowed, logits, -jnp.inf), k)  # [B, K, G, T, k]
     kept = index <= t if is_causal else jnp.ones(index.shape, bool)
-    row_max = jnp.max(jnp.where(kept, values, -jnp.inf), axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0)
-    weights = jnp.where(kept, jnp.exp(jnp.where(kept, values, row_max) - row_max), 0)
-    total = weights.sum(-1, keepdims=True)
-    probs = weights / jnp.where(total > 0, total, 1)
+    probs = masked_softmax(values, kept)
     v = jnp.swapaxes(value.astype(dtype), 1, 2)  # [B, K, S, Hv]
     gathered = jax.vmap(jax.vmap(lambda vv, ii: vv[ii]))(v, index)  # [B, K, G, T, k, Hv]
     out = jnp.einsum("bkgtj,bkgtjd->btkgd", probs, gathered)
