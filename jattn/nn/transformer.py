@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -357,6 +358,22 @@ def _sample(logits: jax.Array, key, temperature: float, top_k: int | None) -> ja
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+# generate()'s two programs live at module level, so that a second generate() call with the
+# same shapes reuses them instead of tracing and compiling again; each samples in-program.
+@functools.partial(nnx.jit, static_argnames=("temperature", "top_k"))
+def _prefill_and_sample(model, prompt, key, context, context_mask, *, temperature, top_k):
+    logits, states = model.prefill(prompt, context=context, context_mask=context_mask)
+    return _sample(logits[:, -1], key, temperature, top_k), states
+
+
+@functools.partial(nnx.jit, static_argnames=("temperature", "top_k"))
+def _step_and_sample(model, token, states, position, key, context, context_mask, *,
+                     temperature, top_k):
+    logits, states = model.step(token[:, None], states, position, context=context,
+                                context_mask=context_mask)
+    return _sample(logits[:, -1], key, temperature, top_k), states
+
+
 def generate(model: TransformerLM, prompt: jax.Array, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None,
              key: jax.Array | None = None, context: jax.Array | None = None,
@@ -395,22 +412,13 @@ def generate(model: TransformerLM, prompt: jax.Array, *, max_new_tokens: int,
         return prompt.astype(jnp.int32)
     keys = (jax.random.split(key, max_new_tokens) if key is not None
             else [None] * max_new_tokens)
-
-    @nnx.jit
-    def prefill(model, prompt):
-        return model.prefill(prompt, context=context, context_mask=context_mask)
-
-    @nnx.jit
-    def step(model, token, states, position):
-        return model.step(token, states, position, context=context,
-                          context_mask=context_mask)
-
-    logits, states = prefill(model, prompt)
-    token = _sample(logits[:, -1], keys[0], temperature, top_k)
+    options = dict(temperature=float(temperature), top_k=top_k)
+    token, states = _prefill_and_sample(model, prompt, keys[0], context, context_mask,
+                                        **options)
     out = [prompt.astype(jnp.int32), token[:, None]]
     for i in range(1, max_new_tokens):
-        logits, states = step(model, token[:, None], states, jnp.int32(T + i - 1))
-        token = _sample(logits[:, -1], keys[i], temperature, top_k)
+        token, states = _step_and_sample(model, token, states, jnp.int32(T + i - 1), keys[i],
+                                         context, context_mask, **options)
         out.append(token[:, None])
     return jnp.concatenate(out, axis=1)
 
