@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, normal, normalised_error, to64
 from flax import nnx
 
 import jattn
+from conftest import assert_close, normal, normalised_error, to64
 from jattn import reference
 from jattn.agent import agent_attention, agent_segments, pool_agents
 from jattn.nn.agent import AgentAttention

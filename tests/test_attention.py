@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import IMPLEMENTATIONS, KERNELS, assert_close, normalised_error, to64
 
 import jattn
+from conftest import IMPLEMENTATIONS, KERNELS, assert_close, normalised_error, to64
 from jattn import masks, reference
 
 

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, normal, normalised_error, output_and_vjp, to64
 from flax import nnx
 
+from conftest import assert_close, normal, normalised_error, output_and_vjp, to64
 from jattn import reference
 from jattn.bilevel import bilevel_routing_attention
 from jattn.nn.bilevel import BiLevelRoutingAttention

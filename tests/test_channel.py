@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import normal, normalised_error, to64
 from flax import nnx
 
 import jattn.channel
+from conftest import normal, normalised_error, to64
 from jattn import reference
 from jattn.channel import (
     channel_attention,

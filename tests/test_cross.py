@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import check_against_reference as _check
-from conftest import normal
 from flax import nnx
 
+from conftest import check_against_reference as _check
+from conftest import normal
 from jattn import reference
 from jattn.cross import (
     bi_encoder_score,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import normal
 
+from conftest import normal
 from pallas_kernels.flash import autotune as at
 from pallas_kernels.flash.common import BlockSizes
 

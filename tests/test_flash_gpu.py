@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, normal
 from test_flash_kernels import check_against_reference
 
+from conftest import assert_close, normal
 from jattn import reference
 from pallas_kernels.flash.common import FULL, BlockSizes
 from pallas_kernels.flash.gpu import default_block_sizes, flash_attention

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, normal, output_and_vjp
 
+from conftest import assert_close, normal, output_and_vjp
 from jattn import reference
 from pallas_kernels.flash.common import EMPTY, FULL, PARTIAL, BlockSizes, cdiv, schedule
 

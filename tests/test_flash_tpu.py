@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, normal
 from test_flash_kernels import block_map_of, check_against_reference, dense_mask
 
+from conftest import assert_close, normal
 from jattn import reference
 from pallas_kernels.flash import tpu
 from pallas_kernels.flash.common import EMPTY, FULL, PARTIAL, BlockSizes

@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import check_against_reference as _check
-from conftest import normal
 from flax import nnx
 
 import jattn
+from conftest import check_against_reference as _check
+from conftest import normal
 from jattn import reference
 from jattn.fusion import (
     appended_kv_attention,

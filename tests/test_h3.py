@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import normal, normalised_error, to64
 from flax import nnx
 
+from conftest import normal, normalised_error, to64
 from jattn import reference
 from jattn.mixers import h3 as h3lib
 from jattn.mixers.h3 import DiagonalSSM, ShiftSSM, diag_ssm_kernel, h3_mix, h3_ssm

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, normal, normalised_error, output_and_vjp, to64
 from flax import nnx
 
 import jattn
+from conftest import assert_close, normal, normalised_error, output_and_vjp, to64
 from jattn import positions as P
 from jattn import reference
 from jattn.heads import (

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import normalised_error, to64
 from flax import nnx
 
 import jattn
+from conftest import normalised_error, to64
 from jattn import linear, reference
 from jattn.linear import LinearAttentionState, linear_attention
 from jattn.nn import BasedLinearAttention, LinearAttention

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, normal, normalised_error, to64
 from flax import nnx
 
 import jattn
+from conftest import assert_close, normal, normalised_error, to64
 from jattn import reference
 from jattn.local import halo_attention, relative_position_index, window_attention
 from jattn.nn.local import HaloAttention, WindowAttention

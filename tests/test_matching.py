@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, check_against_reference, normal, to64
 from flax import nnx
 
+from conftest import assert_close, check_against_reference, normal, to64
 from jattn import reference
 from jattn.matching import (
     bidirectional_ranking_loss,

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import normal, normalised_error, to64
 from flax import nnx
 from test_h3 import _inputs as h3_inputs
 from test_ssm import _inputs as scan_inputs
 
+from conftest import normal, normalised_error, to64
 from jattn import reference
 from jattn.mixers import (
     H3State,

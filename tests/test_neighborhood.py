@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, normal, normalised_error, to64
 from flax import nnx
 
 import jattn
+from conftest import assert_close, normal, normalised_error, to64
 from jattn import reference
 from jattn.neighborhood import neighbor_table, neighborhood_attention
 from jattn.nn.neighborhood import NeighborhoodAttention

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import normal, normalised_error, to64
 from flax import nnx
 
+from conftest import normal, normalised_error, to64
 from jattn import reference
 from jattn.nn.pointer import PointerAttention, PointerNetwork
 from jattn.pointer import additive_scores, greedy_pointer_decode, pointer_distribution

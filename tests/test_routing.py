@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, normal, normalised_error, to64
 from flax import nnx
 
+from conftest import assert_close, normal, normalised_error, to64
 from jattn import reference
 from jattn.nn.routing import RoutingAttention, RoutingCentroids
 from jattn.routing import (

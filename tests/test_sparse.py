@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import normal, normalised_error, to64
 from flax import nnx
 
 import jattn
+from conftest import normal, normalised_error, to64
 from jattn import reference
 from jattn.nn import SelectiveLookups, SparseAttention
 from jattn.sparse import selection_penalty, selection_weights, selective_lookup, topk_attention

@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, normal, output_and_vjp, to64
 from flax import nnx
 
 import jattn
+from conftest import assert_close, normal, output_and_vjp, to64
 from jattn import reference
 from jattn.nn.structure import BoxRelativeAttention, GraphAttention, RelationAwareAttention
 from jattn.structure import (

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import normal, normalised_error, to64
 
+from conftest import normal, normalised_error, to64
 from jattn import reference
 from jattn.memory.titans import (
     MemoryInputs,
