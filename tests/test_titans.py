@@ -13,6 +13,7 @@ import pytest
 
 from conftest import normal, normalised_error, to64
 from jattn import reference
+from jattn.memory import titans
 from jattn.memory.titans import (
     MemoryInputs,
     MemoryWeights,
@@ -78,7 +79,11 @@ DEEP_CW = {"memory_depth": 2, "channelwise_forget": True}
 LINEAR_CW = {"memory_depth": 1, "channelwise_forget": True}
 
 
-def test_chunk_size_one_equals_sequential():
+def test_chunk_size_one_equals_sequential(monkeypatch):
+    """chunk_size = 1 runs the exact recurrence in chunks of EXACT_CHUNK tokens (gradients at
+    the previous token's weights, in the dual form); with chunks of 3, T = 7 has two full
+    chunks and a partial one. Outputs, final state and outer gradients."""
+    monkeypatch.setattr(titans, "EXACT_CHUNK", 3)
     T = 7
     with jax.enable_x64(True):
         p, x = to64((_params(**DEEP), _x(1, T, B=1)))
@@ -86,6 +91,23 @@ def test_chunk_size_one_equals_sequential():
         got = _loss_and_grad(functools.partial(_fast, chunk_size=1), cotangent)(p, x)
         want = _loss_and_grad(functools.partial(_fast, chunk_size=1,
                                                 implementation="sequential"), cotangent)(p, x)
+        _assert_all_close(got, want, 1e-10)
+
+
+@pytest.mark.parametrize("options,retrieve,max_grad_norm", [
+    (DEEP_CW, "after", 0.3), (DEEP, "before", None), (LINEAR_CW, "after", None),
+    ({"memory_depth": 3, "conv_size": None}, "after", 0.3)])
+def test_chunk_size_one_over_several_exact_chunks(options, retrieve, max_grad_norm):
+    """T = 37 at the default EXACT_CHUNK: full exact chunks and a partial last one, each
+    memory depth, channel-wise forgetting, both retrieval orders and the clamp, against the
+    token-by-token scan (B = 2 rows)."""
+    T = 2 * titans.EXACT_CHUNK + 5
+    kw = {"retrieve": retrieve, "max_grad_norm": max_grad_norm}
+    with jax.enable_x64(True):
+        p, x = to64((_params(40, **options), _x(41, T)))
+        got = jax.jit(functools.partial(_fast, chunk_size=1, **kw))(p, x)
+        want = jax.jit(functools.partial(_fast, chunk_size=1, implementation="sequential",
+                                         **kw))(p, x)
         _assert_all_close(got, want, 1e-10)
 
 

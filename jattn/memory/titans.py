@@ -50,6 +50,12 @@ Implementations:
   per chunk) carries (M, S) across chunks. A last partial chunk is zero-padded and its state
   read at its last real token: row i of the coefficients involves tokens <= i only, so the
   padding never reaches the state or the outputs (no token is dropped, none is invented).
+  With ``chunk_size=1`` (the exact recurrence) the same machinery runs in chunks of
+  ``EXACT_CHUNK`` tokens, but token i's gradient is taken at M_{i-1}: a scan over the
+  chunk's tokens reads M_{i-1}(k_i) in the dual form from the earlier tokens' factors
+  (a_j, theta_j c_j delta_j), so no weight-sized array is written per token (the
+  token-by-token scan writes M and S at every token: forward+backward is about 3x faster
+  at 4k tokens, docs/titans.md).
 
 GELU is evaluated as h (1 + erf(h / sqrt(2))) / 2 (``jax.nn.gelu(approximate=False)``
 uses erfc, which costs several times as much on CPU; they differ by rounding only).
@@ -90,6 +96,9 @@ from jattn.typing import Array, check_floating, check_rank, check_shape
 GATE_GRANULARITIES = ("token", "chunk")
 LAYER_NORM_EPS = 1e-5  # the memory's LayerNorm: (h - mean) / sqrt(var + eps)
 L2_NORM_EPS = 1e-6  # q / sqrt(|q|^2 + eps)
+# "chunked" with chunk_size = 1 (the exact recurrence) works in chunks of this many tokens:
+# one weight-sized write per chunk, O(EXACT_CHUNK) dual-form work per token.
+EXACT_CHUNK = 16
 
 
 class MemoryWeights(NamedTuple):
@@ -332,24 +341,31 @@ def _gelu(h: Array) -> Array:
     return h * (0.5 + 0.5 * lax.erf(h * math.sqrt(0.5)))
 
 
-def _memory_forward(weights: MemoryWeights, x: Array, probes: MemoryWeights | None = None):
-    """M(x) for one head (x [..., H]); ``probes`` (zeros) are added to every layer output and
-    to the LayerNorm gain and bias, so that their gradients are the per-token gradients at
-    those points. Returns (M(x), the input of every matrix)."""
+def _mlp(layer, depth: int, x: Array, scale=None, bias=None, probes: MemoryWeights | None = None):
+    """The memory network on x [..., H] with its matrix products given: ``layer(i, h)`` is
+    h times matrix i (plain weights, or weights in the dual form of a chunk); ``scale``,
+    ``bias`` the LayerNorm gain and bias (None: L_M = 1). ``probes`` (zeros) are added to
+    every layer output and to the gain and bias, so that their gradients are the gradients
+    at those points. Returns (M(x), the input of every matrix)."""
     inputs, h = [], x
-    for i, w in enumerate(weights.matrices):
+    for i in range(depth):
         if i:
             h = _gelu(h)
         inputs.append(h)
-        h = h @ w
+        h = layer(i, h)
         if probes is not None:
             h = h + probes.matrices[i]
-    if weights.scale is None:
+    if scale is None:
         return h, inputs
-    scale, bias = weights.scale, weights.bias
     if probes is not None:
         scale, bias = scale + probes.scale, bias + probes.bias
     return x + _layer_norm(h) * scale + bias, inputs
+
+
+def _memory_forward(weights: MemoryWeights, x: Array, probes: MemoryWeights | None = None):
+    """M(x) for one head (x [..., H]) with plain weights; see :func:`_mlp`."""
+    return _mlp(lambda i, h: h @ weights.matrices[i], len(weights.matrices), x, weights.scale,
+                weights.bias, probes)
 
 
 def apply_memory(weights: MemoryWeights, x: Array) -> Array:
@@ -367,17 +383,6 @@ def apply_memory(weights: MemoryWeights, x: Array) -> Array:
     w = jax.tree_util.tree_map(lambda a: a.astype(dtype), weights)
     read = jax.vmap(jax.vmap(lambda m, h: _memory_forward(m, h)[0], (0, 1), 1), (0, 0), 0)
     return read(w, x.astype(dtype)).astype(x.dtype)
-
-
-def _split_channels(keep: Array, channels: tuple[int, ...]) -> list[Array]:
-    """keep [..., C] -> one [..., Q_leaf] (or [..., 1] when C = 1) per memory leaf."""
-    if keep.shape[-1] == 1:
-        return [keep] * len(channels)
-    out, start = [], 0
-    for q in channels:
-        out.append(keep[..., start:start + q])
-        start += q
-    return out
 
 
 def _clip_factor(sq_norm: Array, max_norm: float) -> Array:
@@ -403,7 +408,7 @@ def _sequential_single(M: MemoryWeights, S: MemoryWeights, q, k, v, theta, eta, 
             theta_t = theta_t * _clip_factor(sq, max_grad_norm)
         S = jax.tree_util.tree_map(lambda s, g: eta_t * s - theta_t * g, S, grad)
         leaves, treedef = jax.tree_util.tree_flatten(M)
-        keeps = _split_channels(keep_t, channels)
+        keeps = [c[..., 0] for c in _per_leaf(keep_t[:, None], channels)]  # [] or [Q]
         new = jax.tree_util.tree_unflatten(treedef, [
             kp * m + s for kp, m, s in zip(keeps, leaves, jax.tree_util.tree_leaves(S),
                                            strict=True)])
@@ -415,7 +420,7 @@ def _sequential_single(M: MemoryWeights, S: MemoryWeights, q, k, v, theta, eta, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Chunked: gradients frozen at the chunk start, dual form inside a chunk
+# Chunks: the state (M, S) materialised at chunk boundaries, the dual form inside a chunk
 
 
 def _affine_compose(first, second):
@@ -425,11 +430,11 @@ def _affine_compose(first, second):
     return a1 * a2, a2 * b1 + b2
 
 
-def _gate_coefficients(eta, keep, last, *, retrieve: str):
+def _gate_coefficients(eta, keep, last):
     """The coefficients of one chunk that depend on the gates only (eta [b], keep [b, C]).
 
     With w_j = -theta_j c_j u_j (token j's gradient u_j, scaled by its learning rate and
-    clamp factor c_j, which depend on the chunk-start weights and are applied by the caller):
+    clamp factor c_j, which are applied by the caller):
 
     * momentum, rows i = 0..b on the basis (S_0, w_1..w_b): S_i = eta_i S_{i-1} + w_i, so
       row i is (prod_{0<l<=i} eta_l, prod_{j<l<=i} eta_l for j <= i, 0 after);
@@ -437,11 +442,11 @@ def _gate_coefficients(eta, keep, last, *, retrieve: str):
       M_i = keep_i M_{i-1} + S_i.
 
     Both are solved by associative scans of affine maps (products and sums of gates, no
-    division). ``last`` is the row of the chunk's last valid token.
+    division). Row i involves tokens <= i only. ``last`` is the row of the chunk's last valid
+    token.
 
     Returns:
-        (momentum row ``last`` [1 + b], memory rows read by the tokens [b, C, 2 + b] (rows
-        1..b with ``retrieve="after"``, 0..b-1 with "before"), memory row ``last``
+        (momentum row ``last`` [1 + b], memory rows [b + 1, C, 2 + b], memory row ``last``
         [C, 2 + b]).
     """
     b, C = keep.shape
@@ -456,104 +461,162 @@ def _gate_coefficients(eta, keep, last, *, retrieve: str):
     coef = coef.at[..., 0].add(cum_keep[..., 0])
     start = jnp.zeros((1, C, 2 + b), dtype).at[..., 0].set(1.0)
     coef = jnp.concatenate([start, coef], 0)  # [b + 1, C, 2 + b]
-    rows = coef[1:] if retrieve == "after" else coef[:-1]
     take = functools.partial(lax.dynamic_index_in_dim, index=last, axis=0, keepdims=False)
-    return take(mom), rows, take(coef)
+    return take(mom), coef, take(coef)
 
 
-def _chunk_step(M: MemoryWeights, S: MemoryWeights, q, k, v, theta, coefficients, *,
-                max_grad_norm: float | None, channels: tuple[int, ...]):
-    """One chunk of one (batch, head): q, k, v [b, H], theta [b], ``coefficients`` from
-    :func:`_gate_coefficients` (padding tokens of a last, partial chunk only enter rows
-    after its last valid token, so they never reach the returned state)."""
-    mom_end, rows, end = coefficients
-    b = q.shape[0]
-    dtype = q.dtype
-    deep = M.scale is not None
+def _per_leaf(coef: Array, channels: tuple[int, ...]) -> list[Array]:
+    """coef [..., C, X] -> one [..., X] (C = 1, shared) or [..., Q_leaf, X] per memory leaf."""
+    if coef.shape[-2] == 1:
+        return [coef[..., 0, :]] * len(channels)
+    offsets = [sum(channels[:i]) for i in range(len(channels) + 1)]
+    return [coef[..., lo:hi, :] for lo, hi in itertools.pairwise(offsets)]
 
-    # 1. Per-token gradients at the chunk-start weights, factored: matrix l of token j has
-    # gradient inputs[l][j]^T deltas[l][j]; the LayerNorm gain/bias have [b, H] gradients.
-    probes = jax.tree_util.tree_map(lambda w: jnp.zeros((b, w.shape[-1]), dtype), M)
+
+def _dual_product(z, zW, zS, a, d, r):
+    """z_i M_i for the matrix M_i = c^M_i M_0 + c^S_i S_0 + sum_j c_ij a_j^T d_j of every row i,
+    given zW = z M_0 and zS = z S_0: z [n, in], a [b, in], d [b, out], r [n, 2 + b] (one
+    coefficient per row) or [n, out, 2 + b] (per output channel)."""
+    scores = z @ a.T  # (z_i . a_j)
+    if r.ndim == 2:
+        return r[:, :1] * zW + r[:, 1:2] * zS + (scores * r[:, 2:]) @ d
+    return r[..., 0] * zW + r[..., 1] * zS + jnp.einsum("ij,iqj,jq->iq", scores, r[..., 2:], d)
+
+
+def _dual_vector(v0, s0, g, r):
+    """The same for a vector leaf (LayerNorm gain or bias): v0, s0 [H], g [b, H], r as above."""
+    if r.ndim == 2:
+        return r[:, :1] * v0 + r[:, 1:2] * s0 + r[:, 2:] @ g
+    return r[..., 0] * v0 + r[..., 1] * s0 + jnp.einsum("iqj,jq->iq", r[..., 2:], g)
+
+
+def _dual_forward(M, S, inputs, w, rows, z, probes=None, first=None):
+    """M_i(z_i) for every row i in the dual form (rows: per leaf, as :func:`_per_leaf`);
+    ``first``: (z M_0, z S_0) of the first matrix when the caller has them."""
+    n_mat = len(M.matrices)
+    scale = bias = None
+    if M.scale is not None:
+        scale = _dual_vector(M.scale, S.scale, w.scale, rows[n_mat])
+        bias = _dual_vector(M.bias, S.bias, w.bias, rows[n_mat + 1])
+
+    def layer(i, h):
+        zW, zS = first if i == 0 and first is not None else (h @ M.matrices[i],
+                                                             h @ S.matrices[i])
+        return _dual_product(h, zW, zS, inputs[i], w.matrices[i], rows[i])
+
+    return _mlp(layer, n_mat, z, scale, bias, probes)
+
+
+def _scaled_updates(grads: MemoryWeights, inputs: list[Array], theta: Array,
+                    max_grad_norm: float | None) -> MemoryWeights:
+    """w = -theta c u for tokens whose gradient u has the matrix parts inputs[l]^T grads[l]
+    (outer products) and the vector parts grads.scale, grads.bias; c clamps |u| to
+    ``max_grad_norm`` (|a^T d|_F = |a| |d| for a rank-one matrix). Leaves [..., out]."""
+    if max_grad_norm is not None:
+        sq = sum(jnp.sum(jnp.square(a), -1) * jnp.sum(jnp.square(d), -1)
+                 for a, d in zip(inputs, grads.matrices, strict=True))
+        if grads.scale is not None:
+            sq = sq + jnp.sum(jnp.square(grads.scale), -1) + jnp.sum(jnp.square(grads.bias), -1)
+        theta = theta * _clip_factor(sq, max_grad_norm)
+    return jax.tree_util.tree_map(lambda g: -theta[..., None] * g, grads)
+
+
+def _frozen_gradients(M, S, k, v, theta, rows, *, max_grad_norm):
+    """Every token's gradient at the chunk-start weights M_0 (paper Eqs. 16-18), batched."""
+    del S, rows
+    b = k.shape[0]
+    probes = jax.tree_util.tree_map(lambda w: jnp.zeros((b, w.shape[-1]), k.dtype), M)
 
     def inner_loss(p):
         out, inputs = _memory_forward(M, k, p)
         return jnp.sum(jnp.square(out - v)), inputs
 
     grads, inputs = jax.grad(inner_loss, has_aux=True)(probes)
-    if max_grad_norm is not None:
-        # |a^T d|_F = |a| |d| for a rank-one matrix.
-        sq = sum(jnp.sum(jnp.square(a), -1) * jnp.sum(jnp.square(d), -1)
-                 for a, d in zip(inputs, grads.matrices, strict=True))
-        if deep:
-            sq = sq + jnp.sum(jnp.square(grads.scale), -1) + jnp.sum(jnp.square(grads.bias), -1)
-        theta = theta * _clip_factor(sq, max_grad_norm)
-    # w_j = -theta_j c_j u_j: the coefficients' basis (the gradient of matrix l is still
-    # inputs[l][j]^T times the scaled delta).
-    w = jax.tree_util.tree_map(lambda g: -theta[:, None] * g, grads)
-    n_mat = len(M.matrices)
-    per_leaf = len(channels)
-    if rows.shape[1] == 1:
-        rows, end = [rows[:, 0]] * per_leaf, [end[0]] * per_leaf
-    else:
-        offsets = [sum(channels[:i]) for i in range(per_leaf + 1)]
-        rows = [rows[:, lo:hi] for lo, hi in itertools.pairwise(offsets)]
-        end = [end[lo:hi] for lo, hi in itertools.pairwise(offsets)]
+    return inputs, _scaled_updates(grads, inputs, theta, max_grad_norm)
+
+
+def _exact_gradients(M, S, k, v, theta, rows, *, max_grad_norm):
+    """Token i's gradient at M_{i-1}, the weights after the tokens before it (the sequential
+    recurrence): a scan over the chunk's tokens that reads M_{i-1} in the dual form from the
+    earlier tokens' factors, so no weight-sized array is written per token. ``rows``: per
+    leaf, the coefficients of M_0..M_{b-1} ([b, 2 + b] or [b, Q, 2 + b])."""
+    b, dtype = k.shape[0], k.dtype
+    inputs = [jnp.zeros((b, w.shape[-2]), dtype) for w in M.matrices]
+    w = jax.tree_util.tree_map(lambda a: jnp.zeros((b, a.shape[-1]), dtype), M)
+
+    def token(carry, xs):
+        inputs, w = carry
+        i, k_i, v_i, theta_i, r, kW, kS = xs
+        probes = jax.tree_util.tree_map(lambda a: jnp.zeros((1, a.shape[-1]), dtype), M)
+
+        def inner_loss(p):
+            out, acts = _dual_forward(M, S, inputs, w, [x[None] for x in r], k_i[None], p,
+                                      first=(kW[None], kS[None]))
+            return jnp.sum(jnp.square(out - v_i)), acts
+
+        grads, acts = jax.grad(inner_loss, has_aux=True)(probes)
+        new = _scaled_updates(grads, acts, theta_i[None], max_grad_norm)
+        inputs = [buf.at[i].set(a[0]) for buf, a in zip(inputs, acts, strict=True)]
+        w = jax.tree_util.tree_map(lambda buf, x: buf.at[i].set(x[0]), w, new)
+        return (inputs, w), None
+
+    # The keys' products with the first matrices are known before the scan: one matrix
+    # product each (inside, every token would also add a weight-sized outer product to
+    # their gradients).
+    first = (k @ M.matrices[0], k @ S.matrices[0])
+    (inputs, w), _ = lax.scan(token, (inputs, w), (jnp.arange(b), k, v, theta, rows, *first))
+    return inputs, w
+
+
+def _chunk_step(M: MemoryWeights, S: MemoryWeights, q, k, v, theta, coefficients, *,
+                exact: bool, retrieve: str, max_grad_norm: float | None,
+                channels: tuple[int, ...]):
+    """One chunk of one (batch, head): q, k, v [b, H], theta [b], ``coefficients`` from
+    :func:`_gate_coefficients` (padding tokens of a last, partial chunk only enter rows
+    after its last valid token, so they never reach the returned state). ``exact``: each
+    token's gradient at the weights before it (else all at the chunk start)."""
+    mom_end, coef, end = coefficients
+    coef, end = _per_leaf(coef, channels), _per_leaf(end, channels)
+
+    # 1. Per-token updates w_j, factored: matrix l of token j moves by inputs[l][j]^T times
+    # w.matrices[l][j]; the LayerNorm gain and bias by w.scale[j], w.bias[j].
+    gradients = _exact_gradients if exact else _frozen_gradients
+    inputs, w = gradients(M, S, k, v, theta, [c[:-1] for c in coef],
+                          max_grad_norm=max_grad_norm)
 
     # 2. Read: every token i through its own weights M_i (or M_{i-1}), layer by layer:
     # z_i M_i = c^M_i z_i M_0 + c^S_i z_i S_0 + sum_j c_ij (z_i . a_j) w_j.
-    def through(z, W0, S0, a, d, r):
-        scores = z @ a.T  # (z_i . a_j)
-        if r.ndim == 2:
-            return (r[:, :1] * (z @ W0) + r[:, 1:2] * (z @ S0) + (scores * r[:, 2:]) @ d)
-        mixed = jnp.einsum("ij,iqj,jq->iq", scores, r[..., 2:], d)
-        return r[..., 0] * (z @ W0) + r[..., 1] * (z @ S0) + mixed
-
-    def per_token(v0, s0, g, r):
-        if r.ndim == 2:
-            return r[:, :1] * v0 + r[:, 1:2] * s0 + r[:, 2:] @ g
-        return r[..., 0] * v0 + r[..., 1] * s0 + jnp.einsum("iqj,jq->iq", r[..., 2:], g)
-
-    h = q
-    for i in range(n_mat):
-        if i:
-            h = _gelu(h)
-        h = through(h, M.matrices[i], S.matrices[i], inputs[i], w.matrices[i], rows[i])
-    if deep:
-        scale = per_token(M.scale, S.scale, w.scale, rows[n_mat])
-        bias = per_token(M.bias, S.bias, w.bias, rows[n_mat + 1])
-        y = q + _layer_norm(h) * scale + bias
-    else:
-        y = h
+    rows = [c[1:] if retrieve == "after" else c[:-1] for c in coef]
+    y = _dual_forward(M, S, inputs, w, rows, q)[0]
 
     # 3. Weights and momentum after the last valid token.
     def end_terms(e):  # memory row ``last``: (c^M, c^S, per-token coefficients [b, 1 or Q])
         return (e[0], e[1], e[2:, None]) if e.ndim == 1 else (e[:, 0], e[:, 1], e[:, 2:].T)
 
     s_last, s_tokens = mom_end[0], mom_end[1:, None]
+    n_mat = len(M.matrices)
     new_w, new_s = [], []
     for i, (W0, S0, a, d) in enumerate(zip(M.matrices, S.matrices, inputs, w.matrices,
                                            strict=True)):
         e0, e1, eu = end_terms(end[i])
         new_w.append(e0 * W0 + e1 * S0 + a.T @ (d * eu))
         new_s.append(s_last * S0 + a.T @ (d * s_tokens))
-    if deep:
-        vec = []
-        for e, w0, s0, g in ((end[n_mat], M.scale, S.scale, w.scale),
-                             (end[n_mat + 1], M.bias, S.bias, w.bias)):
-            # (a vector-matrix product where the row is per head: several times faster on
-            # CPU at b = 64 than the equal sum of products)
-            e0, e1 = end_terms(e)[:2]
-            add = e[2:] @ g if e.ndim == 1 else jnp.sum(g * e[:, 2:].T, 0)
-            vec.append((e0 * w0 + e1 * s0 + add, s_last * s0 + mom_end[1:] @ g))
-        M_new = MemoryWeights(tuple(new_w), vec[0][0], vec[1][0])
-        S_new = MemoryWeights(tuple(new_s), vec[0][1], vec[1][1])
-    else:
-        M_new, S_new = MemoryWeights(tuple(new_w)), MemoryWeights(tuple(new_s))
-    return y, M_new, S_new
+    if M.scale is None:
+        return y, MemoryWeights(tuple(new_w)), MemoryWeights(tuple(new_s))
+    vec = []
+    for e, w0, s0, g in ((end[n_mat], M.scale, S.scale, w.scale),
+                         (end[n_mat + 1], M.bias, S.bias, w.bias)):
+        # (a vector-matrix product where the row is per head: several times faster on
+        # CPU at b = 64 than the equal sum of products)
+        e0, e1 = end_terms(e)[:2]
+        add = e[2:] @ g if e.ndim == 1 else jnp.sum(g * e[:, 2:].T, 0)
+        vec.append((e0 * w0 + e1 * s0 + add, s_last * s0 + mom_end[1:] @ g))
+    return (y, MemoryWeights(tuple(new_w), vec[0][0], vec[1][0]),
+            MemoryWeights(tuple(new_s), vec[0][1], vec[1][1]))
 
 
-def _chunked_single(M, S, q, k, v, theta, eta, keep, *, chunk_size: int, retrieve: str,
-                    max_grad_norm: float | None, channels: tuple[int, ...]):
+def _chunked_single(M, S, q, k, v, theta, eta, keep, *, chunk_size: int, exact: bool,
+                    retrieve: str, max_grad_norm: float | None, channels: tuple[int, ...]):
     """One (batch, head): a rematerialised lax.scan over chunks; a last partial chunk is
     padded and its state read at its last valid token (one compiled chunk step).
 
@@ -568,15 +631,16 @@ def _chunked_single(M, S, q, k, v, theta, eta, keep, *, chunk_size: int, retriev
                (q, k, v, theta, eta, keep))
     q, k, v, theta, eta, keep = (a.reshape(n, b, *a.shape[1:]) for a in xs)
     last = jnp.full((n,), b, jnp.int32).at[-1].set(b - pad)
-    gates = functools.partial(_gate_coefficients, retrieve=retrieve)
     before = keep.shape[-1] == 1
-    coefficients = jax.vmap(gates)(eta, keep, last) if before else (eta, keep, last)
-    step = functools.partial(_chunk_step, max_grad_norm=max_grad_norm, channels=channels)
+    coefficients = (jax.vmap(_gate_coefficients)(eta, keep, last) if before
+                    else (eta, keep, last))
+    step = functools.partial(_chunk_step, exact=exact, retrieve=retrieve,
+                             max_grad_norm=max_grad_norm, channels=channels)
 
     @jax.checkpoint
     def body(carry, chunk):
         *inputs, coefs = chunk
-        y, M, S = step(*carry, *inputs, coefs if before else gates(*coefs))
+        y, M, S = step(*carry, *inputs, coefs if before else _gate_coefficients(*coefs))
         return (M, S), y
 
     (M, S), y = lax.scan(body, (M, S), (q, k, v, theta, coefficients))
@@ -756,7 +820,11 @@ def memory_recurrence(weights: MemoryWeights, momentum: MemoryWeights, inputs: M
         inputs = chunk_gates(inputs, chunk_size)
     heads_first = [jnp.moveaxis(a, 2, 1) for a in inputs]  # [B, N, T, ...]
     if implementation == "chunked":
-        single = functools.partial(_chunked_single, chunk_size=chunk_size, retrieve=retrieve,
+        # Chunks of 1 token are the exact recurrence, computed in chunks of EXACT_CHUNK
+        # tokens (each token's gradient at the weights before it, in the dual form).
+        exact = chunk_size == 1
+        single = functools.partial(_chunked_single, exact=exact, retrieve=retrieve,
+                                   chunk_size=EXACT_CHUNK if exact else chunk_size,
                                    max_grad_norm=max_grad_norm, channels=channels)
     else:
         single = functools.partial(_sequential_single, retrieve=retrieve,
