@@ -187,15 +187,17 @@ def test_recall_rows_and_task_functions(tmp_path):
 
 
 
-@pytest.mark.parametrize("initial_lr,bounded", [(recall.MAC_INITIAL_LR, True),
-                                                 (recall.MAC_FASTER_LR, True), (0.1, False)])
-def test_mac_outer_gradient_over_segments(initial_lr, bounded):
+@pytest.mark.parametrize("initial_lr,momentum,bounded", [
+    (recall.MAC_INITIAL_LR, True, True), (recall.MAC_FASTER_LR, True, True),
+    (0.1, False, True), (0.1, True, False)])
+def test_mac_outer_gradient_over_segments(initial_lr, momentum, bounded):
     """The recall model's MAC at initialisation on 2 segments of 32 (passkey rows): with the
-    initial thetas of its recall models the outer gradient norm stays near one segment's
-    (~30-50); at theta 0.1 it is ~1e5 and grows with every segment (the full preset then
-    trained to NaN)."""
+    settings of its recall models the outer gradient norm stays near one segment's
+    (~30-50); at theta 0.1 with momentum it is ~1e5 and grows with every segment (the full
+    preset then trained to NaN)."""
     config = recall.PRESETS["full"]
-    recall.MODELS["mac_test"] = ("MAC", recall._titans(recall.TitansMAC, initial_lr=initial_lr))
+    recall.MODELS["mac_test"] = ("MAC", recall._titans(recall.TitansMAC, initial_lr=initial_lr,
+                                                       momentum=momentum))
     try:
         lm = recall.build_model(config, "passkey", "mac_test")
     finally:

@@ -21,7 +21,7 @@ position embedding (the convolution gives local order; nothing is tied to absolu
 positions, so every model can run at any length). Mixers (see :data:`MODELS`): sliding-window
 attention (``window`` tokens), linear attention (elu + 1), the Titans LMM, MAC, MAG and MAL
 (:mod:`jattn.nn.titans`; attention windows and MAC segments of ``window`` tokens; MAC at
-two initial inner learning rates, theta ~ 0.01 and 0.03), and the
+theta ~ 0.01 and 0.03, and without momentum at the others' 0.1), and the
 Table 5 ablations of the LMM (linear memory L_M = 1, no momentum, no forgetting), and the LMM
 trained with the paper's chunk-parallel form (chunks of 16) instead of token by token
 (``chunk_size`` 1, the default here: the deep memory learns the passkey only at 1).
@@ -116,8 +116,9 @@ class RecallConfig:
     """Trained-recall settings (every field is a command-line flag)."""
 
     tasks: tuple[str, ...] = TASKS
-    models: tuple[str, ...] = ("swa", "linear", "lmm", "mac", "mac_theta03", "mag", "mal",
-                               "lmm_linear", "lmm_no_momentum", "lmm_no_forget", "lmm_chunk16")
+    models: tuple[str, ...] = ("swa", "linear", "lmm", "mac", "mac_theta03",
+                               "mac_no_momentum", "mag", "mal", "lmm_linear", "lmm_no_momentum",
+                               "lmm_no_forget", "lmm_chunk16")
     train_len: int = 256
     eval_lens: tuple[int, ...] = (256, 512, 1024, 2048)
     d_model: int = 64
@@ -185,6 +186,9 @@ MODELS: dict[str, tuple[str, Callable[[RecallConfig, nnx.Rngs], nnx.Module]]] = 
     # At theta ~ 0.01 MAC stayed at chance on the passkey in 512 steps (its outer gradients
     # and Adam's second moments stayed small: it learned slowly, it did not blow up).
     "mac_theta03": ("Titans MAC, theta ~ 0.03", _titans(TitansMAC, initial_lr=MAC_FASTER_LR)),
+    # Without momentum MAC's outer gradient stays bounded at theta ~ 0.1, the LMM's rate.
+    "mac_no_momentum": ("Titans MAC without momentum, theta ~ 0.1",
+                        _titans(TitansMAC, momentum=False)),
     "mag": ("Titans MAG", _titans(TitansMAG)),
     "mal": ("Titans MAL", _titans(TitansMAL)),
     "lmm_linear": ("LMM, linear memory (L_M = 1)", _titans(TitansLMM, memory_depth=1)),
