@@ -495,17 +495,25 @@ class TitansMAC(nnx.Module):
                               dict(memory_options, num_persistent=num_persistent))
         self.gate = _BranchGate(d_model, rngs)
 
+    def attend(self, state: NeuralMemoryState, x: jax.Array, query: jax.Array) -> jax.Array:
+        """Steps 1-2 of a segment: retrieve from ``state`` (the memory after the previous
+        segments) with the memory queries [B, C, N, H] of x [B, C, D], then attend over
+        [persistent || retrieved || x]: the attention output y [B, C, D] (what the memory
+        writes)."""
+        mem = self.memory
+        h = mem.output(apply_memory(state.weights, query), x).astype(x.dtype)  # M*_{t-1}(S W_Q)
+        context = jnp.concatenate([mem.prepend_persistent(h), x], axis=1)
+        q, k, v = self.attention.proj(x, context)
+        mask = mac_mask(mem.num_persistent, x.shape[1], self.retrieved)
+        y = jattn.dot_product_attention(q, k, v, mask=mask)
+        return self.attention.out_proj(y.reshape(*x.shape[:-1], -1))
+
     def segment(self, state: NeuralMemoryState, x: jax.Array, query: jax.Array
                 ) -> tuple[NeuralMemoryState, jax.Array]:
         """One segment: state (the memory after the previous segments), x [B, C, D] and its
         memory queries [B, C, N, H] -> (state after this segment, output [B, C, D])."""
-        mem, Np = self.memory, self.memory.num_persistent
-        h = mem.output(apply_memory(state.weights, query), x).astype(x.dtype)  # M*_{t-1}(S W_Q)
-        context = jnp.concatenate([mem.prepend_persistent(h), x], axis=1)
-        q, k, v = self.attention.proj(x, context)
-        y = jattn.dot_product_attention(q, k, v, mask=mac_mask(Np, x.shape[1], self.retrieved))
-        y = self.attention.out_proj(y.reshape(*x.shape[:-1], -1))
-        z, state = mem(y, initial_state=state, return_state=True)  # write y, read M*_t(y)
+        y = self.attend(state, x, query)
+        z, state = self.memory(y, initial_state=state, return_state=True)  # write y, read M*_t(y)
         return state, self.gate(y, z).astype(x.dtype)
 
     def __call__(self, x: jax.Array, *, initial_state: MACState | None = None,
