@@ -161,6 +161,13 @@ def test_recall_rows_and_task_functions(tmp_path):
     config = _tiny_recall(tmp_path)
     rows = recall.make_rows(config, "mqar", 32, 5, stream=3)
     assert rows["inputs"].shape == (5, 32) and rows["positions"].shape[1] == 2
+    # mqar_noise (the default): random tokens where Zoology's rows hold the filler 0
+    zeros = recall.make_rows(dataclasses.replace(config, mqar_noise=False), "mqar", 32, 5,
+                             stream=3)["inputs"]
+    filler = zeros == 0
+    assert filler.sum() >= 5 * (32 - 2 * 2 * 2)
+    np.testing.assert_array_equal(rows["inputs"][~filler], zeros[~filler])
+    assert (rows["inputs"][filler] != 0).mean() > 0.9
     again = recall.make_rows(config, "mqar", 32, 5, stream=3)
     other = recall.make_rows(config, "mqar", 32, 5, stream=4)
     np.testing.assert_array_equal(rows["inputs"], again["inputs"])

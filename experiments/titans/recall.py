@@ -15,6 +15,8 @@ Tasks:
 * ``mqar``: Zoology's multi-query associative recall (:func:`experiments.zoology.data.mqar`)
   with ``num_kv_pairs`` pairs at the start and the queries spread over the rest; every
   query position is supervised. At longer lengths the gaps between a pair and its query grow.
+  With ``mqar_noise`` (the default) the positions between the queries hold random tokens
+  (never the row's keys or values) instead of the filler token 0.
 
 Models: ``layers`` x [short causal convolution (Zoology's BaseConv, kernel 3) -> mixer], no
 position embedding (the convolution gives local order; nothing is tied to absolute
@@ -133,6 +135,9 @@ class RecallConfig:
     num_noise: int = 32  # passkey: noise vocabulary
     num_kv_pairs: int = 8  # mqar
     mqar_vocab: int = 4096  # mqar: must exceed the longest eval length
+    # mqar: random tokens between the queries, not Zoology's zero filler (a long run of
+    # one token makes the clamped deep memory's outer gradient explode: docs/titans.md)
+    mqar_noise: bool = True
     num_train: int = 4096  # training rows (steps = num_train / batch_size * max_epochs)
     num_eval: int = 256  # rows per eval length
     batch_size: int = 32
@@ -232,7 +237,7 @@ def make_rows(config: RecallConfig, task: str, seq_len: int, num_examples: int,
     elif task == "mqar":
         x, y = zoology_data.mqar(vocab_size=config.mqar_vocab, input_seq_len=seq_len,
                                  num_kv_pairs=config.num_kv_pairs, num_examples=num_examples,
-                                 seed=seed)
+                                 random_non_queries=config.mqar_noise, seed=seed)
     else:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
     return {"inputs": x} | label_positions(y)
