@@ -72,7 +72,10 @@ forgetting shrinks the weights (seen with this module's initialisation at D = 64
 ``max_grad_norm`` clamps every token's gradient to that global norm (over all memory weights
 of the head) before it enters the momentum, which bounds |S| <= theta c / (1 - eta) and |M|
 <= |M_0| + theta c / ((1 - eta) alpha): use it for long sequences (tested finite at 16k
-tokens in float32).
+tokens in float32). It bounds the forward pass, not the outer gradient: on a long run of one
+repeated token the clamped steps of the deep memory keep overshooting the pair's minimum,
+and the outer gradient grows with every write (8e18 after 1024 writes of one pair at
+theta 0.1, eta 0.9, against 45 without the clamp and 21 at theta 0.01; docs/titans.md).
 
 References:
     P37 Titans: "Titans: Learning to Memorize at Test Time" (Behrouz, Zhong, Mirrokni).
