@@ -353,15 +353,22 @@ def summary(config: RecallConfig, rows: list[dict]) -> str:
 
 
 def plot(config: RecallConfig, rows: list[dict], path: Path) -> None:
+    from matplotlib import colormaps
+
+    # One colour and marker per model in every panel (tab20's dark shades first, then its
+    # light ones); markers shrink down the list so curves on top of each other stay visible.
+    colours = colormaps["tab20"].colors
     fig, axes = panels(len(config.tasks), width=4.2, height=3.4)
     for ax, task in zip(axes, config.tasks, strict=True):
         for row in rows:
             if row["task"] != task:
                 continue
+            i = config.models.index(row["model"])
             lens = [int(n) for n in row["accuracy"]]
             style = "--" if row["model"].startswith("lmm_") else "-"
-            ax.plot(lens, list(row["accuracy"].values()), style, marker="o",
-                    label=row["model"])
+            ax.plot(lens, list(row["accuracy"].values()), style, label=row["model"],
+                    color=colours[2 * i % 20 + 2 * i // 20], marker="osD^vP"[i % 6],
+                    ms=max(8 - 0.4 * i, 3))
         ax.axhline(chance(config, task), color="grey", lw=0.8, ls=":", label="chance")
         ax.axvline(config.train_len, color="grey", lw=0.8)
         ax.set_xscale("log", base=2)
@@ -370,7 +377,7 @@ def plot(config: RecallConfig, rows: list[dict], path: Path) -> None:
         ax.set_title(task)
         ax.set_ylim(-0.02, 1.02)
     axes[0].set_ylabel("accuracy")
-    axes[-1].legend(fontsize=7)
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     save(fig, path)
 
 
