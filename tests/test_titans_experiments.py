@@ -9,7 +9,6 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from experiments.benchmarks import titans_memory
@@ -213,7 +212,7 @@ def test_mac_outer_gradient_over_segments(initial_lr, momentum, bounded):
     rows = recall.make_rows(config, "passkey", 64, 2, stream=0)
     batch = {k: jnp.asarray(v) for k, v in rows.items()} | {"weight": jnp.ones(2)}
     grads = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, None)[0]))(params, batch)
-    norm = float(optax.global_norm(grads))
+    norm = float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads))))
     assert np.isfinite(norm) and (norm < 1e3) == bounded, norm
 
 
