@@ -112,12 +112,14 @@ def test_chunk_size_one_over_several_exact_chunks(options, retrieve, max_grad_no
 
 
 # Chunked against the reference that freezes the gradient point per chunk; the sequential
-# implementation against the token-by-token reference (chunk 1). T = 5 leaves a partial last
+# implementation and chunked with chunk 1 (the exact recurrence in the dual form) against the
+# token-by-token reference (chunk 1). T = 5 leaves a partial last
 # chunk for chunk sizes 2 and 4; 16 > T is one partial chunk. Outer gradients (and a
 # finite-difference check of them) in one case: the eager reference's backward pass and the
 # compilations are what this file spends its time on.
 @pytest.mark.parametrize("implementation,options,chunk_size,retrieve,max_grad_norm", [
     ("sequential", DEEP, 1, "after", None),
+    ("chunked", DEEP_CW, 1, "after", 0.3),  # the exact recurrence in the dual form
     ("chunked", DEEP_CW, 2, "after", 0.3),
     ("chunked", DEEP, 4, "before", None),
     ("chunked", LINEAR_CW, 5, "after", 0.3),

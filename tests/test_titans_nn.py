@@ -21,6 +21,7 @@ from jattn.memory.titans import (
 )
 from jattn.nn.titans import (
     TITANS_MIXERS,
+    MACState,
     NeuralMemory,
     TitansLMM,
     TitansMAC,
@@ -219,6 +220,29 @@ def test_mac_retrieves_before_it_writes_and_carries_the_state():
     # right order equals the module: the test above).
     wrong, _ = _mac_reference(mac, x, order="after")
     assert np.abs(np.asarray(out - wrong)).max() > 1e-3
+
+
+def test_mac_attend_is_retrieve_then_attend_and_rejects_bad_input():
+    """``attend`` (steps 1-2 of a segment, what the memory writes) against the written-out
+    retrieval and masked attention of one segment."""
+    mac = TitansMAC(D, N, segment_size=C, num_persistent=NP, rngs=nnx.Rngs(4), **FAST)
+    x = _x(16)[:, :C]
+    state = initial_memory_state(mac.memory.params, B)
+    query = memory_inputs(mac.memory.params, x)[0].query
+    h = _memory_head(mac.memory, apply_memory(state.weights, query), x)
+    k, i = np.arange(NP + 2 * C)[None, :], np.arange(C)[:, None]
+    allowed = (k < NP) | ((k < NP + C) & (k - NP <= i)) | ((k >= NP + C) & (k - NP - C <= i))
+    want = _attend(mac.attention, x, jnp.concatenate([_persistent(mac.memory, h), x], 1),
+                   allowed)
+    _close(mac.attend(state, x, query), want)
+    with pytest.raises(ValueError, match="NeuralMemoryState"):
+        mac.attend(MACState(state, None), x, query)
+    with pytest.raises(ValueError, match="x"):
+        mac.attend(state, x[0], query)
+    with pytest.raises(ValueError, match="x"):
+        mac.attend(state, x[:1], query)
+    with pytest.raises(ValueError, match="query"):
+        mac.attend(state, x, query[:, :-1])
 
 
 # --- causality ------------------------------------------------------------------------------

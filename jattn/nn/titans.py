@@ -500,6 +500,12 @@ class TitansMAC(nnx.Module):
         segments) with the memory queries [B, C, N, H] of x [B, C, D], then attend over
         [persistent || retrieved || x]: the attention output y [B, C, D] (what the memory
         writes)."""
+        if not isinstance(state, NeuralMemoryState):
+            raise ValueError(f"state: expected a NeuralMemoryState, got {type(state).__name__}")
+        check_rank("x", x, (3,), "[B, C, D]")
+        B, N, H = state.weights.matrices[0].shape[:3]
+        check_shape("x", x, (B, *x.shape[1:]), "BCD")
+        check_shape("query", query, (B, x.shape[1], N, H), "BCNH")
         mem = self.memory
         h = mem.output(apply_memory(state.weights, query), x).astype(x.dtype)  # M*_{t-1}(S W_Q)
         context = jnp.concatenate([mem.prepend_persistent(h), x], axis=1)
