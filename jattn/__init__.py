@@ -3,17 +3,10 @@
 The public API; this file only re-exports.
 """
 
-from jattn import kernels, masks, memory, positions, reference, rf_lens
-from jattn.agent import agent_attention, agent_segments, pool_agents
-from jattn.attention import (
-    attention_weights,
-    dot_product_attention,
-    implementations,
-    register_implementation,
-)
-from jattn.bilevel import bilevel_routing_attention
-from jattn.cache import KVCache, cached_attention, init_cache
-from jattn.channel import (
+from jattn import memory, reference
+from jattn.analysis import rf_lens
+from jattn.analysis.rollout import attention_rollout
+from jattn.applications.channel import (
     channel_attention,
     conditioned_channel_attention,
     eca,
@@ -21,8 +14,7 @@ from jattn.channel import (
     position_attention,
     squeeze_excitation,
 )
-from jattn.chunked import BlockSizes, TileSchedule, chunked_attention, tile_schedule
-from jattn.cross import (
+from jattn.applications.cross import (
     PairInputs,
     bi_encoder_score,
     co_attention,
@@ -34,9 +26,8 @@ from jattn.cross import (
     pair_inputs,
     pair_mask,
 )
-from jattn.fusion import (
+from jattn.applications.fusion import (
     appended_kv_attention,
-    attention_rollout,
     attribute_conditioned_attention,
     cls_cross_attention,
     cross_frame_attention,
@@ -44,17 +35,7 @@ from jattn.fusion import (
     pairwise_cross_attention,
     region_pooling,
 )
-from jattn.heads import (
-    HeadRouting,
-    mixture_of_heads_attention,
-    relative_attention,
-    route_heads,
-)
-from jattn.landmark import landmark_attention, mean_landmark_keys, num_blocks
-from jattn.linear import LinearAttentionState, linear_attention
-from jattn.local import halo_attention, relative_position_index, window_attention
-from jattn.longheads import longheads_attention
-from jattn.matching import (
+from jattn.applications.matching import (
     ConditionalTransport,
     FILIPSimilarity,
     IterativeCrossAttention,
@@ -66,21 +47,12 @@ from jattn.matching import (
     iterative_cross_attention,
     similarity_weighted_aggregation,
 )
-from jattn.memory.titans import (
-    MemoryWeights,
-    NeuralMemoryParams,
-    NeuralMemoryState,
-    apply_memory,
-    init_neural_memory,
-    neural_memory,
-)
-from jattn.neighborhood import neighborhood_attention
-from jattn.pointer import (
+from jattn.applications.pointer import (
     additive_scores,
     greedy_pointer_decode,
     pointer_distribution,
 )
-from jattn.pooling import (
+from jattn.applications.pooling import (
     context_query_pooling,
     decoupled_target_attention,
     last_token_pool,
@@ -89,9 +61,7 @@ from jattn.pooling import (
     multi_layer_pool,
     window_mean,
 )
-from jattn.routing import RoutingState, init_routing_state, route_to_clusters, routing_attention
-from jattn.sparse import topk_attention
-from jattn.structure import (
+from jattn.applications.structure import (
     box_pair_features,
     box_relative_attention,
     edge_type_bias,
@@ -99,12 +69,51 @@ from jattn.structure import (
     relation_aware_attention,
     relation_bias,
 )
+from jattn.core import kernels, masks, positions
+from jattn.core.attention import (
+    attention_weights,
+    dot_product_attention,
+    implementations,
+    register_implementation,
+)
+from jattn.core.cache import KVCache, cached_attention, init_cache
+from jattn.core.chunked import BlockSizes, TileSchedule, chunked_attention, tile_schedule
+from jattn.core.shapes import DTypeError
+from jattn.efficient.agent import agent_attention, agent_segments, pool_agents
+from jattn.efficient.bilevel import bilevel_routing_attention
+from jattn.efficient.heads import (
+    HeadRouting,
+    mixture_of_heads_attention,
+    relative_attention,
+    route_heads,
+)
+from jattn.efficient.landmark import landmark_attention, mean_landmark_keys, num_blocks
+from jattn.efficient.linear import LinearAttentionState, linear_attention
+from jattn.efficient.local import halo_attention, relative_position_index, window_attention
+from jattn.efficient.longheads import longheads_attention
+from jattn.efficient.neighborhood import neighborhood_attention
+from jattn.efficient.routing import (
+    RoutingState,
+    init_routing_state,
+    route_to_clusters,
+    routing_attention,
+)
+from jattn.efficient.sparse import topk_attention
+from jattn.memory.titans import (
+    MemoryWeights,
+    NeuralMemoryParams,
+    NeuralMemoryState,
+    apply_memory,
+    init_neural_memory,
+    neural_memory,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockSizes",
     "ConditionalTransport",
+    "DTypeError",
     "FILIPSimilarity",
     "HeadRouting",
     "IterativeCrossAttention",

@@ -1,6 +1,6 @@
 """Pallas kernels for GPU (Triton lowering) and TPU (Mosaic).
 
 This package imports jax only, never jattn; jattn registers the kernels as implementations
-(``jattn.kernels``). ``pallas_kernels.flash``: flash attention, fused forward and backward,
+(``jattn.core.kernels``). ``pallas_kernels.flash``: flash attention, fused forward and backward,
 for GPUs (``gpu``) and TPUs (``tpu``), sharing ``common``.
 """

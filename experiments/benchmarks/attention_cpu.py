@@ -76,9 +76,9 @@ def attention_methods() -> dict[str, Callable]:
     return methods
 
 
-def _program(method: Callable, causal: bool, mode: str) -> Callable:
+def _program(method: Callable, is_causal: bool, mode: str) -> Callable:
     def forward(q, k, v):
-        return method(q, k, v, causal)
+        return method(q, k, v, is_causal)
 
     if mode == "fwd":
         return forward
@@ -147,8 +147,8 @@ def checks(rows: list[dict]) -> list[str]:
     idx = _index(rows)
     out = []
 
-    def get(T, causal, mode, method):
-        return idx.get((T, causal, mode, method))
+    def get(T, is_causal, mode, method):
+        return idx.get((T, is_causal, mode, method))
 
     def verdict(ok: bool) -> str:
         return "PASS" if ok else "FAIL"

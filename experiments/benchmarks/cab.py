@@ -62,7 +62,7 @@ def methods() -> dict[str, Method]:
         "linear elu+1": Method(lambda q, k, v, c: jattn.linear_attention(
             q, k, v, feature_map="elu+1", is_causal=c, form="chunked")),
         "linear favor+": Method(lambda q, k, v, c: jattn.linear_attention(
-            q, k, v, feature_map="favor+", key=jax.random.key(0), is_causal=c, form="chunked")),
+            q, k, v, feature_map="favor+", rng=jax.random.key(0), is_causal=c, form="chunked")),
         "linear cosformer": Method(lambda q, k, v, c: jattn.linear_attention(
             q, k, v, feature_map="cosformer", is_causal=c, form="chunked")),
         "neighborhood 127": Method(lambda q, k, v, c: jattn.neighborhood_attention(
@@ -72,23 +72,23 @@ def methods() -> dict[str, Method]:
         "halo 128+64": Method(lambda q, k, v, c: jattn.halo_attention(
             q, k, v, block_size=min(128, q.shape[1]), halo_size=64, is_causal=c)),
         "agent 64": Method(lambda q, k, v, c: jattn.agent_attention(
-            q, k, v, n_agents=64, is_causal=c)),
+            q, k, v, num_agents=64, is_causal=c)),
         "routing L/128 clusters": Method(_routing),
         "bilevel 64, top-4": Method(lambda q, k, v, c: jattn.bilevel_routing_attention(
-            q, k, v, region_size=min(64, q.shape[1]), topk=min(4, -(-q.shape[1] // 64)),
+            q, k, v, region_size=min(64, q.shape[1]), top_k=min(4, -(-q.shape[1] // 64)),
             is_causal=c)),
         "longheads 64, top-4": Method(lambda q, k, v, c: jattn.longheads_attention(
-            q, k, v, chunk_size=64, topk=4), patterns=("causal self",)),
+            q, k, v, chunk_size=64, top_k=4), patterns=("causal self",)),
         "landmark 64, top-4": Method(lambda q, k, v, c: jattn.landmark_attention(
             q, k, v, jattn.mean_landmark_keys(k, 64), block_size=64, top_k=4, is_causal=c)),
     }
 
 
-def _routing(q, k, v, causal):
+def _routing(q, k, v, is_causal):
     """Routing attention with L / 128 balanced clusters (windows of 128)."""
     clusters = max(1, q.shape[1] // 128)
     state = jattn.init_routing_state(jax.random.key(0), q.shape[2], clusters, q.shape[3])
-    return jattn.routing_attention(q, k, v, state, num_clusters=clusters, is_causal=causal)[0]
+    return jattn.routing_attention(q, k, v, state, num_clusters=clusters, is_causal=is_causal)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,9 +111,9 @@ PRESETS = {
 }
 
 
-def _program(method: Method, causal: bool, mode: str) -> Callable:
+def _program(method: Method, is_causal: bool, mode: str) -> Callable:
     def forward(q, k, v):
-        return method.fn(q, k, v, causal)
+        return method.fn(q, k, v, is_causal)
 
     if mode == "fwd":
         return forward

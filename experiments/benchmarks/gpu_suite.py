@@ -5,8 +5,8 @@
     python -m experiments.benchmarks.gpu_suite --out DIR --dry-run  # CPU, interpret mode, tiny
     ... --skip-tests --seq-lens 4096,8192 --head-dims 128            # a slice of the grid
 
-1. Tests: tests/test_flash_kernels.py (GPU backend), tests/test_flash_gpu.py and the
-   "pallas_gpu" cases of tests/test_attention.py, in a pytest subprocess with this module
+1. Tests: tests/kernels/test_flash.py (GPU backend), tests/kernels/test_gpu.py and the
+   "pallas_gpu" cases of tests/core/test_attention.py, in a pytest subprocess with this module
    loaded as a plugin (``-p experiments.benchmarks.gpu_suite``): it makes the GPU kernel
    ignore the tests' ``interpret=True`` (:func:`force_native_gpu_kernels`), so they run
    compiled by Triton. Pass/fail counts come from pytest's JUnit XML.
@@ -73,7 +73,7 @@ class Config:
     width: int = 2048  # heads * head dim
     seq_lens: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
     head_dims: tuple[int, ...] = (64, 128, 256)
-    causal: tuple[bool, ...] = (False, True)
+    is_causal: tuple[bool, ...] = (False, True)
     masked_head_dim: int = 128
     masked_seq_lens: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
     window: int = 512  # keys a query sees in the sliding-window case, itself included
@@ -86,9 +86,9 @@ class Config:
     target_head_dim: int = 128
     interpret: bool = False  # the dry run: kernels in interpret mode on any backend
     tests: tuple[str, ...] = (
-        "tests/test_flash_kernels.py::-k::not tpu",
-        "tests/test_flash_gpu.py",
-        "tests/test_attention.py::-k::pallas_gpu",
+        "tests/kernels/test_flash.py::-k::not tpu",
+        "tests/kernels/test_gpu.py",
+        "tests/core/test_attention.py::-k::pallas_gpu",
     )  # "path" or "path::-k::expression"
 
 
@@ -98,31 +98,18 @@ PRESETS = {
                     warmup=1, repeats=3),
     "dry-run": Config(tokens=64, width=64, seq_lens=(64,), head_dims=(32,), masked_head_dim=32,
                       masked_seq_lens=(64,), window=16, warmup=1, repeats=1, min_sample_s=0.0,
-                      causal=(True,), target_seq_len=64, target_head_dim=32, interpret=True,
-                      tests=("tests/test_flash_gpu.py::-k::default_block_sizes",)),
+                      is_causal=(True,), target_seq_len=64, target_head_dim=32, interpret=True,
+                      tests=("tests/kernels/test_gpu.py::-k::default_block_sizes",)),
 }
 
 
 # ----------------------------------------------------------------------------- running tests
 
 
-class _NativePallas:
-    """``jax.experimental.pallas`` with ``pallas_call(..., interpret=False)`` forced."""
-
-    def __init__(self, pallas):
-        self._pallas = pallas
-
-    def __getattr__(self, name: str):
-        return getattr(self._pallas, name)
-
-    def pallas_call(self, *args, **kwargs):
-        kwargs["interpret"] = False
-        return self._pallas.pallas_call(*args, **kwargs)
-
-
 def force_native_gpu_kernels() -> None:
     """Make ``pallas_kernels.flash.gpu`` compile its kernels for the GPU even when called with
-    ``interpret=True`` (as the CPU tests do), for the rest of this process.
+    ``interpret=True`` (as the CPU tests do), for the rest of this process
+    (:func:`pallas_kernels.flash.gpu.force_compiled`).
 
     Raises:
         RuntimeError: JAX's backend is not a GPU.
@@ -132,8 +119,7 @@ def force_native_gpu_kernels() -> None:
                            f"{jax.default_backend()!r}")
     from pallas_kernels.flash import gpu
 
-    if not isinstance(gpu.pl, _NativePallas):
-        gpu.pl = _NativePallas(gpu.pl)
+    gpu.force_compiled()
 
 
 def pytest_configure(config) -> None:
@@ -213,20 +199,20 @@ def _pallas_mha():
         return f"jax.experimental.pallas.ops.gpu.attention.mha unavailable: {error}"
 
 
-def dense_method(name: str, causal: bool, cfg: Config) -> Callable | str:
+def dense_method(name: str, is_causal: bool, cfg: Config) -> Callable | str:
     """(q, k, v) -> out for a dense case, or a string saying why it cannot run here."""
     on_gpu = jax.default_backend() == "gpu"
     if name == OURS:
         return lambda q, k, v: jattn.dot_product_attention(
-            q, k, v, is_causal=causal, implementation="pallas_gpu")
+            q, k, v, is_causal=is_causal, implementation="pallas_gpu")
     if name == "xla":
         return lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=causal, implementation="xla")
+            q, k, v, is_causal=is_causal, implementation="xla")
     if name == "cudnn":
         if not on_gpu:
             return "needs a GPU"
         return lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=causal, implementation="cudnn")
+            q, k, v, is_causal=is_causal, implementation="cudnn")
     if name == "pallas_mha":
         found = _pallas_mha()
         if isinstance(found, str):
@@ -245,21 +231,21 @@ def dense_method(name: str, causal: bool, cfg: Config) -> Callable | str:
                                 block_kv_dq=min(32, T))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return mha(q, k, v, None, sm_scale=1 / math.sqrt(q.shape[-1]), causal=causal,
+                return mha(q, k, v, None, sm_scale=1 / math.sqrt(q.shape[-1]), causal=is_causal,
                            block_sizes=blocks, interpret=cfg.interpret)
         return mha_call
     raise ValueError(f"method: unknown {name!r}")
 
 
-def tuned_method(q, k, v, causal: bool, cfg: Config) -> tuple[Callable | str, str]:
+def tuned_method(q, k, v, is_causal: bool, cfg: Config) -> tuple[Callable | str, str]:
     """Our kernel (through jattn, block map included) at the block sizes that
     ``pallas_kernels.flash.autotune`` picks for the forward among ``candidates_for("gpu")``;
     the note names them."""
     from jattn import masks
-    from jattn.kernels import flash_implementation
+    from jattn.core.kernels import flash_implementation
     from pallas_kernels.flash import autotune
 
-    mask = masks.causal() if causal else None
+    mask = masks.causal() if is_causal else None
 
     def at(blocks):
         return lambda q, k, v: flash_implementation(
@@ -275,7 +261,7 @@ def tuned_method(q, k, v, causal: bool, cfg: Config) -> tuple[Callable | str, st
 
     _, T, _, H = q.shape
     candidates = autotune.candidates_for("gpu", T, k.shape[1], H, q.dtype)
-    key = ("dense", q.shape, k.shape, q.dtype.name, causal)
+    key = ("dense", q.shape, k.shape, q.dtype.name, is_causal)
     try:
         blocks = autotune.autotune(run, candidates, key=key, warmup=cfg.warmup,
                                    iters=max(1, cfg.repeats))
@@ -426,7 +412,7 @@ def dense_cases(cfg: Config) -> list[dict]:
     cases = []
     for H in cfg.head_dims:
         for T in cfg.seq_lens:
-            for causal in cfg.causal:
+            for causal in cfg.is_causal:
                 if cfg.tokens % T or cfg.width % H:
                     continue
                 cases.append(dict(kind="dense", mask="causal" if causal else "none", T=T, S=T,

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments.common.config import parse_config, save_config
-from experiments.zoology.data import gap_probabilities, layout, mqar
+from experiments.tasks.mqar import gap_probabilities, layout, mqar
 
 GRID = ((64, 4), (128, 8), (256, 16), (512, 64))  # (L, kv) of Zoology's figure 2
 

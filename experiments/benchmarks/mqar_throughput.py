@@ -36,8 +36,9 @@ from tqdm import tqdm
 from experiments.benchmarks.measure import measure
 from experiments.common.config import parse_config, save_config
 from experiments.common.trainer import initial_state, make_train_step
-from experiments.zoology import data
-from experiments.zoology.run import RunConfig, build_model, label_positions, task_functions
+from experiments.tasks import mqar
+from experiments.tasks.labels import IGNORE, label_positions
+from experiments.zoology.run import RunConfig, RunSettings, build_model, task_functions
 
 # Seconds per training step of the original (notes/zoology.md), by (mixer, d_model).
 ORIGINAL_SECONDS = {("attention", 64): 9.4, ("attention", 128): 14.2,
@@ -76,16 +77,16 @@ def _full_head_loss(model):
     def loss_fn(params, batch, rng):
         logits = nnx.merge(graphdef, params, rest)(batch["inputs"], dropout_rng=rng)
         labels = batch["labels"]
-        mask = (labels != data.IGNORE) * batch["weight"][:, None]
+        mask = (labels != IGNORE) * batch["weight"][:, None]
         ce = optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), jnp.where(labels == data.IGNORE, 0, labels))
+            logits.astype(jnp.float32), jnp.where(labels == IGNORE, 0, labels))
         return (ce * mask).sum(), mask.sum()
 
     return params, loss_fn
 
 
 def run(config: Config) -> list[dict]:
-    inputs, labels = data.mqar(vocab_size=config.vocab_size, input_seq_len=config.seq_len,
+    inputs, labels = mqar.mqar(vocab_size=config.vocab_size, input_seq_len=config.seq_len,
                                num_kv_pairs=config.num_kv_pairs,
                                num_examples=config.batch_size, seed=0)
     batch = {"inputs": jnp.asarray(inputs), "labels": jnp.asarray(labels),
@@ -98,7 +99,7 @@ def run(config: Config) -> list[dict]:
         run_config = RunConfig(mixer=mixer, seq_len=config.seq_len,
                                num_kv_pairs=config.num_kv_pairs, d_model=d,
                                learning_rate=1e-3, batch_size=config.batch_size,
-                               vocab_size=config.vocab_size)
+                               settings=RunSettings(vocab_size=config.vocab_size))
         model = build_model(run_config)
         variants = {"ours": task_functions(model)[:2]}
         if config.full_head:

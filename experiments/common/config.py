@@ -2,7 +2,10 @@
 
 ``python -m experiments.X --preset quick --seq-lens 1024,2048`` takes the ``quick`` preset and
 replaces its ``seq_lens`` field. Every field of the preset dataclass becomes a flag; tuples are
-comma-separated, booleans are true/false.
+comma-separated, booleans are true/false. A field that is itself a dataclass (settings nested
+rather than copied, e.g. the trainer's ``TrainConfig``) gives its own fields as flags, by
+their own names (``--max-epochs``), except those a preset class lists in its
+``set_by_grid`` class attribute as dotted paths (values its grid sets run by run).
 """
 
 from __future__ import annotations
@@ -39,24 +42,57 @@ def _parser_for(hint) -> Any:
     return hint
 
 
+def _flags(cls, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """(path, type hint) of every leaf field of ``cls``, nested dataclasses flattened."""
+    hints = typing.get_type_hints(cls)
+    leaves = []
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            leaves += _flags(hint, (*prefix, field.name))
+        else:
+            leaves.append(((*prefix, field.name), hint))
+    return leaves
+
+
+def _get(config, path: tuple[str, ...]):
+    for name in path:
+        config = getattr(config, name)
+    return config
+
+
+def _replace(config, path: tuple[str, ...], value):
+    if len(path) == 1:
+        return dataclasses.replace(config, **{path[0]: value})
+    inner = getattr(config, path[0])
+    return dataclasses.replace(config, **{path[0]: _replace(inner, path[1:], value)})
+
+
 def parse_config(presets: Mapping[str, C], argv: Sequence[str] | None = None,
                  description: str = "") -> C:
-    """Build the config: ``--preset NAME`` (default: the first) plus one flag per field."""
+    """Build the config: ``--preset NAME`` (default: the first) plus one flag per leaf field."""
     default_name = next(iter(presets))
     cls = type(presets[default_name])
-    hints = typing.get_type_hints(cls)
+    hidden = set(getattr(cls, "set_by_grid", ()))
+    flags = [(path, hint) for path, hint in _flags(cls) if ".".join(path) not in hidden]
+    names = [path[-1] for path, _ in flags]
+    if len(set(names)) != len(names):
+        raise TypeError(f"{cls.__name__}: two fields give the flag "
+                        f"{sorted(n for n in names if names.count(n) > 1)}")
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--preset", choices=list(presets), default=default_name,
                         help=f"base configuration (default: {default_name})")
-    for field in dataclasses.fields(cls):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=None,
-                            type=_parser_for(hints[field.name]),
-                            help=f"override {field.name} (preset default: "
-                                 f"{getattr(presets[default_name], field.name)!r})")
+    for path, hint in flags:
+        parser.add_argument(f"--{path[-1].replace('_', '-')}", dest=path[-1], default=None,
+                            type=_parser_for(hint),
+                            help=f"override {'.'.join(path)} (preset default: "
+                                 f"{_get(presets[default_name], path)!r})")
     args = parser.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-                 if getattr(args, f.name) is not None}
-    return dataclasses.replace(presets[args.preset], **overrides)
+    config = presets[args.preset]
+    for path, _ in flags:
+        if getattr(args, path[-1]) is not None:
+            config = _replace(config, path, getattr(args, path[-1]))
+    return config
 
 
 def save_config(config, directory: Path) -> None:

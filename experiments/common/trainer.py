@@ -53,11 +53,13 @@ EvalFn = Callable[[Any, Batch], Mapping[str, jax.Array]]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and bookkeeping settings of one run."""
+    """Optimisation and bookkeeping settings of one run. An experiment nests it in its own
+    config rather than copying its fields; a sweep leaves ``learning_rate`` and ``batch_size``
+    None and each run of its grid sets them (:func:`fit` needs both)."""
 
-    learning_rate: float
-    batch_size: int
-    max_epochs: int
+    learning_rate: float | None = None
+    batch_size: int | None = None
+    max_epochs: int = 1
     weight_decay: float = 0.1
     early_stop_metric: str | None = "accuracy"
     early_stop_threshold: float = 0.99
@@ -184,6 +186,9 @@ def fit(params, *, loss_fn: LossFn, eval_fn: EvalFn, train: Mapping[str, np.ndar
     mesh = mesh or data_mesh()
     n_train = _num_rows(train, "train")
     _num_rows(valid, "valid")
+    for name in ("learning_rate", "batch_size"):
+        if getattr(config, name) is None:
+            raise ValueError(f"config.{name}: needed to train, got None")
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     total_steps = steps_per_epoch * config.max_epochs
     feed = _Feeder(mesh, config.batch_size)

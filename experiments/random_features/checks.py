@@ -77,10 +77,10 @@ class Problem:
     first n rows, so learning curves are nested.
     """
 
-    def __init__(self, config: CheckConfig, key: jax.Array, *, pool: int, num_keys: int,
+    def __init__(self, config: CheckConfig, rng: jax.Array, *, pool: int, num_keys: int,
                  num_heads: int):
         d, total = config.dim, pool + config.num_test
-        k = jax.random.split(key, 5)
+        k = jax.random.split(rng, 5)
         self.pool = pool
         self.query = rf_lens.sphere(k[0], (total,), d, dtype=jnp.float64)
         self.keys = rf_lens.sphere(k[1], (total, num_keys), d, dtype=jnp.float64)

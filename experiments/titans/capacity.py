@@ -92,9 +92,9 @@ def method_name(memory: str, variant: str) -> str:
     return memory if variant == "plain" else f"{memory} +{variant}"
 
 
-def random_pairs(key: jax.Array, trials: int, n: int, d: int) -> tuple[jax.Array, jax.Array]:
+def random_pairs(rng: jax.Array, trials: int, n: int, d: int) -> tuple[jax.Array, jax.Array]:
     """[trials, n, d] keys and values, each row a uniformly random unit vector."""
-    kk, kv = jax.random.split(key)
+    kk, kv = jax.random.split(rng)
     unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
     return (unit(jax.random.normal(kk, (trials, n, d))),
             unit(jax.random.normal(kv, (trials, n, d))))
@@ -114,13 +114,13 @@ def variant_gates(config: CapacityConfig, memory: str) -> np.ndarray:
     return np.asarray(rows, np.float32)
 
 
-def initial_weights(config: CapacityConfig, memory: str, key: jax.Array,
+def initial_weights(config: CapacityConfig, memory: str, rng: jax.Array,
                     batch: int) -> MemoryWeights:
     """Initial memory weights with leaves [batch, 1, ...] (one head)."""
     d = config.dim
     if memory != "deep":
         return MemoryWeights((jnp.zeros((batch, 1, d, d)),))
-    keys = jax.random.split(key, batch)
+    keys = jax.random.split(rng, batch)
     init = jax.vmap(lambda k: init_neural_memory(
         k, dim=d, num_heads=1, head_dim=d, memory_depth=2,
         memory_expansion=config.memory_expansion, conv_size=None).memory)

@@ -12,7 +12,7 @@ Tasks:
   the last token is ``QUERY`` and the model must predict the passkey there. Chance is
   1 / ``num_values``. Evaluated at each length with the needle anywhere in the sequence, so
   at 2048 most needles sit farther from the query than any training example could.
-* ``mqar``: Zoology's multi-query associative recall (:func:`experiments.zoology.data.mqar`)
+* ``mqar``: Zoology's multi-query associative recall (:func:`experiments.tasks.mqar.mqar`)
   with ``num_kv_pairs`` pairs at the start and the queries spread over the rest; every
   query position is supervised. At longer lengths the gaps between a pair and its query grow.
   With ``mqar_noise`` (the default) the positions between the queries hold random tokens
@@ -51,66 +51,20 @@ from tqdm import tqdm
 from experiments.common.config import save_config
 from experiments.common.plots import panels, save
 from experiments.common.trainer import TrainConfig, fit
-from experiments.zoology import data as zoology_data
-from experiments.zoology.run import label_positions
-from jattn.nn.attention import MultiHeadAttention
-from jattn.nn.linear import LinearAttention
-from jattn.nn.mixers import BaseConv
-from jattn.nn.titans import TitansLMM, TitansMAC, TitansMAG, TitansMAL
+from experiments.tasks import mqar
+from experiments.tasks.labels import label_positions
+from experiments.tasks.passkey import passkey, passkey_vocab
 from jattn.nn.transformer import TransformerLM
 
 TASKS = ("passkey", "mqar")
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
-
-
-def passkey(*, seq_len: int, num_examples: int, num_values: int, num_noise: int,
-            seed: int | np.random.SeedSequence) -> tuple[np.ndarray, np.ndarray]:
-    """Needle-in-noise rows.
-
-    Tokens: noise [0, num_noise), passkeys [num_noise, num_noise + num_values), MARK =
-    num_noise + num_values, QUERY = MARK + 1 (vocabulary :func:`passkey_vocab`).
-
-    Returns:
-        (inputs, labels) int32 [num_examples, seq_len]: noise everywhere except MARK at a
-        uniform position m in [0, seq_len - 2), the passkey at m + 1 and QUERY last; labels
-        are -100 except at the last position, which holds the passkey.
-
-    Raises:
-        ValueError: seq_len < 3 or a count < 1.
-
-    >>> x, y = passkey(seq_len=6, num_examples=2, num_values=3, num_noise=4, seed=0)
-    >>> x.shape, bool((x[:, -1] == 8).all()), bool(((y[:, -1] >= 4) & (y[:, -1] < 7)).all())
-    ((2, 6), True, True)
-    """
-    if seq_len < 3:
-        raise ValueError(f"seq_len: expected >= 3, got {seq_len}")
-    for name, value in (("num_examples", num_examples), ("num_values", num_values),
-                        ("num_noise", num_noise)):
-        if value < 1:
-            raise ValueError(f"{name}: expected >= 1, got {value}")
-    rng = np.random.default_rng(seed)
-    mark = num_noise + num_values
-    inputs = rng.integers(0, num_noise, (num_examples, seq_len)).astype(np.int32)
-    where = rng.integers(0, seq_len - 2, num_examples)
-    keys = rng.integers(num_noise, mark, num_examples).astype(np.int32)
-    rows = np.arange(num_examples)
-    inputs[rows, where] = mark
-    inputs[rows, where + 1] = keys
-    inputs[:, -1] = mark + 1
-    labels = np.full((num_examples, seq_len), zoology_data.IGNORE, np.int32)
-    labels[:, -1] = keys
-    return inputs, labels
-
-
-def passkey_vocab(num_values: int, num_noise: int) -> int:
-    return num_noise + num_values + 2
-
-
-# ----------------------------------------------------------------------------------------------
 # Models
+
+
+TRAIN = TrainConfig(learning_rate=3e-3, batch_size=32, max_epochs=4, eval_batch_size=16,
+                    early_stop_metric=None, checkpoint_every=100)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,22 +93,17 @@ class RecallConfig:
     # one token makes the clamped deep memory's outer gradient explode: docs/titans.md)
     mqar_noise: bool = True
     num_train: int = 4096  # training rows (steps = num_train / batch_size * max_epochs)
-    num_eval: int = 256  # rows per eval length
-    batch_size: int = 32
-    eval_batch_size: int = 16
-    max_epochs: int = 4
-    learning_rate: float = 3e-3
-    weight_decay: float = 0.1
-    seed: int = 0
-    progress: bool = True
+    num_eval: int = 256  # rows per eval length (in batches of train.eval_batch_size)
+    train: TrainConfig = TRAIN  # its seed also draws the data and the initialisation
     out: str = "results/titans/recall"
 
 
 PRESETS = {
     # about 8 min on 2 CPU cores; the docs' table adds --models ...,linear,lmm_chunk16
     "quick": RecallConfig(tasks=("passkey",), models=("swa", "lmm_linear", "lmm"),
-                          num_eval=128, max_epochs=2),
-    "full": RecallConfig(num_train=8192, max_epochs=2, num_eval=256,
+                          num_eval=128, train=dataclasses.replace(TRAIN, max_epochs=2)),
+    "full": RecallConfig(num_train=8192, num_eval=256,
+                         train=dataclasses.replace(TRAIN, max_epochs=2),
                          out="results/titans/recall_full"),
 }
 
@@ -165,42 +114,53 @@ MAC_INITIAL_LR = 0.01
 MAC_FASTER_LR = 0.03
 
 
-def _titans(cls, **fixed):
-    def make(config: RecallConfig, rngs: nnx.Rngs) -> nnx.Module:
-        options = dict(chunk_size=config.chunk_size, num_persistent=config.num_persistent,
-                       initial_lr=config.initial_lr, initial_forget=config.initial_forget,
-                       max_grad_norm=1.0) | fixed
-        if cls is TitansMAC:
-            options["segment_size"] = config.window
-        elif cls is not TitansLMM:
-            options["window"] = config.window
-        return cls(config.d_model, config.num_heads, rngs=rngs, **options)
-    return make
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A recall model's mixer: a name of :data:`jattn.nn.MIXERS` and its options."""
+
+    description: str
+    mixer: str
+    options: Callable[[RecallConfig], dict] = lambda config: {}
 
 
-# name -> (what it is, builder(config, rngs) -> mixer module [B, T, D] -> [B, T, D]).
-MODELS: dict[str, tuple[str, Callable[[RecallConfig, nnx.Rngs], nnx.Module]]] = {
-    "swa": ("sliding-window attention", lambda c, rngs: MultiHeadAttention(
-        c.d_model, c.num_heads, window=c.window, rngs=rngs)),
-    "linear": ("linear attention (elu+1)", lambda c, rngs: LinearAttention(
-        c.d_model, c.num_heads, feature_map="elu+1", rngs=rngs)),
-    "lmm": ("Titans LMM (deep memory L_M = 2)", _titans(TitansLMM)),
+def _titans(mixer: str, **fixed) -> Callable[[RecallConfig], dict]:
+    def options(config: RecallConfig) -> dict:
+        chosen = dict(chunk_size=config.chunk_size, num_persistent=config.num_persistent,
+                      initial_lr=config.initial_lr, initial_forget=config.initial_forget,
+                      max_grad_norm=1.0) | fixed
+        if mixer == "titans_mac":
+            chosen["segment_size"] = config.window
+        elif mixer != "titans_lmm":
+            chosen["window"] = config.window
+        return chosen
+    return options
+
+
+def _titans_model(description: str, mixer: str, **fixed) -> Model:
+    return Model(description, mixer, _titans(mixer, **fixed))
+
+
+MODELS: dict[str, Model] = {
+    "swa": Model("sliding-window attention", "attention", lambda c: dict(window=c.window)),
+    "linear": Model("linear attention (elu+1)", "linear", lambda c: dict(feature_map="elu+1")),
+    "lmm": _titans_model("Titans LMM (deep memory L_M = 2)", "titans_lmm"),
     # MAC starts at theta ~ 0.01: at 0.1 its outer gradient grows with every segment (norm
     # 1.3e5 at 64 tokens, 6e18 at 256; it trained to NaN), at 0.01 it stays at 50-68.
-    "mac": ("Titans MAC", _titans(TitansMAC, initial_lr=MAC_INITIAL_LR)),
+    "mac": _titans_model("Titans MAC", "titans_mac", initial_lr=MAC_INITIAL_LR),
     # At theta ~ 0.01 MAC stayed at chance on the passkey in 512 steps (its outer gradients
     # and Adam's second moments stayed small: it learned slowly, it did not blow up).
-    "mac_theta03": ("Titans MAC, theta ~ 0.03", _titans(TitansMAC, initial_lr=MAC_FASTER_LR)),
+    "mac_theta03": _titans_model("Titans MAC, theta ~ 0.03", "titans_mac",
+                                 initial_lr=MAC_FASTER_LR),
     # Without momentum MAC's outer gradient stays bounded at theta ~ 0.1, the LMM's rate.
-    "mac_no_momentum": ("Titans MAC without momentum, theta ~ 0.1",
-                        _titans(TitansMAC, momentum=False)),
-    "mag": ("Titans MAG", _titans(TitansMAG)),
-    "mal": ("Titans MAL", _titans(TitansMAL)),
-    "lmm_linear": ("LMM, linear memory (L_M = 1)", _titans(TitansLMM, memory_depth=1)),
-    "lmm_no_momentum": ("LMM without momentum", _titans(TitansLMM, momentum=False)),
-    "lmm_no_forget": ("LMM without forgetting", _titans(TitansLMM, forget=False)),
-    "lmm_chunk16": ("LMM, chunks of 16 (paper's parallel training)",
-                    _titans(TitansLMM, chunk_size=16)),
+    "mac_no_momentum": _titans_model("Titans MAC without momentum, theta ~ 0.1", "titans_mac",
+                                     momentum=False),
+    "mag": _titans_model("Titans MAG", "titans_mag"),
+    "mal": _titans_model("Titans MAL", "titans_mal"),
+    "lmm_linear": _titans_model("LMM, linear memory (L_M = 1)", "titans_lmm", memory_depth=1),
+    "lmm_no_momentum": _titans_model("LMM without momentum", "titans_lmm", momentum=False),
+    "lmm_no_forget": _titans_model("LMM without forgetting", "titans_lmm", forget=False),
+    "lmm_chunk16": _titans_model("LMM, chunks of 16 (paper's parallel training)", "titans_lmm",
+                                 chunk_size=16),
 }
 
 
@@ -212,32 +172,27 @@ def vocab_size(config: RecallConfig, task: str) -> int:
 
 def build_model(config: RecallConfig, task: str, model: str) -> TransformerLM:
     """layers x [BaseConv(kernel 3) -> mixer], no position embedding, tied output head."""
-    build = MODELS[model][1]
-
-    def conv(d, *, num_heads, causal, max_length, rngs):
-        return BaseConv(d, max_length, 3, rngs=rngs)
-
-    def mixer(d, *, num_heads, causal, max_length, rngs):
-        return build(config, rngs)
-
+    spec = MODELS[model]
     return TransformerLM(vocab_size(config, task), config.d_model, 2 * config.layers,
-                         mixer=[conv, mixer] * config.layers, num_heads=config.num_heads,
+                         mixer=["base_conv", spec.mixer] * config.layers,
+                         mixer_options=[{"kernel_size": 3}, spec.options(config)] * config.layers,
+                         num_heads=config.num_heads,
                          max_length=max((*config.eval_lens, config.train_len)),
-                         positions=None, rngs=nnx.Rngs(config.seed))
+                         positions=None, rngs=nnx.Rngs(config.train.seed))
 
 
 def make_rows(config: RecallConfig, task: str, seq_len: int, num_examples: int,
               stream: int) -> dict[str, np.ndarray]:
     """Rows of ``task`` at ``seq_len`` from seed stream ``stream`` (0: train, 1 + i: eval at
     the i-th length), as the trainer's dict (inputs, positions, targets, target_mask)."""
-    seed = np.random.SeedSequence([config.seed, TASKS.index(task), stream])
+    seed = np.random.SeedSequence([config.train.seed, TASKS.index(task), stream])
     if task == "passkey":
         x, y = passkey(seq_len=seq_len, num_examples=num_examples,
                        num_values=config.num_values, num_noise=config.num_noise, seed=seed)
     elif task == "mqar":
-        x, y = zoology_data.mqar(vocab_size=config.mqar_vocab, input_seq_len=seq_len,
-                                 num_kv_pairs=config.num_kv_pairs, num_examples=num_examples,
-                                 random_non_queries=config.mqar_noise, seed=seed)
+        x, y = mqar.mqar(vocab_size=config.mqar_vocab, input_seq_len=seq_len,
+                         num_kv_pairs=config.num_kv_pairs, num_examples=num_examples,
+                         random_non_queries=config.mqar_noise, seed=seed)
     else:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
     return {"inputs": x} | label_positions(y)
@@ -291,17 +246,12 @@ def run_one(config: RecallConfig, task: str, model: str, workdir: Path) -> dict:
     params, loss_fn, eval_fn = task_functions(lm)
     train = make_rows(config, task, config.train_len, config.num_train, 0)
     valid = make_rows(config, task, config.train_len, config.num_eval, 1)
-    train_config = TrainConfig(
-        learning_rate=config.learning_rate, batch_size=config.batch_size,
-        max_epochs=config.max_epochs, weight_decay=config.weight_decay,
-        eval_batch_size=config.eval_batch_size, early_stop_metric=None,
-        checkpoint_every=100, seed=config.seed, progress=config.progress)
     params, result = fit(params, loss_fn=loss_fn, eval_fn=eval_fn, train=train, valid=valid,
-                         config=train_config, workdir=workdir)
+                         config=config.train, workdir=workdir)
     accuracy = {}
     for i, length in enumerate(config.eval_lens):
         rows = make_rows(config, task, length, config.num_eval, 2 + i)
-        accuracy[str(length)] = evaluate(eval_fn, params, rows, config.eval_batch_size)
+        accuracy[str(length)] = evaluate(eval_fn, params, rows, config.train.eval_batch_size)
     row = {"task": task, "model": model, "accuracy": accuracy, "train_steps": result.step,
            "train_loss": result.train_loss, "train_seconds": result.seconds,
            "parameters": int(sum(np.size(p) for p in jax.tree_util.tree_leaves(params)))}
@@ -331,7 +281,7 @@ def summary(config: RecallConfig, rows: list[dict]) -> str:
     lens = [str(n) for n in config.eval_lens]
     lines = [f"Train length {config.train_len}; d_model {config.d_model}, {config.layers} x "
              f"[conv, mixer], window/segment {config.window}, memory chunk "
-             f"{config.chunk_size}; {config.num_train} training rows x {config.max_epochs} "
+             f"{config.chunk_size}; {config.num_train} training rows x {config.train.max_epochs} "
              f"epochs; accuracy over {config.num_eval} fresh rows per length."]
     for task in config.tasks:
         lines += ["", f"### {task} (chance {chance(config, task):.3g})", "",
@@ -347,7 +297,7 @@ def summary(config: RecallConfig, rows: list[dict]) -> str:
             if name in PAPER_TABLE5:
                 paper.append("T5 ppl / long-ctx: {} / {}".format(*PAPER_TABLE5[name]))
             cells = [f"{row['accuracy'][n]:.3f}" for n in lens]
-            lines.append(f"| {MODELS[name][0]} | " + " | ".join(cells) + " | "
+            lines.append(f"| {MODELS[name].description} | " + " | ".join(cells) + " | "
                          + "; ".join(paper) + " |")
     return "\n".join(lines) + "\n"
 
@@ -393,7 +343,7 @@ def run_recall(config: RecallConfig) -> list[dict]:
     save_config(config, out)
     rows = []
     pairs = [(t, m) for t in config.tasks for m in config.models]
-    for task, model in tqdm(pairs, desc="recall runs", disable=not config.progress):
+    for task, model in tqdm(pairs, desc="recall runs", disable=not config.train.progress):
         rows.append(run_one(config, task, model, out / "runs" / f"{task}-{model}"))
     with open(out / "results.jsonl", "w") as f:
         for row in rows:

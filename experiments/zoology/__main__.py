@@ -2,8 +2,8 @@
 
 Trains the grid of the preset (resuming where it stopped) and writes results.jsonl,
 summary.md, figures/figure2.png and figures/curves.png under its ``out`` directory. Mixers:
-attention, sliding_window, base_conv, hyena, h3, mamba, rwkv (RWKV-4 time mixing),
-linear_attention, based (BaseConv + Based linear attention), sparse_attention (BaseConv +
+attention, sliding_window, base_conv, hyena, h3, mamba, rwkv (RWKV-4 time mixing), linear
+(elu+1 linear attention), based (BaseConv + Based linear attention), sparse (BaseConv +
 top-ceil(sqrt(L)) attention).
 """
 

@@ -10,7 +10,7 @@ block adds that normalised tensor into the residual stream again. ``faithful=Fal
 clean pre-LN block ``x += mixer(norm1(x)); x += mlp(norm2(x))`` with a GELU MLP.
 
 Both re-initialise as the original: every linear and embedding weight normal(0, 0.02), biases
-zero, output projections normal(0, 0.02 / sqrt(2 n_layers)); convolutions keep PyTorch's
+zero, output projections normal(0, 0.02 / sqrt(2 num_layers)); convolutions keep PyTorch's
 default and LayerNorms start at (1, 0).
 
 References:
@@ -27,71 +27,63 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jattn.nn import (
-    H3,
-    BaseConv,
-    BasedLinearAttention,
-    Hyena,
-    ImplicitFilter,
-    LinearAttention,
-    Mamba,
-    MultiHeadAttention,
-    RWKV4TimeMix,
-    SparseAttention,
-)
+from jattn.nn import MIXERS, ImplicitFilter
 
 INIT_STD = 0.02
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, as in the original
 
 
 @dataclass(frozen=True)
-class MixerSpec:
-    """How to build the sequence mixer of layer ``layer`` and what it needs."""
+class Figure2Mixer:
+    """A sequence mixer of figure 2 as the library's mixers (:data:`jattn.nn.MIXERS`) layer by
+    layer, and what the model around it needs."""
 
-    build: Callable[..., nnx.Module]  # (d_model, layer, l_max, rngs) -> module
+    layers: Callable[[int, int], tuple[str, dict]]  # (layer, l_max) -> (mixer name, options)
     positions: bool = False  # learned absolute position embeddings in the model
     takes_dropout_rng: bool = False  # its __call__ accepts dropout_rng=
 
 
-def _attention(window: int | None = None) -> MixerSpec:
-    return MixerSpec(
-        lambda d, layer, l_max, rngs: MultiHeadAttention(d, 1, window=window, dropout_rate=0.1,
-                                                         rngs=rngs),
-        positions=True, takes_dropout_rng=True)
+def _attention(window: int | None = None) -> Figure2Mixer:
+    return Figure2Mixer(lambda layer, l_max: ("attention", dict(window=window, dropout_rate=0.1)),
+                        positions=True, takes_dropout_rng=True)
 
 
-MIXERS: dict[str, MixerSpec] = {
+def _hybrid(odd: Callable[[int], tuple[str, dict]]) -> Callable[[int, int], tuple[str, dict]]:
+    """Even layers a short-conv BaseConv, odd layers ``odd(l_max)`` (the sub-quadratic
+    lookup)."""
+    return lambda layer, l_max: ("base_conv", dict(kernel_size=3)) if layer % 2 == 0 else (
+        odd(l_max))
+
+
+FIGURE2: dict[str, Figure2Mixer] = {
     "attention": _attention(),
     "sliding_window": _attention(window=16),
     # Kernel sizes per layer [3, -1, 3, -1]: short conv, implicit long conv, ...
-    "base_conv": MixerSpec(
-        lambda d, layer, l_max, rngs: BaseConv(d, l_max, (3, -1)[layer % 2], rngs=rngs)),
-    "hyena": MixerSpec(lambda d, layer, l_max, rngs: Hyena(d, l_max, rngs=rngs)),
-    "h3": MixerSpec(lambda d, layer, l_max, rngs: H3(d, l_max, head_dim=2, rngs=rngs)),
-    "mamba": MixerSpec(lambda d, layer, l_max, rngs: Mamba(d, rngs=rngs)),
+    "base_conv": Figure2Mixer(
+        lambda layer, l_max: ("base_conv", dict(kernel_size=(3, -1)[layer % 2]))),
+    "hyena": Figure2Mixer(lambda layer, l_max: ("hyena", {})),
+    "h3": Figure2Mixer(lambda layer, l_max: ("h3", dict(head_dim=2))),
+    "mamba": Figure2Mixer(lambda layer, l_max: ("mamba", {})),
     # The original's time mixer keeps its default n_layer=12 for its initialisation (the
     # figure-2 config does not pass the model's depth).
-    "rwkv": MixerSpec(
-        lambda d, layer, l_max, rngs: RWKV4TimeMix(d, layer=layer, num_layers=12, rngs=rngs)),
-    "linear_attention": MixerSpec(
-        lambda d, layer, l_max, rngs: LinearAttention(d, 1, feature_map="elu+1", rngs=rngs)),
-    # Hybrids: even layers a short-conv BaseConv, odd layers the (sub-quadratic) lookup.
-    "based": MixerSpec(
-        lambda d, layer, l_max, rngs: BaseConv(d, l_max, 3, rngs=rngs) if layer % 2 == 0
-        else BasedLinearAttention(d, feature_dim=8, num_heads=1, rngs=rngs)),
-    "sparse_attention": MixerSpec(
-        lambda d, layer, l_max, rngs: BaseConv(d, l_max, 3, rngs=rngs) if layer % 2 == 0
-        else SparseAttention(d, 1, top_k=math.ceil(math.sqrt(l_max)), rngs=rngs),
+    "rwkv": Figure2Mixer(lambda layer, l_max: ("rwkv", dict(layer=layer, num_layers=12))),
+    "linear": Figure2Mixer(lambda layer, l_max: ("linear", dict(feature_map="elu+1"))),
+    "based": Figure2Mixer(_hybrid(lambda l_max: ("based", dict(feature_dim=8)))),
+    "sparse": Figure2Mixer(
+        _hybrid(lambda l_max: ("sparse", dict(top_k=math.ceil(math.sqrt(l_max))))),
         positions=True),
 }
+"""Zoology's figure-2 mixers by the names of the sweeps (every one with a single head)."""
 
 
 class Block(nnx.Module):
     """One pre-LayerNorm block: a sequence mixer and (clean variant) a GELU MLP."""
 
-    def __init__(self, d_model: int, layer: int, l_max: int, spec: MixerSpec, *,
+    def __init__(self, d_model: int, layer: int, l_max: int, spec: Figure2Mixer, *,
                  faithful: bool, rngs: nnx.Rngs):
-        self.mixer = spec.build(d_model, layer, l_max, rngs)
+        name, options = spec.layers(layer, l_max)
+        self.mixer = MIXERS[name](d_model, num_heads=1, is_causal=True, max_length=l_max,
+                                  rngs=rngs, **options)
         self.takes_dropout_rng = spec.takes_dropout_rng
         self.norm1 = nnx.LayerNorm(d_model, epsilon=LAYER_NORM_EPS, rngs=rngs)
         self.norm2 = nnx.LayerNorm(d_model, epsilon=LAYER_NORM_EPS, rngs=rngs)
@@ -120,28 +112,28 @@ class LanguageModel(nnx.Module):
     """Zoology's figure-2 LM over token ids [B, L] (see the module docstring).
 
     Args:
-        vocab_size, d_model, n_layers: sizes.
+        vocab_size, d_model, num_layers: sizes.
         max_len: the longest sequence (position embeddings, implicit filters).
-        mixer: a key of :data:`MIXERS`.
+        mixer: a key of :data:`FIGURE2`.
         faithful: the original wiring with its residual quirk and identity state mixer
             (True), or the clean pre-LN block with an MLP (False).
         embed_dropout: dropout on the embeddings while training.
     """
 
-    def __init__(self, *, vocab_size: int, d_model: int, n_layers: int, max_len: int,
+    def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, max_len: int,
                  mixer: str, faithful: bool = True, embed_dropout: float = 0.1,
                  rngs: nnx.Rngs):
-        if mixer not in MIXERS:
-            raise ValueError(f"mixer: expected one of {sorted(MIXERS)}, got {mixer!r}")
-        spec = MIXERS[mixer]
+        if mixer not in FIGURE2:
+            raise ValueError(f"mixer: expected one of {sorted(FIGURE2)}, got {mixer!r}")
+        spec = FIGURE2[mixer]
         self.faithful = faithful
         self.embed_dropout = embed_dropout
         self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
         self.positions = nnx.Embed(max_len, d_model, rngs=rngs) if spec.positions else None
         self.blocks = nnx.List([Block(d_model, i, max_len, spec, faithful=faithful, rngs=rngs)
-                                for i in range(n_layers)])
+                                for i in range(num_layers)])
         self.norm_f = nnx.LayerNorm(d_model, epsilon=LAYER_NORM_EPS, rngs=rngs)
-        _reinitialise(self, rngs.params(), n_layers)
+        _reinitialise(self, rngs.params(), num_layers)
 
     def __call__(self, tokens: jax.Array, *, targets_at: jax.Array | None = None,
                  dropout_rng: jax.Array | None = None) -> jax.Array:
@@ -175,17 +167,17 @@ class LanguageModel(nnx.Module):
         return self.embed.attend(h)
 
 
-def _reinitialise(model: nnx.Module, key: jax.Array, n_layers: int) -> None:
+def _reinitialise(model: nnx.Module, rng: jax.Array, num_layers: int) -> None:
     """The original's init: linear/embedding weights N(0, 0.02), zero biases, output
-    projections N(0, 0.02 / sqrt(2 n_layers)). Implicit filters are linear layers there."""
+    projections N(0, 0.02 / sqrt(2 num_layers)). Implicit filters are linear layers there."""
     counter = iter(range(1 << 30))
 
     def normal(shape, std=INIT_STD):
-        return std * jax.random.normal(jax.random.fold_in(key, next(counter)), shape)
+        return std * jax.random.normal(jax.random.fold_in(rng, next(counter)), shape)
 
     for path, module in nnx.iter_graph(model):
         if isinstance(module, nnx.Linear):
-            std = INIT_STD / math.sqrt(2 * n_layers) if path[-1] in ("out_proj", "fc2") \
+            std = INIT_STD / math.sqrt(2 * num_layers) if path[-1] in ("out_proj", "fc2") \
                 else INIT_STD
             module.kernel[...] = normal(module.kernel.shape, std)
             if module.bias is not None:

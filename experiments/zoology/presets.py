@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from experiments.common.trainer import TrainConfig
+from experiments.zoology.run import RunSettings
 from experiments.zoology.sweep import SweepConfig
 
 PAPER_LEARNING_RATES = (1e-4, 4.64e-4, 2.15e-3, 1e-2)  # logspace(-4, -2, 4)
@@ -22,8 +24,9 @@ PRESETS: dict[str, SweepConfig] = {
     # does too), far beyond 10 CPU minutes; here the plateau ends after ~150k rows.
     "quick": SweepConfig(
         mixers=("attention", "base_conv", "hyena"), seq_lens=(32,), num_kv_pairs=(4,),
-        batch_sizes=(64,), d_models=(64,), learning_rates=(3e-3,), vocab_size=256,
-        num_train=60_000, num_test=1_000, max_epochs=5, out="results/zoology/quick"),
+        batch_sizes=(64,), d_models=(64,), learning_rates=(3e-3,), out="results/zoology/quick",
+        settings=RunSettings(vocab_size=256, num_train=60_000, num_test=1_000,
+                             train=TrainConfig(max_epochs=5))),
     # The paper's (L, kv) at 64 and 128 plus (32, 4), V=256, batch 64, two learning rates:
     # with V=256 attention leaves its plateau after ~300k rows at L=64, with V=8192 after
     # ~1.4M. Neither rate suits both widths (measured, attention within 4 epochs: d=64 L=64
@@ -34,11 +37,12 @@ PRESETS: dict[str, SweepConfig] = {
     "cpu": SweepConfig(
         mixers=("attention", "base_conv", "hyena", "based"),
         seq_lens=(32, 64, 128), num_kv_pairs=(4, 4, 8), batch_sizes=(64, 64, 64),
-        d_models=(64, 128), learning_rates=(1e-3, 3e-3), vocab_size=256, max_epochs=4,
-        out="results/zoology/cpu"),
+        d_models=(64, 128), learning_rates=(1e-3, 3e-3), out="results/zoology/cpu",
+        settings=RunSettings(vocab_size=256, train=TrainConfig(max_epochs=4))),
     "paper": SweepConfig(
         mixers=("attention", "base_conv", "hyena", "h3", "rwkv", "based", "mamba"),
         seq_lens=(64, 128, 256, 512), num_kv_pairs=(4, 8, 16, 64),
         batch_sizes=(512, 512, 256, 128), d_models=(64, 128, 256, 512),
-        learning_rates=PAPER_LEARNING_RATES, max_epochs=64, out="results/zoology/paper"),
+        learning_rates=PAPER_LEARNING_RATES, out="results/zoology/paper",
+        settings=RunSettings(train=TrainConfig(max_epochs=64))),
 }

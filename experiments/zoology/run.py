@@ -1,7 +1,7 @@
 """One MQAR training run and the sweep over Zoology's figure-2 grid.
 
 A run trains the figure-2 language model (:mod:`experiments.zoology.model`) on MQAR data
-(:mod:`experiments.zoology.data`) with the shared trainer and reports the test accuracy: the
+(:mod:`experiments.tasks.mqar`) with the shared trainer and reports the test accuracy: the
 mean over test rows of the fraction of supervised positions whose argmax is the right value.
 A sweep runs every (mixer, L, d_model, learning rate) of its grid, skipping finished runs and
 resuming unfinished ones, then writes results.jsonl, summary.md and the figure.
@@ -20,13 +20,27 @@ import optax
 from flax import nnx
 
 from experiments.common.trainer import TrainConfig, TrainResult, fit
-from experiments.zoology import data
+from experiments.tasks import mqar
+from experiments.tasks.labels import label_positions
 from experiments.zoology.model import LanguageModel
 
 
 @dataclass(frozen=True)
+class RunSettings:
+    """What every run of a sweep shares: the data, the model around the mixer, and training
+    (each run's grid point sets its learning rate and batch size)."""
+
+    vocab_size: int = 8192
+    num_train: int = 100_000
+    num_test: int = 3_000
+    num_layers: int = 2
+    faithful: bool = True
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(max_epochs=64))
+
+
+@dataclass(frozen=True)
 class RunConfig:
-    """One point of the grid."""
+    """One point of the grid, and the settings it shares with the others."""
 
     mixer: str
     seq_len: int
@@ -34,53 +48,60 @@ class RunConfig:
     d_model: int
     learning_rate: float
     batch_size: int
-    vocab_size: int = 8192
-    num_train: int = 100_000
-    num_test: int = 3_000
-    n_layers: int = 2
-    max_epochs: int = 64
-    faithful: bool = True
-    seed: int = 0
-    checkpoint_every: int = 200
-    progress: bool = True
+    settings: RunSettings = dataclasses.field(default_factory=RunSettings)
 
     @property
     def name(self) -> str:
         return (f"{self.mixer}-L{self.seq_len}-kv{self.num_kv_pairs}-d{self.d_model}"
                 f"-lr{self.learning_rate:.2e}")
 
+    @property
+    def train(self) -> TrainConfig:
+        """The trainer's settings of this run."""
+        return dataclasses.replace(self.settings.train, learning_rate=self.learning_rate,
+                                   batch_size=self.batch_size)
 
-def label_positions(labels: np.ndarray) -> dict[str, np.ndarray]:
-    """The supervised positions of each row, padded to the row with the most.
+    @property
+    def seed(self) -> int:
+        """The run's seed: data, initialisation and the order of the batches."""
+        return self.settings.train.seed
 
-    Returns:
-        positions [R, P] int32 (0 where padded), targets [R, P] int32, target_mask [R, P].
-    """
-    supervised = labels != data.IGNORE
-    width = int(supervised.sum(1).max())
-    # A stable sort puts each row's supervised positions first, in order.
-    order = np.argsort(~supervised, axis=1, kind="stable")[:, :width].astype(np.int32)
-    mask = np.take_along_axis(supervised, order, axis=1)
-    targets = np.where(mask, np.take_along_axis(labels, order, axis=1), 0).astype(np.int32)
-    return {"positions": np.where(mask, order, 0), "targets": targets,
-            "target_mask": mask.astype(np.float32)}
+    def record(self) -> dict:
+        """The run as one flat dict (its name, the grid point, every setting), for
+        results.jsonl and the tables."""
+        point = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name != "settings"}
+        shared = {f.name: getattr(self.settings, f.name)
+                  for f in dataclasses.fields(self.settings) if f.name != "train"}
+        return {"name": self.name} | point | shared | dataclasses.asdict(self.train)
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> RunConfig:
+        """The inverse of ``dataclasses.asdict`` (what config.json holds)."""
+        settings = dict(fields.get("settings", {}))
+        if "train" in settings:
+            settings["train"] = TrainConfig(**settings["train"])
+        return cls(**{**fields, "settings": RunSettings(**settings)})
 
 
 def make_data(config: RunConfig) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Train and test rows (disjoint seed streams, checked for shared rows)."""
-    spec = {"vocab_size": config.vocab_size, "input_seq_len": config.seq_len,
+    settings = config.settings
+    spec = {"vocab_size": settings.vocab_size, "input_seq_len": config.seq_len,
             "num_kv_pairs": config.num_kv_pairs}
-    (x_train, y_train), (x_test, y_test) = data.train_test(
-        [spec | {"num_examples": config.num_train}], [spec | {"num_examples": config.num_test}],
-        seq_len=config.seq_len, seed=config.seed)
+    (x_train, y_train), (x_test, y_test) = mqar.train_test(
+        [spec | {"num_examples": settings.num_train}],
+        [spec | {"num_examples": settings.num_test}], seq_len=config.seq_len, seed=config.seed)
     return ({"inputs": x_train} | label_positions(y_train),
             {"inputs": x_test} | label_positions(y_test))
 
 
 def build_model(config: RunConfig) -> LanguageModel:
-    return LanguageModel(vocab_size=config.vocab_size, d_model=config.d_model,
-                         n_layers=config.n_layers, max_len=config.seq_len, mixer=config.mixer,
-                         faithful=config.faithful, rngs=nnx.Rngs(config.seed))
+    settings = config.settings
+    return LanguageModel(vocab_size=settings.vocab_size, d_model=config.d_model,
+                         num_layers=settings.num_layers, max_len=config.seq_len,
+                         mixer=config.mixer, faithful=settings.faithful,
+                         rngs=nnx.Rngs(config.seed))
 
 
 def task_functions(model: nnx.Module):
@@ -115,10 +136,6 @@ def train_run(config: RunConfig, workdir: Path, *, prepared=None,
     (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
     train, test = prepared if prepared is not None else make_data(config)
     params, loss_fn, eval_fn = task_functions(build_model(config))
-    train_config = TrainConfig(
-        learning_rate=config.learning_rate, batch_size=config.batch_size,
-        max_epochs=config.max_epochs, checkpoint_every=config.checkpoint_every,
-        seed=config.seed, progress=config.progress)
     return fit(params, loss_fn=loss_fn, eval_fn=eval_fn, train=train, valid=test,
-               config=train_config, workdir=workdir, stop_after_steps=stop_after_steps)
+               config=config.train, workdir=workdir, stop_after_steps=stop_after_steps)
 

@@ -17,10 +17,11 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from experiments.common.plots import panels, save
-from experiments.zoology.model import MIXERS
-from experiments.zoology.run import RunConfig, make_data, train_run
+from experiments.zoology.model import FIGURE2
+from experiments.zoology.run import RunConfig, RunSettings, make_data, train_run
 
 # Figure 2 of the paper, read off the plot (notes/zoology.md): (mixer, L, d_model) -> text.
 PAPER = {
@@ -36,7 +37,11 @@ PAPER = {
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """A grid of runs. ``num_kv_pairs`` and ``batch_sizes`` give one value per sequence length."""
+    """A grid of runs. ``num_kv_pairs`` and ``batch_sizes`` give one value per sequence length;
+    ``settings`` are shared by every run."""
+
+    set_by_grid: ClassVar[tuple[str, ...]] = ("settings.train.learning_rate",
+                                              "settings.train.batch_size")
 
     mixers: tuple[str, ...]
     seq_lens: tuple[int, ...]
@@ -45,30 +50,18 @@ class SweepConfig:
     d_models: tuple[int, ...]
     learning_rates: tuple[float, ...]
     out: str
-    vocab_size: int = 8192
-    num_train: int = 100_000
-    num_test: int = 3_000
-    n_layers: int = 2
-    max_epochs: int = 64
-    faithful: bool = True
-    seed: int = 0
-    checkpoint_every: int = 200
-    progress: bool = True
+    settings: RunSettings = dataclasses.field(default_factory=RunSettings)
 
     def runs(self) -> list[RunConfig]:
-        unknown = [m for m in self.mixers if m not in MIXERS]
+        unknown = [m for m in self.mixers if m not in FIGURE2]
         if unknown:
-            raise ValueError(f"mixers: unknown {unknown}; expected some of {sorted(MIXERS)}")
+            raise ValueError(f"mixers: unknown {unknown}; expected some of {sorted(FIGURE2)}")
         for name in ("num_kv_pairs", "batch_sizes"):
             if len(getattr(self, name)) != len(self.seq_lens):
                 raise ValueError(f"{name}: expected one value per sequence length "
                                  f"{self.seq_lens}, got {getattr(self, name)}")
-        # The settings every run shares: the RunConfig fields after the grid's own ones.
-        grid = ("mixer", "seq_len", "num_kv_pairs", "d_model", "learning_rate", "batch_size")
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(RunConfig)
-                  if f.name not in grid}
-        return [RunConfig(**shared, mixer=mixer, seq_len=L, num_kv_pairs=kv, d_model=d,
-                          learning_rate=lr, batch_size=batch)
+        return [RunConfig(mixer=mixer, seq_len=L, num_kv_pairs=kv, d_model=d,
+                          learning_rate=lr, batch_size=batch, settings=self.settings)
                 for L, kv, batch in zip(self.seq_lens, self.num_kv_pairs, self.batch_sizes,
                                         strict=True)
                 for mixer in self.mixers for d in self.d_models for lr in self.learning_rates]
@@ -101,7 +94,7 @@ def collect(out: Path, runs: Sequence[RunConfig]) -> list[dict]:
     for run in runs:
         path = out / "runs" / run.name / "result.json"
         if path.exists():
-            records.append(dataclasses.asdict(run) | json.loads(path.read_text()))
+            records.append(run.record() | json.loads(path.read_text()))
     return records
 
 
@@ -194,8 +187,7 @@ def plot_learning_curves(best: dict[tuple[str, int, int], dict], out: Path, path
         for (mixer, length, d), record in best.items():
             if length != L:
                 continue
-            run = RunConfig(**{f.name: record[f.name] for f in dataclasses.fields(RunConfig)})
-            log = (out / "runs" / run.name / "metrics.jsonl").read_text().splitlines()
+            log = (out / "runs" / record["name"] / "metrics.jsonl").read_text().splitlines()
             epochs = [r for r in map(json.loads, log) if "valid_accuracy" in r]
             handles[f"{mixer} d={d}"], = ax.plot(
                 [r["epoch"] + 1 for r in epochs], [r["valid_accuracy"] for r in epochs],

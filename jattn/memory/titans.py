@@ -93,8 +93,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jattn.core.shapes import Array, check_floating, check_int, check_rank, check_shape
 from jattn.mixers.conv import conv_history, short_causal_conv
-from jattn.typing import Array, check_floating, check_rank, check_shape
 
 GATE_GRANULARITIES = ("token", "chunk")
 LAYER_NORM_EPS = 1e-5  # the memory's LayerNorm: (h - mean) / sqrt(var + eps)
@@ -216,16 +216,11 @@ jax.tree_util.register_dataclass(
     meta_fields=["config"])
 
 
-def _positive_int(name: str, value, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-
-
 def _logit(p: float) -> float:
     return float(jnp.log(p) - jnp.log1p(-p))
 
 
-def init_neural_memory(key: Array, *, dim: int, num_heads: int, head_dim: int,
+def init_neural_memory(rng: Array, *, dim: int, num_heads: int, head_dim: int,
                        memory_depth: int = 2, memory_expansion: int = 4,
                        conv_size: int | None = 4, activation: str | None = "silu",
                        normalize_qk: bool = True, momentum: bool = True, forget: bool = True,
@@ -266,10 +261,10 @@ def init_neural_memory(key: Array, *, dim: int, num_heads: int, head_dim: int,
     """
     for name, value in (("dim", dim), ("num_heads", num_heads), ("head_dim", head_dim),
                         ("memory_depth", memory_depth), ("memory_expansion", memory_expansion)):
-        _positive_int(name, value)
-    _positive_int("num_persistent", num_persistent, 0)
+        check_int(name, value)
+    check_int("num_persistent", num_persistent, minimum=0)
     if conv_size is not None:
-        _positive_int("conv_size", conv_size)
+        check_int("conv_size", conv_size)
     if activation not in (None, "silu"):
         raise ValueError(f"activation: expected 'silu' or None, got {activation!r}")
     if not max_lr > 0:
@@ -283,7 +278,7 @@ def init_neural_memory(key: Array, *, dim: int, num_heads: int, head_dim: int,
                              conv_size, activation, normalize_qk, momentum, forget,
                              channelwise_forget, float(max_lr), num_persistent)
     D, N, H, E, C = dim, num_heads, head_dim, cfg.hidden, cfg.forget_channels
-    keys = iter(jax.random.split(key, 16))
+    keys = iter(jax.random.split(rng, 16))
 
     def lecun(shape, fan_in, gain=1.0):
         return (gain / fan_in ** 0.5) * jax.random.normal(next(keys), shape, dtype)
@@ -750,7 +745,7 @@ def chunk_gates(inputs: MemoryInputs, chunk_size: int) -> MemoryInputs:
     >>> chunk_gates(inputs, 2).theta[0, :, 0]
     Array([0., 0., 2., 2., 4.], dtype=float32)
     """
-    _positive_int("chunk_size", chunk_size)
+    check_int("chunk_size", chunk_size)
     if chunk_size == 1:
         return inputs
     T = inputs.theta.shape[1]
@@ -785,7 +780,7 @@ def memory_recurrence(weights: MemoryWeights, momentum: MemoryWeights, inputs: M
     Raises:
         ValueError: an option out of range (named), inputs of mismatched shapes.
     """
-    _positive_int("chunk_size", chunk_size)
+    check_int("chunk_size", chunk_size)
     if implementation not in ("chunked", "sequential"):
         raise ValueError(f"implementation: expected 'chunked' or 'sequential', "
                          f"got {implementation!r}")
@@ -842,7 +837,7 @@ def memory_recurrence(weights: MemoryWeights, momentum: MemoryWeights, inputs: M
 
 def initial_memory_state(params: NeuralMemoryParams, batch_size: int) -> NeuralMemoryState:
     """The state before any token: learned initial weights, zero momentum, zero history."""
-    _positive_int("batch_size", batch_size)
+    check_int("batch_size", batch_size)
     cfg = params.config
     weights = jax.tree_util.tree_map(
         lambda a: jnp.broadcast_to(a, (batch_size, *a.shape)), params.memory)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from jattn.typing import Array, check_floating, check_rank, check_shape
+from jattn.core.shapes import Array, check_floating, check_rank, check_shape
 
 
 def _taps_padded(z: Array, kernel: Array) -> Array:
@@ -111,14 +111,14 @@ def short_causal_conv(x: Array, kernel: Array, bias: Array | None = None) -> Arr
     return y
 
 
-def long_causal_conv(u: Array, filt: Array, *, method: str = "auto") -> Array:
+def long_causal_conv(u: Array, filt: Array, *, form: str = "auto") -> Array:
     """y[b, t, d] = sum_{s=0}^{t} filt[s, d] * u[b, t - s, d]: a depthwise causal convolution
     with a filter as long as the sequence.
 
     Args:
         u: [B, L, D].
         filt: [L', D] with L' >= L (only the first L taps matter).
-        method: "fft" (a 2L-point FFT, O(L log L) per channel), "direct" (a Toeplitz matrix
+        form: "fft" (a 2L-point FFT, O(L log L) per channel), "direct" (a Toeplitz matrix
             per channel times the sequence, O(L^2) but matmul-shaped) or "auto": direct for
             L <= 64, FFT above. Forward+backward on a 2-core CPU, [B, L, D]: [64, 64, 64]
             2.3 ms direct vs 4.4 ms FFT; [64, 128, 64] 11.7 vs 7.6; [512, 128, 64] 48 vs 115
@@ -129,7 +129,7 @@ def long_causal_conv(u: Array, filt: Array, *, method: str = "auto") -> Array:
 
     >>> import jax.numpy as jnp
     >>> u = jnp.array([1.0, 2.0, 3.0])[None, :, None]
-    >>> long_causal_conv(u, jnp.array([[1.0], [1.0], [0.0]]), method="fft")[0, :, 0].round(5)
+    >>> long_causal_conv(u, jnp.array([[1.0], [1.0], [0.0]]), form="fft")[0, :, 0].round(5)
     Array([1., 3., 5.], dtype=float32)
     """
     check_rank("u", u, (3,), "[B, L, D]")
@@ -138,20 +138,20 @@ def long_causal_conv(u: Array, filt: Array, *, method: str = "auto") -> Array:
     check_rank("filt", filt, (2,), "[L, D]")
     if filt.shape[0] < L or filt.shape[1] != D:
         raise ValueError(f"filt: expected [L >= {L}, D={D}], got {filt.shape}")
-    if method == "auto":
-        method = "direct" if L <= 64 else "fft"
+    if form == "auto":
+        form = "direct" if L <= 64 else "fft"
     dtype = jnp.promote_types(u.dtype, jnp.float32)
     x, h = u.astype(dtype), filt[:L].astype(dtype)
-    if method == "fft":
+    if form == "fft":
         n = 2 * L  # zero padding to 2L turns the circular convolution into a linear one
         spectrum = jnp.fft.rfft(x, n=n, axis=1) * jnp.fft.rfft(h, n=n, axis=0)
         y = jnp.fft.irfft(spectrum, n=n, axis=1)[:, :L]
-    elif method == "direct":
+    elif form == "direct":
         lag = jnp.arange(L)[:, None] - jnp.arange(L)[None, :]  # t - s
         toeplitz = jnp.where(lag >= 0, h.T[:, jnp.maximum(lag, 0)], 0)  # [D, t, s]
         y = jnp.einsum("dts,bsd->btd", toeplitz, x)
     else:
-        raise ValueError(f"method: expected 'auto', 'fft' or 'direct', got {method!r}")
+        raise ValueError(f"form: expected 'auto', 'fft' or 'direct', got {form!r}")
     return y.astype(u.dtype)
 
 

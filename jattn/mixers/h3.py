@@ -54,8 +54,8 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jax import lax
 
+from jattn.core.shapes import Array, check_floating, check_rank, check_shape
 from jattn.mixers.conv import causal_conv_step, conv_history, long_causal_conv
-from jattn.typing import Array, check_floating, check_rank, check_shape
 
 DISCRETIZATIONS = ("bilinear", "zoh")
 

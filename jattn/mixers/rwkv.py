@@ -37,7 +37,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jax import lax
 
-from jattn.typing import Array, check_floating, check_rank, check_shape
+from jattn.core.shapes import Array, check_floating, check_rank, check_shape
 
 IMPLEMENTATIONS = ("scan", "sequential")
 

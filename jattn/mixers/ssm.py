@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jattn.typing import Array, check_floating, check_rank, check_shape
+from jattn.core.shapes import Array, check_floating, check_rank, check_shape
 
 
 def _check(u, delta, A, B, C, D) -> None:

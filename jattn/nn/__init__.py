@@ -1,16 +1,13 @@
 """Flax NNX modules: parameters plus a call of the functional core, no maths of their own."""
 
-from jattn.nn.agent import AgentAttention
-from jattn.nn.attention import MultiHeadAttention
-from jattn.nn.bilevel import BiLevelRoutingAttention
-from jattn.nn.channel import (
+from jattn.nn.applications.channel import (
     ECA,
     ChannelAttention,
     PositionAttention,
     SentenceAttentionBlock,
     SqueezeExcitation,
 )
-from jattn.nn.cross import (
+from jattn.nn.applications.cross import (
     CoAttention,
     LabelAttention,
     LatentCrossAttention,
@@ -20,7 +17,7 @@ from jattn.nn.cross import (
     QueryDecoder,
     QueryDecoderLayer,
 )
-from jattn.nn.fusion import (
+from jattn.nn.applications.fusion import (
     CrossFrameAttention,
     CrossViTFusion,
     FairIdentityAttention,
@@ -29,24 +26,47 @@ from jattn.nn.fusion import (
     ReferenceAttention,
     RegionTokens,
 )
-from jattn.nn.heads import (
-    AttentionShiftRouter,
-    ConvRelativeAttention,
-    LowRankResidualAttention,
-    MixtureOfHeadsAttention,
-    QKVProjection,
-    WingsLearners,
-)
-from jattn.nn.landmark import LandmarkAttention
-from jattn.nn.linear import BasedLinearAttention, LinearAttention, RandomFeatureKey
-from jattn.nn.local import HaloAttention, WindowAttention
-from jattn.nn.longheads import LongHeadsAttention
-from jattn.nn.matching import (
+from jattn.nn.applications.matching import (
     ConditionalTransportAlignment,
     FILIPLoss,
     InfoNCELoss,
     RecurrentCorrespondenceRegulator,
 )
+from jattn.nn.applications.pointer import (
+    PointerAttention,
+    PointerNetwork,
+)
+from jattn.nn.applications.pooling import (
+    ContextQueryPooling,
+    DecoupledEmbeddings,
+    LatentAttentionPooling,
+    LQuerySelfAttention,
+    MultiLayerTrainablePooling,
+    MultiQuerySelfAttention,
+)
+from jattn.nn.applications.structure import (
+    BoxRelativeAttention,
+    GraphAttention,
+    RelationAwareAttention,
+)
+from jattn.nn.attention import MultiHeadAttention
+from jattn.nn.efficient.agent import AgentAttention
+from jattn.nn.efficient.bilevel import BiLevelRoutingAttention
+from jattn.nn.efficient.heads import (
+    AttentionShiftRouter,
+    ConvRelativeAttention,
+    LowRankResidualAttention,
+    MixtureOfHeadsAttention,
+    WingsLearners,
+)
+from jattn.nn.efficient.landmark import LandmarkAttention
+from jattn.nn.efficient.linear import BasedLinearAttention, LinearAttention, RandomFeatureRng
+from jattn.nn.efficient.local import HaloAttention, WindowAttention
+from jattn.nn.efficient.longheads import LongHeadsAttention
+from jattn.nn.efficient.neighborhood import NeighborhoodAttention
+from jattn.nn.efficient.routing import RoutingAttention, RoutingCentroids
+from jattn.nn.efficient.sparse import SelectionPenalty, SelectiveLookups, SparseAttention
+from jattn.nn.layers import MLP, QKVProjection
 from jattn.nn.mixers import (
     H3,
     BaseConv,
@@ -56,35 +76,12 @@ from jattn.nn.mixers import (
     ImplicitLongConv,
     Mamba,
     MambaState,
-    ShortConv,
-)
-from jattn.nn.neighborhood import NeighborhoodAttention
-from jattn.nn.pointer import (
-    PointerAttention,
-    PointerNetwork,
-)
-from jattn.nn.pooling import (
-    ContextQueryPooling,
-    DecoupledEmbeddings,
-    LatentAttentionPooling,
-    LQuerySelfAttention,
-    MultiLayerTrainablePooling,
-    MultiQuerySelfAttention,
-)
-from jattn.nn.routing import RoutingAttention, RoutingCentroids
-from jattn.nn.rwkv import (
     RWKV4TimeMix,
     RWKVState,
+    ShortConv,
     rwkv4_time_mix_init,
 )
-from jattn.nn.sparse import SelectionPenalty, SelectiveLookups, SparseAttention
-from jattn.nn.structure import (
-    BoxRelativeAttention,
-    GraphAttention,
-    RelationAwareAttention,
-)
 from jattn.nn.titans import (
-    TITANS_MIXERS,
     MACDecodeState,
     MACState,
     NeuralMemory,
@@ -94,12 +91,19 @@ from jattn.nn.titans import (
     TitansMAL,
     mac_mask,
 )
-from jattn.nn.transformer import EncoderDecoder, TransformerBlock, TransformerLM, generate
+from jattn.nn.transformer import (
+    MIXERS,
+    EncoderDecoder,
+    TransformerBlock,
+    TransformerLM,
+    generate,
+)
 
 __all__ = [
     "ECA",
     "H3",
-    "TITANS_MIXERS",
+    "MIXERS",
+    "MLP",
     "AgentAttention",
     "AttentionShiftRouter",
     "BaseConv",
@@ -155,7 +159,7 @@ __all__ = [
     "QueryDecoderLayer",
     "RWKV4TimeMix",
     "RWKVState",
-    "RandomFeatureKey",
+    "RandomFeatureRng",
     "RecurrentCorrespondenceRegulator",
     "ReferenceAttention",
     "RegionTokens",

@@ -1,4 +1,4 @@
-"""NNX module for softmax self-attention over [B, L, d_model] sequences.
+"""NNX module for softmax self-attention over [B, T, d_model] sequences.
 
 References:
     P24 Zoology (the attention and sliding-window attention mixers: one fused qkv projection
@@ -13,9 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jattn
-from jattn.nn._init import torch_linear
-from jattn.nn.heads import QKVProjection
-from jattn.positions import apply_rope
+from jattn.core.positions import apply_rope
+from jattn.nn.layers import QKVProjection, torch_linear
 
 
 class MultiHeadAttention(nnx.Module):
@@ -38,7 +37,7 @@ class MultiHeadAttention(nnx.Module):
         (1, 5, 16)
     """
 
-    def __init__(self, d_model: int, num_heads: int = 1, *, causal: bool = True,
+    def __init__(self, d_model: int, num_heads: int = 1, *, is_causal: bool = True,
                  window: int | None = None, qkv_bias: bool = True, dropout_rate: float = 0.0,
                  num_kv_heads: int | None = None, num_value_heads: int | None = None,
                  value_head_dim: int | None = None, query_mlp_dim: int | None = None,
@@ -50,7 +49,7 @@ class MultiHeadAttention(nnx.Module):
         self.rope = None if rope_base is None else dict(
             base=rope_base, fraction=rope_fraction, scaling=rope_scaling, factor=rope_factor)
         self.num_heads = num_heads
-        self.causal = causal
+        self.is_causal = is_causal
         self.window = window
         self.dropout_rate = dropout_rate
         self.proj = QKVProjection(d_model, num_heads, num_kv_heads=num_kv_heads,
@@ -77,9 +76,9 @@ class MultiHeadAttention(nnx.Module):
             out = jattn.dot_product_attention(q, k, v, mask=mask, dropout_rate=rate,
                                               dropout_rng=dropout_rng)
         else:
-            window = None if self.window is None else (self.window - 1, 0 if self.causal else
+            window = None if self.window is None else (self.window - 1, 0 if self.is_causal else
                                                        self.window - 1)
-            out = jattn.dot_product_attention(q, k, v, is_causal=self.causal,
+            out = jattn.dot_product_attention(q, k, v, is_causal=self.is_causal,
                                               local_window_size=window, dropout_rate=rate,
                                               dropout_rng=dropout_rng)
         return self.out_proj(out.reshape(*x.shape[:-1], -1))
@@ -112,5 +111,5 @@ class MultiHeadAttention(nnx.Module):
         return self.out_proj(out.reshape(*x.shape[:-1], -1)), cache
 
     def _check_causal(self) -> None:
-        if not self.causal:
+        if not self.is_causal:
             raise NotImplementedError("decoding token by token needs a causal layer")

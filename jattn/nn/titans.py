@@ -3,7 +3,7 @@ of the paper (LMM, MAG, MAL, MAC) as sequence mixers for :class:`jattn.nn.Transf
 
 Every module is wiring: the memory is :func:`jattn.memory.titans.neural_memory` (and its
 pieces ``memory_inputs`` / ``apply_memory`` for MAC's read-only retrieval), attention is
-:func:`jattn.dot_product_attention` with a :mod:`jattn.masks` mask (or
+:func:`jattn.dot_product_attention` with a :mod:`jattn.core.masks` mask (or
 :class:`jattn.nn.MultiHeadAttention` itself), persistent tokens are
 :func:`jattn.memory.titans.prepend_persistent`. With xp = [persistent || x] (N_p tokens):
 
@@ -62,8 +62,8 @@ slots) and MAL) when the memory writes token by token (``chunk_size=1`` or
 is the one after the last complete segment plus the current segment's tokens, which each
 new token recomputes (O(segment) per token, as the segment's attention costs anyway).
 
-``TITANS_MIXERS`` maps "titans_lmm", "titans_mag", "titans_mal", "titans_mac" to factories
-with :data:`jattn.nn.transformer.MIXERS`' signature.
+:data:`jattn.nn.transformer.MIXERS` names them "titans_lmm", "titans_mag", "titans_mal" and
+"titans_mac".
 
 References:
     P37 Titans: "Titans: Learning to Memorize at Test Time" (Behrouz, Zhong, Mirrokni),
@@ -80,7 +80,8 @@ from flax import nnx
 from jax import lax
 
 import jattn
-from jattn import masks
+from jattn.core import masks
+from jattn.core.shapes import check_heads, check_int, check_rank, check_shape
 from jattn.memory.titans import (
     GATE_GRANULARITIES,
     MemoryWeights,
@@ -93,20 +94,14 @@ from jattn.memory.titans import (
     neural_memory,
     prepend_persistent,
 )
-from jattn.nn._init import check_heads, torch_linear
 from jattn.nn.attention import MultiHeadAttention
-from jattn.typing import check_rank, check_shape
+from jattn.nn.layers import torch_linear
 
 _FIELDS = ("w_q", "w_k", "w_v", "conv", "w_lr", "b_lr", "w_momentum", "b_momentum",
            "w_forget", "b_forget", "persistent")
 IMPLEMENTATIONS = ("chunked", "sequential")
 RETRIEVE = ("after", "before")
 RETRIEVED_MASKS = ("causal", "prefix")
-
-
-def _positive(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
 
 
 def _choice(name: str, value, allowed: tuple) -> None:
@@ -157,7 +152,7 @@ class NeuralMemory(nnx.Module):
         if head_dim is None:
             check_heads(d_model, num_heads)
             head_dim = d_model // num_heads
-        _positive("chunk_size", chunk_size)
+        check_int("chunk_size", chunk_size)
         _choice("implementation", implementation, IMPLEMENTATIONS)
         _choice("retrieve", retrieve, RETRIEVE)
         _choice("gate_granularity", gate_granularity, GATE_GRANULARITIES)
@@ -245,7 +240,7 @@ def _memory(d_model, num_heads, memory_heads, rngs, options) -> NeuralMemory:
 
 
 def _check_window(window) -> None:
-    _positive("window", window)
+    check_int("window", window)
 
 
 class _BranchGate(nnx.Module):
@@ -324,7 +319,7 @@ class TitansMAG(nnx.Module):
                  **memory_options):
         _check_window(window)
         self.window = window
-        self.attention = MultiHeadAttention(d_model, num_heads, causal=True, window=window,
+        self.attention = MultiHeadAttention(d_model, num_heads, is_causal=True, window=window,
                                             rngs=rngs)
         self.memory = _memory(d_model, num_heads, memory_heads, rngs,
                               dict(memory_options, num_persistent=num_persistent))
@@ -389,7 +384,7 @@ class TitansMAL(nnx.Module):
         _check_window(window)
         self.memory = _memory(d_model, num_heads, memory_heads, rngs,
                               dict(memory_options, num_persistent=num_persistent))
-        self.attention = MultiHeadAttention(d_model, num_heads, causal=True, window=window,
+        self.attention = MultiHeadAttention(d_model, num_heads, is_causal=True, window=window,
                                             rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -484,13 +479,13 @@ class TitansMAC(nnx.Module):
     def __init__(self, d_model: int, num_heads: int = 1, *, segment_size: int = 64,
                  retrieved: str = "causal", memory_heads: int | None = None,
                  num_persistent: int = 4, rngs: nnx.Rngs, **memory_options):
-        _positive("segment_size", segment_size)
+        check_int("segment_size", segment_size)
         _choice("retrieved", retrieved, RETRIEVED_MASKS)
         if "retrieve" in memory_options:
             raise ValueError("retrieve: MAC reads before writing (retrieval) and after "
                              "(the output gate) by construction; do not set it")
         self.segment_size, self.retrieved = segment_size, retrieved
-        self.attention = MultiHeadAttention(d_model, num_heads, causal=True, rngs=rngs)
+        self.attention = MultiHeadAttention(d_model, num_heads, is_causal=True, rngs=rngs)
         self.memory = _memory(d_model, num_heads, memory_heads, rngs,
                               dict(memory_options, num_persistent=num_persistent))
         self.gate = _BranchGate(d_model, rngs)
@@ -611,23 +606,3 @@ class TitansMAC(nnx.Module):
 
         state, y = lax.scan(token, state, jnp.moveaxis(x, 1, 0))
         return jnp.moveaxis(y, 0, 1).astype(x.dtype), state
-
-
-def _factory(cls, name: str):
-    def make(d, *, num_heads, causal, max_length, rngs, **options):
-        del max_length
-        if not causal:
-            raise ValueError(f"mixer: {name!r} is causal only (the memory is a recurrence)")
-        return cls(d, num_heads, rngs=rngs, **options)
-    make.__name__ = name
-    return make
-
-
-TITANS_MIXERS = {
-    "titans_lmm": _factory(TitansLMM, "titans_lmm"),
-    "titans_mag": _factory(TitansMAG, "titans_mag"),
-    "titans_mal": _factory(TitansMAL, "titans_mal"),
-    "titans_mac": _factory(TitansMAC, "titans_mac"),
-}
-"""Factories with :data:`jattn.nn.transformer.MIXERS`' signature
-``(d, *, num_heads, causal, max_length, rngs, **options)``."""

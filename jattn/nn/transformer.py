@@ -4,10 +4,11 @@ model with ``generate()``, and an encoder-decoder.
 A mixer is given by name (``MIXERS``: softmax attention, windowed attention, linear and
 Based attention, mixture-of-heads, routing attention, the Zoology convolutions and SSMs,
 Titans' LMM/MAG/MAL/MAC memory layers) or
-as a callable ``factory(d_model, *, num_heads, causal, max_length, rngs, **options)`` that
+as a callable ``factory(d_model, *, num_heads, is_causal, max_length, rngs, **options)`` that
 returns an NNX module mapping [B, T, d_model] to [B, T, d_model] (or to a pair whose second
 item is an auxiliary loss, as mixture-of-heads returns; ``return_aux=True`` gives their
-sum). A list gives one mixer per layer (hybrids).
+sum). A list gives one mixer per layer (hybrids), and a list of ``mixer_options`` one set of
+options per layer.
 
 Decoding token by token uses mixers that have ``prefill(x, max_length=...) -> (y, state)``
 and ``step(x, state, position=...) -> (y, state)``: softmax attention keeps a KV cache
@@ -27,76 +28,82 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn.core.positions import sinusoidal
+from jattn.core.shapes import check_integer, check_rank
 from jattn.nn.attention import MultiHeadAttention
-from jattn.nn.heads import MixtureOfHeadsAttention
-from jattn.nn.linear import BasedLinearAttention, LinearAttention
-from jattn.nn.mixers import H3, BaseConv, Hyena, Mamba
-from jattn.nn.routing import RoutingAttention
-from jattn.nn.rwkv import RWKV4TimeMix
-from jattn.nn.titans import TITANS_MIXERS
-from jattn.positions import sinusoidal
-from jattn.typing import check_integer, check_rank
+from jattn.nn.efficient.heads import MixtureOfHeadsAttention
+from jattn.nn.efficient.linear import BasedLinearAttention, LinearAttention
+from jattn.nn.efficient.routing import RoutingAttention
+from jattn.nn.efficient.sparse import SparseAttention
+from jattn.nn.layers import MLP
+from jattn.nn.mixers import H3, BaseConv, Hyena, Mamba, RWKV4TimeMix
+from jattn.nn.titans import TitansLMM, TitansMAC, TitansMAG, TitansMAL
 
 MixerFactory = Callable[..., nnx.Module]
 
 
-def _causal_only(name: str, causal: bool) -> None:
-    if not causal:
-        raise ValueError(f"mixer: {name!r} is causal only (it has no bidirectional form)")
+def _mixer(cls, *, heads: bool = True, length: bool = False, causal_only: bool = False,
+           defaults=None) -> MixerFactory:
+    """The registry's factory for ``cls``: ``(d_model, *, num_heads, is_causal, max_length,
+    rngs, **options) -> module``. The class gets num_heads (``heads``), the model's length
+    as its second argument (``length``: filters and position tables span it) and is_causal,
+    unless it is ``causal_only`` (then a bidirectional request raises ValueError);
+    ``defaults(options, max_length)`` may fill options in."""
 
+    def make(d_model, *, num_heads, is_causal, max_length, rngs, **options):
+        if causal_only and not is_causal:
+            raise ValueError(f"mixer: {cls.__name__} is causal only (it has no "
+                             "bidirectional form)")
+        if defaults is not None:
+            options = defaults(options, max_length)
+        fixed = {} if causal_only else {"is_causal": is_causal}
+        if heads:
+            fixed["num_heads"] = num_heads
+        return cls(d_model, *((max_length,) if length else ()), rngs=rngs, **fixed, **options)
 
-def _conv_mixer(cls, name):
-    def make(d, *, num_heads, causal, max_length, rngs, **options):
-        del num_heads
-        _causal_only(name, causal)
-        return cls(d, max_length, rngs=rngs, **options)
+    make.__name__ = cls.__name__
     return make
 
 
-def _linear(d, *, num_heads, causal, max_length, rngs, **options):
-    if options.get("feature_map") == "cosformer":  # its re-weighting spans the model length
-        options.setdefault("max_length", max_length)
-    return LinearAttention(d, num_heads, causal=causal, rngs=rngs, **options)
-
-
-def _recurrent_mixer(cls, name):
-    def make(d, *, num_heads, causal, max_length, rngs, **options):
-        del num_heads, max_length
-        _causal_only(name, causal)
-        return cls(d, rngs=rngs, **options)
-    return make
+def _cosformer_length(options: dict, max_length: int) -> dict:
+    """cosFormer's re-weighting spans the model's length unless told otherwise."""
+    if options.get("feature_map") == "cosformer":
+        return {"max_length": max_length} | options
+    return options
 
 
 MIXERS: dict[str, MixerFactory] = {
-    "attention": lambda d, *, num_heads, causal, max_length, rngs, **o: MultiHeadAttention(
-        d, num_heads, causal=causal, rngs=rngs, **o),
-    "linear": _linear,
-    "based": lambda d, *, num_heads, causal, max_length, rngs, **o: BasedLinearAttention(
-        d, num_heads=num_heads, causal=causal, rngs=rngs, **o),
-    "moh": lambda d, *, num_heads, causal, max_length, rngs, **o: MixtureOfHeadsAttention(
-        d, num_heads, causal=causal, rngs=rngs, **o),
-    "routing": lambda d, *, num_heads, causal, max_length, rngs, **o: RoutingAttention(
-        d, num_heads, is_causal=causal, rngs=rngs, **o),
-    "base_conv": _conv_mixer(BaseConv, "base_conv"),
-    "hyena": _conv_mixer(Hyena, "hyena"),
-    "h3": _conv_mixer(H3, "h3"),
-    "mamba": _recurrent_mixer(Mamba, "mamba"),
-    "rwkv": _recurrent_mixer(RWKV4TimeMix, "rwkv"),
-    **TITANS_MIXERS,
+    "attention": _mixer(MultiHeadAttention),
+    "linear": _mixer(LinearAttention, defaults=_cosformer_length),
+    "based": _mixer(BasedLinearAttention),
+    "sparse": _mixer(SparseAttention),
+    "moh": _mixer(MixtureOfHeadsAttention),
+    "routing": _mixer(RoutingAttention),
+    "base_conv": _mixer(BaseConv, heads=False, length=True, causal_only=True),
+    "hyena": _mixer(Hyena, heads=False, length=True, causal_only=True),
+    "h3": _mixer(H3, heads=False, length=True, causal_only=True),
+    "mamba": _mixer(Mamba, heads=False, causal_only=True),
+    "rwkv": _mixer(RWKV4TimeMix, heads=False, causal_only=True),
+    "titans_lmm": _mixer(TitansLMM, causal_only=True),
+    "titans_mag": _mixer(TitansMAG, causal_only=True),
+    "titans_mal": _mixer(TitansMAL, causal_only=True),
+    "titans_mac": _mixer(TitansMAC, causal_only=True),
 }
+"""Every sequence mixer by name, each a factory ``(d_model, *, num_heads, is_causal,
+max_length, rngs, **options)``; the options are the module's own keyword arguments. The one
+registry of the library: the Zoology and Titans experiments build their models from it."""
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "sinusoidal", None)
 
 
-def _make_mixer(mixer: str | MixerFactory, d_model, *, num_heads, causal, max_length, rngs,
+def _make_mixer(mixer: str | MixerFactory, d_model, *, num_heads, is_causal, max_length, rngs,
                 options) -> nnx.Module:
     if isinstance(mixer, str):
         if mixer not in MIXERS:
             raise ValueError(f"mixer: expected a callable or one of {sorted(MIXERS)}, "
                              f"got {mixer!r}")
         mixer = MIXERS[mixer]
-    return mixer(d_model, num_heads=num_heads, causal=causal, max_length=max_length,
+    return mixer(d_model, num_heads=num_heads, is_causal=is_causal, max_length=max_length,
                  rngs=rngs, **(options or {}))
 
 
@@ -105,25 +112,6 @@ def _norm(kind: str, d_model: int, rngs: nnx.Rngs) -> nnx.Module:
         raise ValueError(f"norm: expected one of {NORMS}, got {kind!r}")
     return (nnx.LayerNorm(d_model, rngs=rngs) if kind == "layernorm"
             else nnx.RMSNorm(d_model, rngs=rngs))
-
-
-class MLP(nnx.Module):
-    """The feed-forward half of a block: GELU MLP d -> hidden -> d, or SwiGLU
-    W_down(silu(W_gate x) * W_up x)."""
-
-    def __init__(self, d_model: int, hidden: int, *, kind: str = "gelu", rngs: nnx.Rngs):
-        if kind not in MLPS:
-            raise ValueError(f"mlp: expected one of {MLPS}, got {kind!r}")
-        self.kind = kind
-        self.up = nnx.Linear(d_model, hidden, rngs=rngs)
-        self.gate = (nnx.Linear(d_model, hidden, rngs=rngs) if kind == "swiglu"
-                     else nnx.data(None))
-        self.down = nnx.Linear(hidden, d_model, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if self.kind == "gelu":
-            return self.down(jax.nn.gelu(self.up(x)))
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
 
 
 class LearnedPositionEmbedding(nnx.Module):
@@ -193,18 +181,18 @@ class TransformerBlock(nnx.Module):
     """
 
     def __init__(self, d_model: int, mixer: str | MixerFactory = "attention", *,
-                 num_heads: int = 1, causal: bool = True, max_length: int = 2048,
+                 num_heads: int = 1, is_causal: bool = True, max_length: int = 2048,
                  mixer_options: dict | None = None, norm: str = "layernorm",
                  mlp: str = "gelu", mlp_hidden: int | None = None, dropout_rate: float = 0.0,
                  cross_attention: bool = False, rngs: nnx.Rngs):
         self.mixer_name = mixer if isinstance(mixer, str) else getattr(mixer, "__name__",
                                                                           "callable")
-        self.mixer = _make_mixer(mixer, d_model, num_heads=num_heads, causal=causal,
+        self.mixer = _make_mixer(mixer, d_model, num_heads=num_heads, is_causal=is_causal,
                                  max_length=max_length, rngs=rngs, options=mixer_options)
         self.mixer_norm = _norm(norm, d_model, rngs)
         self.cross = self.cross_norm = nnx.data(None)
         if cross_attention:
-            self.cross = MultiHeadAttention(d_model, num_heads, causal=False, rngs=rngs)
+            self.cross = MultiHeadAttention(d_model, num_heads, is_causal=False, rngs=rngs)
             self.cross_norm = _norm(norm, d_model, rngs)
         self.mlp_norm = _norm(norm, d_model, rngs)
         self.mlp = MLP(d_model, mlp_hidden or 4 * d_model, kind=mlp, rngs=rngs)
@@ -248,14 +236,16 @@ class TransformerBlock(nnx.Module):
         return self._rest(x + self.dropout(y), context, context_mask), state
 
 
-def _per_layer(mixer, num_layers: int) -> list:
-    if isinstance(mixer, str) or callable(mixer):
-        return [mixer] * num_layers
-    mixers = list(mixer)
-    if len(mixers) != num_layers:
-        raise ValueError(f"mixer: expected one mixer or {num_layers} (one per layer), "
-                         f"got {len(mixers)}")
-    return mixers
+def _per_layer(name: str, value, num_layers: int, single) -> list:
+    """``value`` for every layer: one value (``single(value)``) or a sequence of one per
+    layer."""
+    if single(value):
+        return [value] * num_layers
+    values = list(value)
+    if len(values) != num_layers:
+        raise ValueError(f"{name}: expected one or {num_layers} (one per layer), "
+                         f"got {len(values)}")
+    return values
 
 
 class TransformerLM(nnx.Module):
@@ -278,18 +268,23 @@ class TransformerLM(nnx.Module):
     def __init__(self, vocab_size: int, d_model: int, num_layers: int, *,
                  mixer: str | MixerFactory | Sequence[str | MixerFactory] = "attention",
                  num_heads: int = 1, max_length: int = 2048, positions: str | None = "learned",
-                 mixer_options: dict | None = None, norm: str = "layernorm", mlp: str = "gelu",
+                 mixer_options: dict | Sequence[dict] | None = None, norm: str = "layernorm",
+                 mlp: str = "gelu",
                  mlp_hidden: int | None = None, dropout_rate: float = 0.0,
                  tie_embeddings: bool = True, cross_attention: bool = False, rngs: nnx.Rngs):
         self.vocab_size, self.max_length = vocab_size, max_length
         self.embed = TokenEmbedding(vocab_size, d_model, max_length=max_length,
                                     positions=positions, dropout_rate=dropout_rate, rngs=rngs)
         self.blocks = nnx.List([
-            TransformerBlock(d_model, m, num_heads=num_heads, causal=True,
-                             max_length=max_length, mixer_options=mixer_options, norm=norm,
+            TransformerBlock(d_model, m, num_heads=num_heads, is_causal=True,
+                             max_length=max_length, mixer_options=options, norm=norm,
                              mlp=mlp, mlp_hidden=mlp_hidden, dropout_rate=dropout_rate,
                              cross_attention=cross_attention, rngs=rngs)
-            for m in _per_layer(mixer, num_layers)])
+            for m, options in zip(
+                _per_layer("mixer", mixer, num_layers, lambda m: isinstance(m, str) or
+                           callable(m)),
+                _per_layer("mixer_options", mixer_options, num_layers,
+                           lambda o: o is None or isinstance(o, dict)), strict=True)])
         self.final_norm = _norm(norm, d_model, rngs)
         self.head = (nnx.data(None) if tie_embeddings
                      else nnx.Linear(d_model, vocab_size, use_bias=False, rngs=rngs))
@@ -348,39 +343,39 @@ class TransformerLM(nnx.Module):
         return self._logits(x), new_states
 
 
-def _sample(logits: jax.Array, key, temperature: float, top_k: int | None) -> jax.Array:
+def _sample(logits: jax.Array, rng, temperature: float, top_k: int | None) -> jax.Array:
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
     if top_k is not None:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
 # generate()'s two programs live at module level, so that a second generate() call with the
 # same shapes reuses them instead of tracing and compiling again; each samples in-program.
 @functools.partial(nnx.jit, static_argnames=("temperature", "top_k"))
-def _prefill_and_sample(model, prompt, key, context, context_mask, *, temperature, top_k):
+def _prefill_and_sample(model, prompt, rng, context, context_mask, *, temperature, top_k):
     logits, states = model.prefill(prompt, context=context, context_mask=context_mask)
-    return _sample(logits[:, -1], key, temperature, top_k), states
+    return _sample(logits[:, -1], rng, temperature, top_k), states
 
 
 @functools.partial(nnx.jit, static_argnames=("temperature", "top_k"))
-def _step_and_sample(model, token, states, position, key, context, context_mask, *,
+def _step_and_sample(model, token, states, position, rng, context, context_mask, *,
                      temperature, top_k):
     logits, states = model.step(token[:, None], states, position, context=context,
                                 context_mask=context_mask)
-    return _sample(logits[:, -1], key, temperature, top_k), states
+    return _sample(logits[:, -1], rng, temperature, top_k), states
 
 
 def generate(model: TransformerLM, prompt: jax.Array, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None,
-             key: jax.Array | None = None, context: jax.Array | None = None,
+             rng: jax.Array | None = None, context: jax.Array | None = None,
              context_mask: jax.Array | None = None) -> jax.Array:
     """Continue ``prompt`` [B, T] by ``max_new_tokens`` tokens with the layers' decoding
     states: greedy when ``temperature`` is 0, else sampling from softmax(logits /
-    temperature), restricted to the ``top_k`` most likely tokens when given (needs ``key``).
+    temperature), restricted to the ``top_k`` most likely tokens when given (needs ``rng``).
     For an encoder-decoder, pass its decoder and ``context=model.encode(source)``.
 
     The prompt is prefilled in one call, then each step is one jitted call on one token.
@@ -403,14 +398,14 @@ def generate(model: TransformerLM, prompt: jax.Array, *, max_new_tokens: int,
                          f"in max_length={model.max_length}")
     if temperature < 0:
         raise ValueError(f"temperature: expected >= 0, got {temperature}")
-    if temperature > 0 and key is None:
-        raise ValueError("key: sampling (temperature > 0) needs a PRNG key")
+    if temperature > 0 and rng is None:
+        raise ValueError("rng: sampling (temperature > 0) needs a PRNG key")
     if top_k is not None and not 1 <= top_k <= model.vocab_size:
         raise ValueError(f"top_k: expected 1 <= top_k <= vocab_size={model.vocab_size}, "
                          f"got {top_k}")
     if max_new_tokens == 0:
         return prompt.astype(jnp.int32)
-    keys = (jax.random.split(key, max_new_tokens) if key is not None
+    keys = (jax.random.split(rng, max_new_tokens) if rng is not None
             else [None] * max_new_tokens)
     options = dict(temperature=float(temperature), top_k=top_k)
     token, states = _prefill_and_sample(model, prompt, keys[0], context, context_mask,
@@ -447,7 +442,7 @@ class EncoderDecoder(nnx.Module):
         self.source_embed = TokenEmbedding(source_vocab, d_model, max_length=max_length,
                                            positions=positions, dropout_rate=dropout_rate,
                                            rngs=rngs)
-        self.encoder = nnx.List([TransformerBlock(d_model, encoder_mixer, causal=False,
+        self.encoder = nnx.List([TransformerBlock(d_model, encoder_mixer, is_causal=False,
                                                   **options)
                                  for _ in range(encoder_layers)])
         self.encoder_norm = _norm(norm, d_model, rngs)

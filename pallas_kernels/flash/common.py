@@ -1,4 +1,7 @@
-"""What the GPU and TPU flash kernels share: block sizes, the tile schedule, the in-tile mask.
+"""The tile logic of blocked attention, defined once: the tile kinds of a block map, block
+sizes, the treatment of the padded last key tile, the tile schedule, the in-tile mask and the
+kernels' input checks. The GPU and TPU flash kernels use it, and so do ``jattn.masks`` (block
+maps) and ``jattn``'s chunked path (tiles in plain JAX).
 
 A kernel call describes its mask with a few native pieces, all optional:
 
@@ -11,7 +14,8 @@ A kernel call describes its mask with a few native pieces, all optional:
 and, to skip work, a *block map*: int8 [Bm, Nm, ceil(T / block_q), ceil(S / block_kv)] whose
 entries say whether a tile is EMPTY (skipped entirely), FULL (no mask arithmetic) or PARTIAL
 (masked elementwise). The block map is a promise the caller makes: EMPTY and FULL must be
-true of the elementwise mask. Keys past S (padding to a whole block) are masked in any case.
+true of the elementwise mask. Keys past S (padding to a whole block) are masked in any case:
+the last key tile of such a call is never FULL (:func:`mark_padded_keys`).
 
 This module imports jax only.
 """
@@ -25,29 +29,75 @@ import jax
 import jax.numpy as jnp
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
-"""Tile kinds, the same values as ``jattn.masks``."""
+"""Tile kinds of a block map (int8): nothing attends (skip the tile), some attend (mask it),
+all attend (no mask arithmetic). Ordered, so ``&`` of two maps is min, ``|`` is max and ``~``
+is ``FULL - kind``."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class BlockSizes:
-    """Tile sizes of one kernel call, shared by the forward, dK/dV and dQ kernels (so one
-    block map serves all three). ``num_warps`` / ``num_stages`` are Triton's (GPU only);
-    None lets the kernel pick."""
+    """Tile sizes of one blocked-attention call.
+
+    ``block_q`` x ``block_kv`` tiles the forward pass; ``block_q_bwd`` / ``block_kv_bwd``
+    tile the backward pass (None: as the forward). The Pallas kernels share one tiling (and
+    one block map) between the forward, dK/dV and dQ kernels, so they take no separate
+    backward sizes. ``num_warps`` / ``num_stages`` are Triton's (GPU kernel only); None lets
+    the kernel pick.
+
+    >>> BlockSizes(128, 64)
+    BlockSizes(block_q=128, block_kv=64)
+    >>> BlockSizes(512, 512, block_q_bwd=256).backward
+    (256, 512)
+    """
 
     block_q: int
     block_kv: int
+    block_q_bwd: int | None = None
+    block_kv_bwd: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
 
     def __post_init__(self):
-        for name in ("block_q", "block_kv"):
-            size = getattr(self, name)
+        for field in dataclasses.fields(self):
+            size = getattr(self, field.name)
+            if size is None and field.default is None:
+                continue
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ValueError(f"{name}: expected a positive int, got {size!r}")
+                raise ValueError(f"{field.name}: expected a positive int, got {size!r}")
+
+    def __repr__(self) -> str:
+        given = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                 if f.default is dataclasses.MISSING or getattr(self, f.name) is not None]
+        return f"BlockSizes({', '.join(given)})"
+
+    @property
+    def backward(self) -> tuple[int, int]:
+        """(block_q, block_kv) of the backward pass."""
+        return (self.block_q if self.block_q_bwd is None else self.block_q_bwd,
+                self.block_kv if self.block_kv_bwd is None else self.block_kv_bwd)
+
+    def check_shared_tiles(self) -> None:
+        """Raise unless the backward pass tiles as the forward (the kernels' one tiling)."""
+        if self.backward != (self.block_q, self.block_kv):
+            raise ValueError(f"block_sizes: the flash kernels tile the forward and backward "
+                             f"passes alike, got {self}")
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def mark_padded_keys(kinds: jax.Array, S: int, block_kv: int) -> jax.Array:
+    """The block map ``kinds`` [..., nq, nk] with its last key tile never FULL when S is not
+    a multiple of ``block_kv``: that tile holds padding keys, which must be masked.
+
+    >>> mark_padded_keys(jnp.array([[FULL, FULL]], jnp.int8), S=7, block_kv=4).tolist()
+    [[2, 1]]
+    """
+    if S % block_kv == 0:
+        return kinds
+    last = kinds[..., -1]
+    return kinds.at[..., -1].set(jnp.where(last == FULL, PARTIAL, last).astype(kinds.dtype))
 
 
 class Schedule(NamedTuple):
@@ -90,40 +140,160 @@ def tile_allowed(q_pos: jax.Array, kv_pos: jax.Array, *, kv_limit: int,
                  kv_segment_ids: jax.Array | None = None,
                  q_length: jax.Array | None = None, kv_length: jax.Array | None = None,
                  dense: jax.Array | None = None) -> jax.Array:
-    """Elementwise mask of one tile, bool [bq, bk].
+    """Elementwise mask of one tile, bool [bq, bk] (or [bk, bq] from transposed inputs).
+
+    The one definition of the mask pieces, used by both kernels. Positions and ids are
+    either vectors (queries along the first axis, keys along the second) or 2-D arrays that
+    broadcast to the tile in the caller's orientation.
 
     Args:
-        q_pos: int32 [bq, 1] or [bq]: the tile's query positions.
-        kv_pos: int32 [1, bk] or [bk]: its key positions.
+        q_pos: int32 [bq] or broadcastable 2-D: the tile's query positions.
+        kv_pos: int32 [bk] or broadcastable 2-D: its key positions.
         kv_limit: S; keys at or past it are padding.
         lo, hi: the static band (None: unbounded).
-        q_segment_ids, kv_segment_ids: the tile's ids, [bq] and [bk] (both or neither).
+        q_segment_ids, kv_segment_ids: the tile's ids, as the positions (both or neither).
         q_length, kv_length: scalars for this batch row.
-        dense: the tile of the dense mask, bool [bq, bk].
+        dense: the tile of the dense mask (nonzero = allowed).
     """
-    q_pos = q_pos.reshape(-1, 1)
-    kv_pos = kv_pos.reshape(1, -1)
+    def rows(x):
+        return x[:, None] if x.ndim == 1 else x
+
+    def cols(x):
+        return x[None, :] if x.ndim == 1 else x
+
+    q_pos, kv_pos = rows(q_pos), cols(kv_pos)
     ok = kv_pos < kv_limit
     if lo is not None:
         ok &= kv_pos - q_pos >= lo
     if hi is not None:
         ok &= kv_pos - q_pos <= hi
     if q_segment_ids is not None:
-        ok &= q_segment_ids.reshape(-1, 1) == kv_segment_ids.reshape(1, -1)
+        ok &= rows(q_segment_ids) == cols(kv_segment_ids)
     if q_length is not None:
         ok &= q_pos < q_length
     if kv_length is not None:
         ok &= kv_pos < kv_length
     if dense is not None:
-        ok &= dense
+        ok &= dense != 0
     return ok
 
 
-def soft_cap(logits: jax.Array, cap: float | None) -> jax.Array:
-    """``cap * tanh(logits / cap)``, or the logits unchanged when cap is None."""
-    return logits if cap is None else cap * jnp.tanh(logits / cap)
+# --------------------------------------------------------------------------------------------
+# Input checks shared by the kernels
 
 
-def soft_cap_grad(logits: jax.Array, cap: float | None) -> jax.Array:
-    """d soft_cap / d logits at the *uncapped* logits: ``1 - tanh(logits / cap)^2``."""
-    return jnp.ones_like(logits) if cap is None else 1 - jnp.tanh(logits / cap) ** 2
+class DTypeError(ValueError, TypeError):
+    """A wrong dtype. Both a TypeError (what it is) and a ValueError (what
+    ``jax.nn.dot_product_attention`` raises for it, so code written for jax.nn that catches
+    ValueError keeps working). jattn raises it for every dtype problem."""
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+MAX_HEAD_DIM = 256
+
+
+class KernelDims(NamedTuple):
+    """The sizes of a kernel call: query [B, T, N, H], key [B, S, K, H], value [B, S, K, Hv]."""
+
+    B: int
+    T: int
+    N: int
+    H: int
+    S: int
+    K: int
+    Hv: int
+    dtype: jnp.dtype
+
+
+def _check_static_int(name: str, x) -> None:
+    if x is not None and (isinstance(x, bool) or not isinstance(x, int)):
+        raise ValueError(f"{name}: expected a Python int or None, got {x!r}")
+
+
+def _check_ints(name: str, x, shape: tuple[int, ...], letters: str) -> None:
+    if tuple(jnp.shape(x)) != shape:
+        raise ValueError(f"{name}: expected [{letters}] = {shape}, got {tuple(jnp.shape(x))}")
+    if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+        raise DTypeError(f"{name}: expected an integer dtype, got {jnp.result_type(x)}")
+
+
+def check_inputs(query, key, value, *, lo=None, hi=None, q_segment_ids=None,
+                 kv_segment_ids=None, q_lengths=None, kv_lengths=None, dense_mask=None,
+                 logits_soft_cap=None) -> KernelDims:
+    """Validate a flash kernel's arguments (see ``gpu.flash_attention``) and return the sizes.
+
+    Raises:
+        ValueError: naming the argument: wrong ranks or shapes, N % K != 0, an empty
+            dimension, a head dim over :data:`MAX_HEAD_DIM`, a band that is not a Python int,
+            segment ids without their partner, a non-positive soft cap.
+        DTypeError: a dtype other than :data:`DTYPES`, mixed dtypes, non-integer ids or
+            lengths, a non-boolean dense mask.
+    """
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if jnp.ndim(x) != 4:
+            raise ValueError(f"{name}: expected a 4-d array [B, T|S, N|K, H], got shape "
+                             f"{tuple(jnp.shape(x))}")
+    B, T, N, H = query.shape
+    _, S, K, _ = key.shape
+    Hv = value.shape[-1]
+    if key.shape[0] != B or key.shape[3] != H:
+        raise ValueError(f"key: expected [B={B}, S, K, H={H}], got {tuple(key.shape)}")
+    if value.shape[:3] != key.shape[:3]:
+        raise ValueError(f"value: expected [B, S, K] = {tuple(key.shape[:3])} leading dims, "
+                         f"got {tuple(value.shape)}")
+    if min(T, S, N, K, H, Hv) < 1:
+        raise ValueError(f"query, key, value: empty dimension in {tuple(query.shape)}, "
+                         f"{tuple(key.shape)}, {tuple(value.shape)}")
+    if N % K:
+        raise ValueError(f"key: query heads N={N} must be a multiple of kv heads K={K}; "
+                         f"query {tuple(query.shape)}, key {tuple(key.shape)}")
+    if max(H, Hv) > MAX_HEAD_DIM:
+        raise ValueError(f"query, value: head dims up to {MAX_HEAD_DIM}, got H={H}, Hv={Hv}")
+    dtype = jnp.dtype(jnp.result_type(query))
+    if dtype.name not in DTYPES:
+        raise DTypeError(f"query: expected one of {DTYPES}, got {dtype}")
+    for name, x in (("key", key), ("value", value)):
+        if jnp.result_type(x) != dtype:
+            raise DTypeError(f"{name}: expected dtype {dtype} like query, got "
+                             f"{jnp.result_type(x)}")
+    _check_static_int("lo", lo)
+    _check_static_int("hi", hi)
+    if logits_soft_cap is not None and (
+            isinstance(logits_soft_cap, bool) or not isinstance(logits_soft_cap, int | float)
+            or not logits_soft_cap > 0):
+        raise ValueError(f"logits_soft_cap: expected None or a positive float, got "
+                         f"{logits_soft_cap!r}")
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("q_segment_ids, kv_segment_ids: give both or neither")
+    if q_segment_ids is not None:
+        _check_ints("q_segment_ids", q_segment_ids, (B, T), "B, T")
+        _check_ints("kv_segment_ids", kv_segment_ids, (B, S), "B, S")
+    for name, x in (("q_lengths", q_lengths), ("kv_lengths", kv_lengths)):
+        if x is not None:
+            _check_ints(name, x, (B,), "B")
+    if dense_mask is not None:
+        shape = tuple(jnp.shape(dense_mask))
+        if len(shape) != 4 or shape[0] not in (1, B) or shape[1] not in (1, N) or (
+                shape[2:] != (T, S)):
+            raise ValueError(f"dense_mask: expected [1 or B={B}, 1 or N={N}, T={T}, S={S}], "
+                             f"got {shape}")
+        if jnp.result_type(dense_mask) != jnp.bool_:
+            raise DTypeError(f"dense_mask: expected a boolean dtype, got "
+                             f"{jnp.result_type(dense_mask)}")
+    return KernelDims(B, T, N, H, S, K, Hv, dtype)
+
+
+def check_block_map(block_map, dims: KernelDims, block_sizes: BlockSizes) -> jax.Array | None:
+    """The block map as int8 [Bm, Nm, nq, nk] with its padded last key tile never FULL
+    (:func:`mark_padded_keys`); None stays None (every tile PARTIAL)."""
+    bq, bk = block_sizes.block_q, block_sizes.block_kv
+    nq, nk = cdiv(dims.T, bq), cdiv(dims.S, bk)
+    if block_map is None:
+        return None
+    shape = tuple(jnp.shape(block_map))
+    if len(shape) != 4 or shape[0] not in (1, dims.B) or shape[1] not in (1, dims.N) or (
+            shape[2:] != (nq, nk)):
+        raise ValueError(f"block_map: expected [1 or B={dims.B}, 1 or N={dims.N}, "
+                         f"ceil(T/block_q)={nq}, ceil(S/block_kv)={nk}] (tiles of {bq} x {bk}), "
+                         f"got {shape}")
+    return mark_padded_keys(jnp.asarray(block_map).astype(jnp.int8), dims.S, bk)

@@ -34,15 +34,25 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash import common
-from pallas_kernels.flash.common import FULL, PARTIAL, BlockSizes, cdiv
+from pallas_kernels.flash.common import FULL, BlockSizes, cdiv
 
 __all__ = ["BlockSizes", "default_block_sizes", "flash_attention"]
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
-_DTYPES = ("float32", "bfloat16", "float16")
 _MIN_BLOCK = 16  # Triton's tl.dot wants every dimension >= 16
-_MAX_HEAD_DIM = 256
+
+
+_compiled_only = False  # see force_compiled()
+
+
+def force_compiled(enabled: bool = True) -> None:
+    """From now on in this process, compile the kernels for the GPU even when a caller asks
+    for ``interpret=True``: the GPU suite runs the CPU tests (which interpret) this way, so
+    the same tests check the compiled kernels on hardware. ``enabled=False`` restores the
+    callers' choice."""
+    global _compiled_only
+    _compiled_only = bool(enabled)
 
 
 def _next_power_of_2(x: int) -> int:
@@ -80,10 +90,7 @@ def _check_block_sizes(block_sizes: BlockSizes) -> None:
             raise ValueError(
                 f"block_sizes: {name} must be a power of two >= {_MIN_BLOCK} (Triton tiles and "
                 f"tl.dot), got {size}")
-    for name in ("num_warps", "num_stages"):
-        value = getattr(block_sizes, name)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"block_sizes: {name} must be a positive int or None, got {value!r}")
+    block_sizes.check_shared_tiles()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,87 +460,74 @@ def _mask_operands(cfg: _Config, masks: _Masks, *, by_kv: bool):
     return names, specs, arrays
 
 
-def _forward_call(cfg: _Config, q, k, v, masks: _Masks):
-    bq, G = cfg.block_q, cfg.G
-    names = ["q", "k", "v"]
-    specs = [
-        _spec((None, bq, None, cfg.H), lambda b, n, i: (b, i, n, 0)),
-        _spec((None, cfg.Sp, None, cfg.H), lambda b, n, i: (b, 0, n // G, 0)),
-        _spec((None, cfg.Sp, None, cfg.Hv), lambda b, n, i: (b, 0, n // G, 0)),
-    ]
-    arrays = [q, k, v]
-    m_names, m_specs, m_arrays = _mask_operands(cfg, masks, by_kv=False)
-    names += [*m_names, "o", "lse"]
+def _call(cfg: _Config, kernel, name: str, *, grid, inputs: dict, outputs: tuple[str, ...],
+          out_specs, out_shape, masks: _Masks, by_kv: bool, backward: bool):
+    """``pallas_call`` of ``kernel`` on the named ``inputs`` ({name: (array, spec)}) and the
+    mask operands, writing the named ``outputs``."""
+    m_names, m_specs, m_arrays = _mask_operands(cfg, masks, by_kv=by_kv)
+    names = (*inputs, *m_names, *outputs)
     return pl.pallas_call(
-        functools.partial(_forward_kernel, cfg=cfg, names=tuple(names)),
-        grid=_grid(cfg.B, cfg.N, cfg.nq),
-        in_specs=specs + m_specs,
-        out_specs=[
-            _spec((None, bq, None, cfg.Hv), lambda b, n, i: (b, i, n, 0)),
-            _spec((None, None, bq), lambda b, n, i: (b, n, i)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((cfg.B, cfg.Tp, cfg.N, cfg.Hv), q.dtype),
-            jax.ShapeDtypeStruct((cfg.B, cfg.N, cfg.Tp), jnp.float32),
-        ],
-        compiler_params=cfg.compiler_params(backward=False),
+        functools.partial(kernel, cfg=cfg, names=names),
+        grid=grid,
+        in_specs=[spec for _, spec in inputs.values()] + m_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=cfg.compiler_params(backward=backward),
         interpret=cfg.interpret,
-        name="flash_forward",
-    )(*arrays, *m_arrays)
+        name=name,
+    )(*(array for array, _ in inputs.values()), *m_arrays)
+
+
+def _query_tile_inputs(cfg: _Config, q, k, v) -> dict:
+    """q, k, v as the forward and dQ kernels read them: one query tile, every key."""
+    bq, G = cfg.block_q, cfg.G
+    return {
+        "q": (q, _spec((None, bq, None, cfg.H), lambda b, n, i: (b, i, n, 0))),
+        "k": (k, _spec((None, cfg.Sp, None, cfg.H), lambda b, n, i: (b, 0, n // G, 0))),
+        "v": (v, _spec((None, cfg.Sp, None, cfg.Hv), lambda b, n, i: (b, 0, n // G, 0))),
+    }
+
+
+def _forward_call(cfg: _Config, q, k, v, masks: _Masks):
+    bq = cfg.block_q
+    return _call(
+        cfg, _forward_kernel, "flash_forward", grid=_grid(cfg.B, cfg.N, cfg.nq),
+        inputs=_query_tile_inputs(cfg, q, k, v), outputs=("o", "lse"),
+        out_specs=[_spec((None, bq, None, cfg.Hv), lambda b, n, i: (b, i, n, 0)),
+                   _spec((None, None, bq), lambda b, n, i: (b, n, i))],
+        out_shape=[jax.ShapeDtypeStruct((cfg.B, cfg.Tp, cfg.N, cfg.Hv), q.dtype),
+                   jax.ShapeDtypeStruct((cfg.B, cfg.N, cfg.Tp), jnp.float32)],
+        masks=masks, by_kv=False, backward=False)
 
 
 def _dq_call(cfg: _Config, q, k, v, do, lse2, delta, masks: _Masks):
-    bq, G = cfg.block_q, cfg.G
-    names = ["q", "k", "v", "do", "lse", "delta"]
-    specs = [
-        _spec((None, bq, None, cfg.H), lambda b, n, i: (b, i, n, 0)),
-        _spec((None, cfg.Sp, None, cfg.H), lambda b, n, i: (b, 0, n // G, 0)),
-        _spec((None, cfg.Sp, None, cfg.Hv), lambda b, n, i: (b, 0, n // G, 0)),
-        _spec((None, bq, None, cfg.Hv), lambda b, n, i: (b, i, n, 0)),
-        _spec((None, None, bq), lambda b, n, i: (b, n, i)),
-        _spec((None, None, bq), lambda b, n, i: (b, n, i)),
-    ]
-    m_names, m_specs, m_arrays = _mask_operands(cfg, masks, by_kv=False)
-    names += [*m_names, "dq"]
-    return pl.pallas_call(
-        functools.partial(_dq_kernel, cfg=cfg, names=tuple(names)),
-        grid=_grid(cfg.B, cfg.N, cfg.nq),
-        in_specs=specs + m_specs,
-        out_specs=_spec((None, bq, None, cfg.H), lambda b, n, i: (b, i, n, 0)),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=cfg.compiler_params(backward=True),
-        interpret=cfg.interpret,
-        name="flash_backward_dq",
-    )(q, k, v, do, lse2, delta, *m_arrays)
+    bq = cfg.block_q
+    row = _spec((None, None, bq), lambda b, n, i: (b, n, i))
+    inputs = _query_tile_inputs(cfg, q, k, v) | {
+        "do": (do, _spec((None, bq, None, cfg.Hv), lambda b, n, i: (b, i, n, 0))),
+        "lse": (lse2, row), "delta": (delta, row)}
+    return _call(
+        cfg, _dq_kernel, "flash_backward_dq", grid=_grid(cfg.B, cfg.N, cfg.nq), inputs=inputs,
+        outputs=("dq",), out_specs=_spec((None, bq, None, cfg.H), lambda b, n, i: (b, i, n, 0)),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), masks=masks, by_kv=False,
+        backward=True)
 
 
 def _dkv_call(cfg: _Config, q, k, v, do, lse2, delta, masks: _Masks):
     bk, G = cfg.block_kv, cfg.G
-    names = ["q", "k", "v", "do", "lse", "delta"]
-    specs = [
-        _spec((None, cfg.Tp, G, cfg.H), lambda b, h, c: (b, 0, h, 0)),
-        _spec((None, bk, None, cfg.H), lambda b, h, c: (b, c, h, 0)),
-        _spec((None, bk, None, cfg.Hv), lambda b, h, c: (b, c, h, 0)),
-        _spec((None, cfg.Tp, G, cfg.Hv), lambda b, h, c: (b, 0, h, 0)),
-        _spec((None, G, cfg.Tp), lambda b, h, c: (b, h, 0)),
-        _spec((None, G, cfg.Tp), lambda b, h, c: (b, h, 0)),
-    ]
-    m_names, m_specs, m_arrays = _mask_operands(cfg, masks, by_kv=True)
-    names += [*m_names, "dk", "dv"]
-    return pl.pallas_call(
-        functools.partial(_dkv_kernel, cfg=cfg, names=tuple(names)),
-        grid=_grid(cfg.B, cfg.K, cfg.nk),
-        in_specs=specs + m_specs,
-        out_specs=[
-            _spec((None, bk, None, cfg.H), lambda b, h, c: (b, c, h, 0)),
-            _spec((None, bk, None, cfg.Hv), lambda b, h, c: (b, c, h, 0)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=cfg.compiler_params(backward=True),
-        interpret=cfg.interpret,
-        name="flash_backward_dkv",
-    )(q, k, v, do, lse2, delta, *m_arrays)
+    k_spec = _spec((None, bk, None, cfg.H), lambda b, h, c: (b, c, h, 0))
+    v_spec = _spec((None, bk, None, cfg.Hv), lambda b, h, c: (b, c, h, 0))
+    rows = _spec((None, G, cfg.Tp), lambda b, h, c: (b, h, 0))
+    inputs = {
+        "q": (q, _spec((None, cfg.Tp, G, cfg.H), lambda b, h, c: (b, 0, h, 0))),
+        "k": (k, k_spec), "v": (v, v_spec),
+        "do": (do, _spec((None, cfg.Tp, G, cfg.Hv), lambda b, h, c: (b, 0, h, 0))),
+        "lse": (lse2, rows), "delta": (delta, rows)}
+    return _call(
+        cfg, _dkv_kernel, "flash_backward_dkv", grid=_grid(cfg.B, cfg.K, cfg.nk),
+        inputs=inputs, outputs=("dk", "dv"), out_specs=[k_spec, v_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        masks=masks, by_kv=True, backward=True)
 
 
 # ----------------------------------------------------------------------------- custom_vjp
@@ -567,18 +561,6 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 # ----------------------------------------------------------------------------- entry point
-
-
-def _shape_error(name: str, expected: str, x) -> ValueError:
-    return ValueError(f"{name}: expected {expected}, got {tuple(jnp.shape(x))}")
-
-
-def _check_int_array(name: str, x, shape: tuple[int, ...], what: str):
-    if tuple(jnp.shape(x)) != shape:
-        raise _shape_error(name, f"{what} {shape}", x)
-    if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
-        raise ValueError(f"{name}: expected an integer array, got {jnp.result_type(x)}")
-    return jnp.asarray(x).astype(jnp.int32)
 
 
 def _pad_axis(x, axis: int, size: int, value=0):
@@ -626,7 +608,8 @@ def flash_attention(query, key, value, *, scale: float | None = None, lo: int | 
         logits_soft_cap: None or a positive float c.
         block_sizes: ``common.BlockSizes``; block_q and block_kv powers of two >= 16; default
             ``default_block_sizes(T, S, H, dtype)``.
-        interpret: run the kernels in the Pallas interpreter (any backend, e.g. CPU).
+        interpret: run the kernels in the Pallas interpreter (any backend, e.g. CPU); ignored
+            after :func:`force_compiled`.
 
     Returns:
         (out [B, T, N, Hv] in the input dtype, lse [B, N, T] float32).
@@ -648,43 +631,12 @@ def flash_attention(query, key, value, *, scale: float | None = None, lo: int | 
         Tri Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work
         Partitioning", 2023 (arXiv:2307.08691).
     """
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if jnp.ndim(x) != 4:
-            raise _shape_error(name, "a 4-d array [B, T|S, N|K, H]", x)
-    B, T, N, H = query.shape
-    _, S, K, _ = key.shape
-    Hv = value.shape[-1]
-    if key.shape[0] != B or key.shape[3] != H:
-        raise ValueError(f"key: expected [B={B}, S, K, H={H}], got {tuple(key.shape)}")
-    if value.shape[:3] != key.shape[:3]:
-        raise ValueError(f"value: expected [B, S, K] = {tuple(key.shape[:3])} leading dims, "
-                         f"got {tuple(value.shape)}")
-    if min(T, S, N, K, H, Hv) < 1:
-        raise ValueError(f"query/key/value: empty dimension in {tuple(query.shape)}, "
-                         f"{tuple(key.shape)}, {tuple(value.shape)}")
-    if N % K:
-        raise ValueError(f"key: query heads N={N} must be a multiple of kv heads K={K}")
-    if H > _MAX_HEAD_DIM or Hv > _MAX_HEAD_DIM:
-        raise ValueError(f"query/value: head dims up to {_MAX_HEAD_DIM} supported, got H={H}, "
-                         f"Hv={Hv}")
-    dtype = jnp.result_type(query)
-    if dtype.name not in _DTYPES:
-        raise ValueError(f"query: expected one of {_DTYPES}, got {dtype}")
-    for name, x in (("key", key), ("value", value)):
-        if jnp.result_type(x) != dtype:
-            raise ValueError(f"{name}: expected dtype {dtype} like query, got "
-                             f"{jnp.result_type(x)}")
-    for name, x in (("lo", lo), ("hi", hi)):
-        if x is not None and (isinstance(x, bool) or not isinstance(x, int)):
-            raise ValueError(f"{name}: expected a Python int or None, got {x!r}")
-    if logits_soft_cap is not None:
-        if isinstance(logits_soft_cap, bool) or not isinstance(logits_soft_cap, (int, float)) \
-                or not logits_soft_cap > 0:
-            raise ValueError(
-                f"logits_soft_cap: expected None or a positive float, got {logits_soft_cap!r}")
-        logits_soft_cap = float(logits_soft_cap)
+    B, T, N, H, S, K, Hv, dtype = common.check_inputs(
+        query, key, value, lo=lo, hi=hi, q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids, q_lengths=q_lengths, kv_lengths=kv_lengths,
+        dense_mask=dense_mask, logits_soft_cap=logits_soft_cap)
+    logits_soft_cap = None if logits_soft_cap is None else float(logits_soft_cap)
     scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
-
     if block_sizes is None:
         block_sizes = default_block_sizes(T, S, H, dtype)
     _check_block_sizes(block_sizes)
@@ -692,37 +644,21 @@ def flash_attention(query, key, value, *, scale: float | None = None, lo: int | 
     nq, nk = cdiv(T, bq), cdiv(S, bk)
     Tp, Sp = nq * bq, nk * bk
 
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("q_segment_ids/kv_segment_ids: give both or neither")
     q_seg = kv_seg = None
     if q_segment_ids is not None:
-        q_seg = _pad_axis(_check_int_array("q_segment_ids", q_segment_ids, (B, T), "[B, T]"),
-                          1, Tp)
-        kv_seg = _pad_axis(_check_int_array("kv_segment_ids", kv_segment_ids, (B, S),
-                                            "[B, S]"), 1, Sp)
-    q_len = None if q_lengths is None else _check_int_array("q_lengths", q_lengths, (B,), "[B]")
-    kv_len = None if kv_lengths is None else _check_int_array("kv_lengths", kv_lengths, (B,),
-                                                              "[B]")
+        q_seg = _pad_axis(jnp.asarray(q_segment_ids, jnp.int32), 1, Tp)
+        kv_seg = _pad_axis(jnp.asarray(kv_segment_ids, jnp.int32), 1, Sp)
+    q_len = None if q_lengths is None else jnp.asarray(q_lengths, jnp.int32)
+    kv_len = None if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
     dense = dense_shape = None
     if dense_mask is not None:
-        shape = tuple(jnp.shape(dense_mask))
-        if len(shape) != 4 or shape[0] not in (1, B) or shape[1] not in (1, N) \
-                or shape[2:] != (T, S):
-            raise _shape_error("dense_mask", f"[1|{B}, 1|{N}, {T}, {S}]", dense_mask)
-        dense_shape = shape[:2]
+        dense_shape = tuple(dense_mask.shape[:2])
         dense = _pad_axis(_pad_axis(jnp.asarray(dense_mask).astype(jnp.int8), 2, Tp), 3, Sp)
     rows = cols = map_shape = None
-    if block_map is not None:
-        shape = tuple(jnp.shape(block_map))
-        if len(shape) != 4 or shape[0] not in (1, B) or shape[1] not in (1, N) \
-                or shape[2:] != (nq, nk):
-            raise _shape_error(
-                "block_map", f"[1|{B}, 1|{N}, {nq}, {nk}] (tiles of {bq} x {bk})", block_map)
-        map_shape = shape[:2]
-        kinds = jnp.asarray(block_map).astype(jnp.int8)
-        if S % bk:
-            # The last key tile holds padding: never treat it as FULL.
-            kinds = kinds.at[..., -1].set(jnp.minimum(kinds[..., -1], PARTIAL))
+    kinds = common.check_block_map(block_map, common.KernelDims(B, T, N, H, S, K, Hv, dtype),
+                                   block_sizes)
+    if kinds is not None:
+        map_shape = tuple(kinds.shape[:2])
         rows = _packed_schedule(kinds)
         cols = _packed_schedule(kinds.swapaxes(-1, -2))
 
@@ -733,7 +669,7 @@ def flash_attention(query, key, value, *, scale: float | None = None, lo: int | 
         hi=hi, cap=logits_soft_cap, segments=q_seg is not None, q_lengths=q_len is not None,
         kv_lengths=kv_len is not None, dense=dense_shape, block_map=map_shape,
         num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages,
-        interpret=bool(interpret))
+        interpret=bool(interpret) and not _compiled_only)
     q = _pad_axis(_pad_axis(query, 1, Tp), 3, Hp)
     k = _pad_axis(_pad_axis(key, 1, Sp), 3, Hp)
     v = _pad_axis(_pad_axis(value, 1, Sp), 3, Hvp)

@@ -14,8 +14,7 @@ The kv axis (forward, dQ) and the (head, query tile) axis (dK/dV) are innermost 
 K/V (or Q/dO) index_map reads the tile index from it, and schedule entries past a row's
 count repeat the last tile, so the pipeline issues no new DMA for them and the kernel body is
 skipped with ``pl.when``. EMPTY tiles are thus never read; FULL tiles run without mask
-arithmetic (except the key-padding test of the last kv tile); PARTIAL tiles are masked
-elementwise.
+arithmetic; PARTIAL tiles (the padded last kv tile among them) are masked elementwise.
 
 Layout inside: [B, heads, length, head_dim] with the length padded to whole blocks and the
 head dims padded with zeros to a multiple of 128 (the TPU lane width). Per-row statistics
@@ -45,6 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.flash import common
 from pallas_kernels.flash.common import FULL, PARTIAL, BlockSizes, cdiv, schedule
 
 LANES = 128
@@ -199,38 +199,12 @@ def _lanes(x: jax.Array, n: int) -> jax.Array:
     return x[:, :1]
 
 
-def _allowed(cfg: _Config, q_pos, kv_pos, *, pad_only: bool, q_seg=None, kv_seg=None,
-             q_len=None, kv_len=None, dense=None):
-    """The elementwise mask (``common.tile_allowed``'s definition) on full-size position
-    arrays, in either orientation ([bq, bk] forward/dQ, [bk, bq] dK/dV)."""
-    ok = kv_pos < cfg.S
-    if pad_only:
-        return ok
-    if cfg.lo is not None:
-        ok &= kv_pos - q_pos >= cfg.lo
-    if cfg.hi is not None:
-        ok &= kv_pos - q_pos <= cfg.hi
-    if q_seg is not None:
-        ok &= q_seg == kv_seg
-    if q_len is not None:
-        ok &= q_pos < q_len
-    if kv_len is not None:
-        ok &= kv_pos < kv_len
-    if dense is not None:
-        ok &= dense.astype(jnp.int32) != 0
-    return ok
-
-
-def _dispatch(cfg: _Config, *, active, kind, last_kv, step) -> None:
-    """Run ``step(mode)`` for a visited tile: "none" (FULL), "pad" (FULL but the last kv
-    tile holds padded keys) or "all" (PARTIAL)."""
+def _dispatch(*, active, kind, step) -> None:
+    """Run ``step(masked)`` for a visited tile: unmasked for a FULL tile, masked otherwise
+    (the padded last key tile is never FULL: ``common.mark_padded_keys``)."""
     full = kind == FULL
-    if cfg.S % cfg.bk:
-        pl.when(active & full & jnp.logical_not(last_kv))(lambda: step("none"))
-        pl.when(active & full & last_kv)(lambda: step("pad"))
-    else:
-        pl.when(active & full)(lambda: step("none"))
-    pl.when(active & jnp.logical_not(full))(lambda: step("all"))
+    pl.when(active & full)(lambda: step(False))
+    pl.when(active & jnp.logical_not(full))(lambda: step(True))
 
 
 class _Refs:
@@ -264,13 +238,11 @@ def _mask_inputs(cfg: _Config) -> list[str]:
     return names
 
 
-def _tile_mask(cfg, r, b, q_tile, kv_tile, shape, transposed, mode):
+def _tile_mask(cfg, r, b, q_tile, kv_tile, shape, transposed):
     """Mask of the current tile (shape [bq, bk], or [bk, bq] when ``transposed``)."""
     q_axis, kv_axis = (1, 0) if transposed else (0, 1)
     q_pos = q_tile * cfg.bq + lax.broadcasted_iota(jnp.int32, shape, q_axis)
     kv_pos = kv_tile * cfg.bk + lax.broadcasted_iota(jnp.int32, shape, kv_axis)
-    if mode == "pad":
-        return _allowed(cfg, q_pos, kv_pos, pad_only=True)
     q_len, kv_len = r.lengths(b)
     q_seg = kv_seg = dense = None
     if cfg.segments:
@@ -279,9 +251,10 @@ def _tile_mask(cfg, r, b, q_tile, kv_tile, shape, transposed, mode):
         else:  # q ids lane-replicated [bq, 128], kv ids as a lane row [1, bk]
             q_seg, kv_seg = r.q_seg[...][:, :1], r.kv_seg[...]
     if cfg.dense:
-        dense = r.dense[...]
-    return _allowed(cfg, q_pos, kv_pos, pad_only=False, q_seg=q_seg, kv_seg=kv_seg,
-                    q_len=q_len, kv_len=kv_len, dense=dense)
+        dense = r.dense[...].astype(jnp.int32)  # compared as int32 (Mosaic)
+    return common.tile_allowed(q_pos, kv_pos, kv_limit=cfg.S, lo=cfg.lo, hi=cfg.hi,
+                               q_segment_ids=q_seg, kv_segment_ids=kv_seg, q_length=q_len,
+                               kv_length=kv_len, dense=dense)
 
 
 def _logits(cfg: _Config, a, b):
@@ -312,10 +285,10 @@ def _forward_kernel(cfg: _Config, *refs):
         r.l[...] = jnp.zeros(r.l.shape, jnp.float32)
         r.acc[...] = jnp.zeros(r.acc.shape, jnp.float32)
 
-    def step(mode):
+    def step(masked):
         s, _ = _logits(cfg, r.q[...], r.k[...])
-        if mode != "none":
-            ok = _tile_mask(cfg, r, b, i, kv_tile, s.shape, False, mode)
+        if masked:
+            ok = _tile_mask(cfg, r, b, i, kv_tile, s.shape, False)
             s = jnp.where(ok, s, _NEG_INF)
         m_prev = r.m[...]
         m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
@@ -330,8 +303,7 @@ def _forward_kernel(cfg: _Config, *refs):
                      precision=cfg.precision)
         r.acc[...] = r.acc[...] * _lanes(alpha, cfg.Hvp) + pv
 
-    _dispatch(cfg, active=j < r.count[row], kind=_kind_of(packed),
-              last_kv=kv_tile == cfg.nk - 1, step=step)
+    _dispatch(active=j < r.count[row], kind=_kind_of(packed), step=step)
 
     @pl.when(j == cfg.nk - 1)
     def _finish():
@@ -356,11 +328,11 @@ def _dq_kernel(cfg: _Config, *refs):
     def _init():
         r.acc[...] = jnp.zeros(r.acc.shape, jnp.float32)
 
-    def step(mode):
+    def step(masked):
         k = r.k[...]
         s, t = _logits(cfg, r.q[...], k)
-        if mode != "none":
-            ok = _tile_mask(cfg, r, b, i, kv_tile, s.shape, False, mode)
+        if masked:
+            ok = _tile_mask(cfg, r, b, i, kv_tile, s.shape, False)
             s = jnp.where(ok, s, _NEG_INF)
         p = jnp.exp(s - _lanes(r.lse[...], cfg.bk))
         dp = lax.dot_general(r.do[...], r.v[...], _NT, preferred_element_type=jnp.float32,
@@ -371,8 +343,7 @@ def _dq_kernel(cfg: _Config, *refs):
         r.acc[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32,
                               precision=cfg.precision)
 
-    _dispatch(cfg, active=j < r.count[row], kind=_kind_of(packed),
-              last_kv=kv_tile == cfg.nk - 1, step=step)
+    _dispatch(active=j < r.count[row], kind=_kind_of(packed), step=step)
 
     @pl.when(j == cfg.nk - 1)
     def _finish():
@@ -395,12 +366,12 @@ def _dkv_kernel(cfg: _Config, *refs):
         r.dk_acc[...] = jnp.zeros(r.dk_acc.shape, jnp.float32)
         r.dv_acc[...] = jnp.zeros(r.dv_acc.shape, jnp.float32)
 
-    def step(mode):
+    def step(masked):
         # Transposed tile: kv rows, query columns; lse and delta are lane rows [1, bq].
         q = r.q[...]
         s, t = _logits(cfg, r.k[...], q)
-        if mode != "none":
-            ok = _tile_mask(cfg, r, b, q_tile, j, s.shape, True, mode)
+        if masked:
+            ok = _tile_mask(cfg, r, b, q_tile, j, s.shape, True)
             s = jnp.where(ok, s, _NEG_INF)
         p = jnp.exp(s - r.lse[...])
         do = r.do[...]
@@ -414,8 +385,7 @@ def _dkv_kernel(cfg: _Config, *refs):
         r.dk_acc[...] += lax.dot(ds.astype(q.dtype), q, preferred_element_type=jnp.float32,
                                  precision=cfg.precision)
 
-    _dispatch(cfg, active=u < r.count[row], kind=_kind_of(packed),
-              last_kv=j == cfg.nk - 1, step=step)
+    _dispatch(active=u < r.count[row], kind=_kind_of(packed), step=step)
 
     @pl.when(t_step == cfg.G * cfg.nq - 1)
     def _finish():
@@ -710,66 +680,23 @@ def flash_attention(
         Partitioning" (2023): the forward/backward algorithm (online softmax, dK/dV and dQ
         passes).
     """
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name}: expected a 4-d array, got shape {jnp.shape(x)}")
-    B, T, N, H = query.shape
-    _, S, K, _ = key.shape
-    Hv = value.shape[-1]
-    if key.shape[0] != B or key.shape[3] != H:
-        raise ValueError(f"key: expected [B={B}, S, K, H={H}], got {key.shape}")
-    if value.shape[:3] != key.shape[:3]:
-        raise ValueError(f"value: expected [B, S, K] = {key.shape[:3]} leading dims, got "
-                         f"{value.shape}")
-    if K == 0 or N % K:
-        raise ValueError(f"key: query heads N={N} must be a multiple of kv heads K={K}; "
-                         f"query {query.shape}, key {key.shape}")
-    dtype = jnp.dtype(query.dtype)
-    if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        raise ValueError(f"query: expected float32, bfloat16 or float16, got {dtype}")
-    for name, x in (("key", key), ("value", value)):
-        if x.dtype != dtype:
-            raise ValueError(f"{name}: expected dtype {dtype} like query, got {x.dtype}")
-    for name, x in (("lo", lo), ("hi", hi)):
-        if x is not None and (isinstance(x, bool) or not isinstance(x, int)):
-            raise ValueError(f"{name}: expected a Python int or None, got {x!r}")
-    if logits_soft_cap is not None and not logits_soft_cap > 0:
-        raise ValueError(f"logits_soft_cap: expected a positive float, got {logits_soft_cap}")
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("q_segment_ids, kv_segment_ids: give both or neither")
-    if q_segment_ids is not None:
-        if q_segment_ids.shape != (B, T):
-            raise ValueError(f"q_segment_ids: expected [B, T] = {(B, T)}, got "
-                             f"{q_segment_ids.shape}")
-        if kv_segment_ids.shape != (B, S):
-            raise ValueError(f"kv_segment_ids: expected [B, S] = {(B, S)}, got "
-                             f"{kv_segment_ids.shape}")
-    for name, x in (("q_lengths", q_lengths), ("kv_lengths", kv_lengths)):
-        if x is not None and jnp.shape(x) != (B,):
-            raise ValueError(f"{name}: expected [B] = {(B,)}, got {jnp.shape(x)}")
-    if dense_mask is not None:
-        if (dense_mask.ndim != 4 or dense_mask.shape[0] not in (1, B)
-                or dense_mask.shape[1] not in (1, N) or dense_mask.shape[2:] != (T, S)):
-            raise ValueError(f"dense_mask: expected [1 or B={B}, 1 or N={N}, T={T}, S={S}], "
-                             f"got {dense_mask.shape}")
-
+    dims = common.check_inputs(
+        query, key, value, lo=lo, hi=hi, q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids, q_lengths=q_lengths, kv_lengths=kv_lengths,
+        dense_mask=dense_mask, logits_soft_cap=logits_soft_cap)
+    B, T, N, H, S, K, Hv, dtype = dims
     bs = default_block_sizes(T, S, H, dtype) if block_sizes is None else block_sizes
     if not isinstance(bs, BlockSizes):
         raise ValueError(f"block_sizes: expected BlockSizes, got {bs!r}")
+    bs.check_shared_tiles()
     bq, bk = bs.block_q, bs.block_kv
     nq, nk = cdiv(T, bq), cdiv(S, bk)
     Tp, Sp = nq * bq, nk * bk
     if not (interpret or _forced_interpret()):
         _check_tpu_blocks(bq, bk, Tp, Sp, dtype, dense_mask is not None)
-
+    block_map = common.check_block_map(block_map, dims, bs)
     if block_map is None:
         block_map = jnp.full((1, 1, nq, nk), PARTIAL, jnp.int8)
-    elif (block_map.ndim != 4 or block_map.shape[0] not in (1, B)
-          or block_map.shape[1] not in (1, N) or block_map.shape[2:] != (nq, nk)):
-        raise ValueError(
-            f"block_map: expected [1 or B={B}, 1 or N={N}, ceil(T/block_q)={nq}, "
-            f"ceil(S/block_kv)={nk}], got {block_map.shape}")
-    block_map = block_map.astype(jnp.int8)
 
     compute = jnp.float32 if dtype == jnp.float16 else dtype
     Hp, Hvp = _round_up(H, LANES), _round_up(Hv, LANES)

@@ -1,0 +1,597 @@
+"""The mask algebra: one description of "which key may each query see", for every implementation.
+
+A :class:`Mask` answers three questions about a [T, S] attention pattern:
+
+* ``materialize(T, S)`` -- the dense boolean pattern, shape [Bm, Nm, T, S] where Bm and Nm
+  are 1 or the batch/head size the mask's data carries;
+* ``evaluate(q_pos, kv_pos)`` -- the same values for any vectors of query and key positions,
+  which is what a kernel calls inside one tile;
+* ``block_map(T, S, block_q, block_kv)`` -- int8 [Bm, Nm, ceil(T/block_q), ceil(S/block_kv)]
+  saying whether each tile is ``EMPTY`` (nothing attends: skip it), ``FULL`` (everything
+  attends: skip the mask arithmetic) or ``PARTIAL``. Only positions inside [0, T) x [0, S)
+  count. Block maps are *sound*: EMPTY and FULL are always true statements; a PARTIAL tile may
+  in rare cases be empty or full (segment ids whose per-tile ranges overlap without a match,
+  or combinations such as ``a | b`` where neither side alone is full).
+
+Masks are pytrees (their arrays are leaves), so they pass through ``jit``, ``vmap`` and
+``grad`` like any argument. Combine them with ``&``, ``|`` and ``~``.
+
+Conventions follow ``jax.nn.dot_product_attention``: ``True`` means "may attend"; causal is
+aligned top-left (query i sees keys j <= i) unless an ``offset`` says otherwise.
+
+References:
+    P75 Dataset Decomposition (document masks for packed sequences); P17 EE-MLLM (composite
+    attention); P27 Croc (mixed bidirectional/causal attention); P46 AKI (modality-mutual
+    attention); P12 GAST (attention restricted to a graph's adjacency).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jattn.core.shapes import (
+    Array,
+    check_bool,
+    check_int,
+    check_integer,
+    check_rank,
+    check_values_in_range,
+    left_pad_rank,
+)
+from pallas_kernels.flash.common import EMPTY, FULL, PARTIAL  # the tile kinds, defined once
+
+
+def _pytree(data: Iterable[str], meta: Iterable[str] = ()):
+    def wrap(cls):
+        cls = dataclasses.dataclass(frozen=True)(cls)
+        return jax.tree_util.register_dataclass(cls, data_fields=list(data), meta_fields=list(meta))
+
+    return wrap
+
+
+def _tile_ranges(length: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and last in-range position of each tile (static numpy)."""
+    starts = np.arange(0, length, block)
+    return starts, np.minimum(starts + block, length) - 1
+
+
+def _pad_to_blocks(x: Array, axis: int, block: int) -> Array:
+    """Pad ``axis`` to a multiple of ``block`` by repeating the last entry (keeps min/max exact)."""
+    length = x.shape[axis]
+    extra = -length % block
+    if extra == 0:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, extra)
+    return jnp.pad(x, pad, mode="edge")
+
+
+def _per_tile(x: Array, axis: int, block: int) -> Array:
+    """Reshape ``axis`` (padded by edge repetition) into (tiles, block) for a reduction."""
+    x = _pad_to_blocks(x, axis, block)
+    shape = (*x.shape[:axis], x.shape[axis] // block, block, *x.shape[axis + 1 :])
+    return x.reshape(shape)
+
+
+def _check_token_data(name: str, *fields: tuple[str, Array, int], high: int | None = None):
+    """Per-token integer data: each (field, array [B, length], length), values <= high."""
+    for what, x, length in fields:
+        check_integer(f"{name}.{what}", x)
+        check_rank(f"{name}.{what}", x, (2,), "[B, length]")
+        if x.shape[1] != length:
+            raise ValueError(f"{name}.{what}: expected length {length}, got shape {x.shape}")
+        if high is not None:
+            check_values_in_range(f"{name}.{what}", x, 0, high)
+
+
+def _kind(full: Array, empty: Array) -> Array:
+    return jnp.where(empty, EMPTY, jnp.where(full, FULL, PARTIAL)).astype(jnp.int8)
+
+
+class Mask:
+    """Base class: a boolean attention pattern over (query position, key position)."""
+
+    def evaluate(self, q_pos: Array, kv_pos: Array) -> Array:
+        """Pattern at query positions ``q_pos`` [tq] and key positions ``kv_pos`` [tk].
+
+        Returns:
+            bool [Bm, Nm, tq, tk]. Positions past the data's length read its last entry.
+        """
+        raise NotImplementedError
+
+    def block_map(self, T: int, S: int, block_q: int, block_kv: int) -> Array:
+        """Tile kinds (EMPTY/PARTIAL/FULL), int8 [Bm, Nm, ceil(T/block_q), ceil(S/block_kv)]."""
+        raise NotImplementedError
+
+    def dims(self) -> tuple[int, int]:
+        """(Bm, Nm): the batch and head sizes the mask's data carries (1 when it carries none)."""
+        return (1, 1)
+
+    def check(self, T: int, S: int, name: str) -> None:
+        """Raise ValueError (naming ``name``) if the mask cannot describe a [T, S] pattern."""
+
+    def materialize(self, T: int, S: int) -> Array:
+        """Dense bool [Bm, Nm, T, S]."""
+        return self.evaluate(jnp.arange(T, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32))
+
+    def conjuncts(self) -> list[Mask]:
+        """The masks this one is the ``&`` of, in order: ``a & (b & c)`` gives [a, b, c]; a
+        mask that is no ``&`` gives itself. Implementations map each conjunct they know
+        natively (a band, lengths, segment ids) onto their own arguments."""
+        return [self]
+
+    def __and__(self, other: Mask) -> Mask:
+        return And(_as_mask(self), _as_mask(other))
+
+    def __or__(self, other: Mask) -> Mask:
+        return Or(_as_mask(self), _as_mask(other))
+
+    def __invert__(self) -> Mask:
+        return Not(self)
+
+
+def _as_mask(m) -> Mask:
+    if isinstance(m, Mask):
+        return m
+    raise TypeError(f"mask: can only combine Mask objects, got {type(m).__name__}")
+
+
+def _broadcast_dims(*dims: tuple[int, int]) -> tuple[int, int]:
+    return tuple(max(d[i] for d in dims) for i in range(2))  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Primitive masks
+# --------------------------------------------------------------------------------------------
+
+
+@_pytree(data=(), meta=("lo", "hi"))
+class Band(Mask):
+    """Diagonal band: ``lo <= kv - q <= hi`` (None leaves that side unbounded).
+
+    ``causal(offset)`` is ``Band(None, offset)``; ``local_window(left, right)`` is
+    ``Band(-left, right)``. The block map is exact.
+    """
+
+    lo: int | None
+    hi: int | None
+
+    def evaluate(self, q_pos, kv_pos):
+        d = kv_pos[None, :] - q_pos[:, None]
+        ok = jnp.ones(d.shape, bool)
+        if self.lo is not None:
+            ok &= d >= self.lo
+        if self.hi is not None:
+            ok &= d <= self.hi
+        return ok[None, None]
+
+    def block_map(self, T, S, block_q, block_kv):
+        q0, q1 = _tile_ranges(T, block_q)
+        k0, k1 = _tile_ranges(S, block_kv)
+        dmin = k0[None, :] - q1[:, None]
+        dmax = k1[None, :] - q0[:, None]
+        lo = -math.inf if self.lo is None else self.lo
+        hi = math.inf if self.hi is None else self.hi
+        # The tile's offsets kv - q fill [dmin, dmax]; it is empty when that range misses
+        # [lo, hi] (always, if lo > hi), full when it lies inside.
+        empty = np.maximum(dmin, lo) > np.minimum(dmax, hi)
+        full = (dmin >= lo) & (dmax <= hi)
+        return _kind(jnp.asarray(full), jnp.asarray(empty))[None, None]
+
+
+@_pytree(data=("q_lengths", "kv_lengths"))
+class Lengths(Mask):
+    """Valid prefixes: ``q < q_lengths[b]`` and ``kv < kv_lengths[b]`` (either may be None).
+
+    Padding masks use both; a prefix-LM's bidirectional part is ``Lengths(kv_lengths=p)``.
+    The block map is exact.
+    """
+
+    q_lengths: Array | None = None  # [Bm]
+    kv_lengths: Array | None = None  # [Bm]
+
+    def _lengths(self):
+        return [x for x in (self.q_lengths, self.kv_lengths) if x is not None]
+
+    def dims(self):
+        return (max([1, *(x.shape[0] for x in self._lengths())]), 1)
+
+    def check(self, T, S, name):
+        for what, x, limit in (("q_lengths", self.q_lengths, T),
+                               ("kv_lengths", self.kv_lengths, S)):
+            if x is None:
+                continue
+            check_integer(f"{name}.{what}", x)
+            check_rank(f"{name}.{what}", x, (1,), "[B]")
+            check_values_in_range(f"{name}.{what}", x, 0, limit)
+
+    def evaluate(self, q_pos, kv_pos):
+        ok = jnp.ones((1, q_pos.shape[0], kv_pos.shape[0]), bool)
+        if self.q_lengths is not None:
+            ok = ok & (q_pos[None, :, None] < self.q_lengths[:, None, None])
+        if self.kv_lengths is not None:
+            ok = ok & (kv_pos[None, None, :] < self.kv_lengths[:, None, None])
+        return ok[:, None]
+
+    def block_map(self, T, S, block_q, block_kv):
+        q0, q1 = _tile_ranges(T, block_q)
+        k0, k1 = _tile_ranges(S, block_kv)
+        full = jnp.ones((1, len(q0), len(k0)), bool)
+        empty = jnp.zeros((1, len(q0), len(k0)), bool)
+        if self.q_lengths is not None:
+            ql = self.q_lengths[:, None, None]
+            full = full & (q1[None, :, None] < ql)
+            empty = empty | (q0[None, :, None] >= ql)
+        if self.kv_lengths is not None:
+            kl = self.kv_lengths[:, None, None]
+            full = full & (k1[None, None, :] < kl)
+            empty = empty | (k0[None, None, :] >= kl)
+        return _kind(full, empty)[:, None]
+
+
+@_pytree(data=("q_ids", "kv_ids"))
+class Segments(Mask):
+    """Document masking for packed sequences: ``q_ids[b, q] == kv_ids[b, kv]``.
+
+    The block map compares each tile's id range: EMPTY when the ranges do not overlap, FULL
+    when both tiles hold one and the same id. Exact for ids that increase along the sequence
+    (packed documents); sound for any ids.
+    """
+
+    q_ids: Array  # [Bm, T]
+    kv_ids: Array  # [Bm, S]
+
+    def dims(self):
+        return (max(self.q_ids.shape[0], self.kv_ids.shape[0]), 1)
+
+    def check(self, T, S, name):
+        _check_token_data(name, ("q_ids", self.q_ids, T), ("kv_ids", self.kv_ids, S))
+
+    def evaluate(self, q_pos, kv_pos):
+        q = jnp.take(self.q_ids, q_pos, axis=1, mode="clip")
+        kv = jnp.take(self.kv_ids, kv_pos, axis=1, mode="clip")
+        return (q[:, :, None] == kv[:, None, :])[:, None]
+
+    def block_map(self, T, S, block_q, block_kv):
+        q = _per_tile(self.q_ids, 1, block_q)
+        kv = _per_tile(self.kv_ids, 1, block_kv)
+        qmin, qmax = q.min(-1)[:, :, None], q.max(-1)[:, :, None]
+        kmin, kmax = kv.min(-1)[:, None, :], kv.max(-1)[:, None, :]
+        empty = (qmax < kmin) | (kmax < qmin)
+        full = (qmin == qmax) & (kmin == kmax) & (qmin == kmin)
+        return _kind(full, empty)[:, None]
+
+
+@_pytree(data=("q_types", "kv_types"), meta=("allowed", "num_types"))
+class TokenTypes(Mask):
+    """Pairs of token types: ``(q_types[b, q], kv_types[b, kv]) in allowed``.
+
+    ``allowed`` is a frozenset of (query type, key type) pairs over types 0..num_types-1.
+    The block map is exact (it records which types each tile holds).
+    """
+
+    q_types: Array  # [Bm, T] ints in [0, num_types)
+    kv_types: Array  # [Bm, S]
+    allowed: frozenset
+    num_types: int
+
+    def dims(self):
+        return (max(self.q_types.shape[0], self.kv_types.shape[0]), 1)
+
+    def check(self, T, S, name):
+        _check_token_data(name, ("q_types", self.q_types, T), ("kv_types", self.kv_types, S),
+                          high=self.num_types - 1)
+
+    def _table(self) -> np.ndarray:
+        table = np.zeros((self.num_types, self.num_types), bool)
+        for a, b in self.allowed:
+            table[a, b] = True
+        return table
+
+    def evaluate(self, q_pos, kv_pos):
+        q = jnp.take(self.q_types, q_pos, axis=1, mode="clip")
+        kv = jnp.take(self.kv_types, kv_pos, axis=1, mode="clip")
+        table = jnp.asarray(self._table())
+        return table[q[:, :, None], kv[:, None, :]][:, None]
+
+    def block_map(self, T, S, block_q, block_kv):
+        types = jnp.arange(self.num_types)
+        # present[b, tile, t]: tile holds a token of type t
+        q_present = (_per_tile(self.q_types, 1, block_q)[..., None] == types).any(2)
+        kv_present = (_per_tile(self.kv_types, 1, block_kv)[..., None] == types).any(2)
+        both = q_present[:, :, None, :, None] & kv_present[:, None, :, None, :]
+        table = jnp.asarray(self._table())
+        empty = ~(both & table).any((-2, -1))
+        full = ~(both & ~table).any((-2, -1))
+        return _kind(full, empty)[:, None]
+
+
+@_pytree(data=("array",))
+class Dense(Mask):
+    """An explicit boolean array broadcastable to [B, N, T, S]. The block map is exact."""
+
+    array: Array  # [Bm, Nm, T | 1, S | 1]
+
+    def dims(self):
+        return (self.array.shape[0], self.array.shape[1])
+
+    def check(self, T, S, name):
+        t, s = self.array.shape[2:]
+        if t not in (1, T) or s not in (1, S):
+            raise ValueError(f"{name}: expected a shape broadcastable to (B, N, {T}, {S}), "
+                             f"got {self.array.shape}")
+
+    def evaluate(self, q_pos, kv_pos):
+        t, s = self.array.shape[2:]
+        q = q_pos if t > 1 else jnp.zeros_like(q_pos)
+        kv = kv_pos if s > 1 else jnp.zeros_like(kv_pos)
+        rows = jnp.take(self.array, q, axis=2, mode="clip")
+        return jnp.take(rows, kv, axis=3, mode="clip")
+
+    def block_map(self, T, S, block_q, block_kv):
+        nq, nk = -(-T // block_q), -(-S // block_kv)
+        a = self.array
+        # Edge padding repeats in-range values, so any/all over a padded tile are exact.
+        if a.shape[2] > 1:
+            a = _per_tile(a, 2, block_q)
+        else:
+            a = a[:, :, :, None]
+        if a.shape[4] > 1:
+            a = _per_tile(a, 4, block_kv)
+        else:
+            a = a[..., None]
+        full, empty = a.all((3, 5)), ~a.any((3, 5))
+        kind = _kind(full, empty)
+        return jnp.broadcast_to(kind, (*kind.shape[:2], nq, nk))
+
+
+# --------------------------------------------------------------------------------------------
+# Combinators
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Binary(Mask):
+    """Shared by And and Or: elementwise ``values`` on patterns, ``kinds`` on block maps."""
+
+    a: Mask
+    b: Mask
+    values = None  # (bool, bool) -> bool
+    kinds = None  # (kind, kind) -> kind; kinds are ordered EMPTY < PARTIAL < FULL
+
+    def dims(self):
+        return _broadcast_dims(self.a.dims(), self.b.dims())
+
+    def check(self, T, S, name):
+        self.a.check(T, S, name)
+        self.b.check(T, S, name)
+
+    def evaluate(self, q_pos, kv_pos):
+        return self.values(self.a.evaluate(q_pos, kv_pos), self.b.evaluate(q_pos, kv_pos))
+
+    def block_map(self, T, S, block_q, block_kv):
+        return self.kinds(self.a.block_map(T, S, block_q, block_kv),
+                          self.b.block_map(T, S, block_q, block_kv))
+
+
+@_pytree(data=("a", "b"))
+class And(_Binary):
+    values = staticmethod(jnp.logical_and)
+    kinds = staticmethod(jnp.minimum)
+
+    def conjuncts(self) -> list[Mask]:
+        return self.a.conjuncts() + self.b.conjuncts()
+
+
+@_pytree(data=("a", "b"))
+class Or(_Binary):
+    values = staticmethod(jnp.logical_or)
+    kinds = staticmethod(jnp.maximum)
+
+
+@_pytree(data=("a",))
+class Not(Mask):
+    a: Mask
+
+    def dims(self):
+        return self.a.dims()
+
+    def check(self, T, S, name):
+        self.a.check(T, S, name)
+
+    def evaluate(self, q_pos, kv_pos):
+        return ~self.a.evaluate(q_pos, kv_pos)
+
+    def block_map(self, T, S, block_q, block_kv):
+        return (FULL - self.a.block_map(T, S, block_q, block_kv)).astype(jnp.int8)
+
+
+def all_of(masks: Iterable[Mask | None]) -> Mask | None:
+    """``m1 & m2 & ...`` over the masks that are not None; None when there are none."""
+    result = None
+    for m in masks:
+        if m is not None:
+            result = m if result is None else And(result, m)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Constructors
+# --------------------------------------------------------------------------------------------
+
+
+def causal(offset: int = 0) -> Mask:
+    """Query i may see key j when ``j <= i + offset``.
+
+    ``offset = S - T`` aligns the last query with the last key (a query block at the end of a
+    longer key sequence, as in decoding with a KV cache).
+
+    >>> causal().materialize(3, 3)[0, 0].astype(int).tolist()
+    [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    """
+    return Band(None, check_int("offset", offset, minimum=None))
+
+
+def local_window(left: int | None, right: int | None = 0) -> Mask:
+    """Query i may see key j when ``i - left <= j <= i + right`` (None: unbounded side).
+
+    Same meaning as ``local_window_size=(left, right)`` in ``jax.nn.dot_product_attention``.
+
+    >>> local_window(1, 0).materialize(3, 3)[0, 0].astype(int).tolist()
+    [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    """
+    for what, v in (("left", left), ("right", right)):
+        if v is not None and check_int(what, v, minimum=None) < 0:
+            raise ValueError(f"{what}: window size must be >= 0, got {v}")
+    return Band(None if left is None else -int(left), None if right is None else int(right))
+
+
+def _as_int_array(name: str, x, rank: int, layout: str) -> Array:
+    x = jnp.asarray(x)
+    check_integer(name, x)
+    if x.ndim == rank - 1:
+        x = x[None]
+    check_rank(name, x, (rank,), layout)
+    return x
+
+
+def lengths(q_lengths=None, kv_lengths=None) -> Mask:
+    """Padding: query q and key kv are real when ``q < q_lengths[b]`` and ``kv < kv_lengths[b]``.
+
+    Args:
+        q_lengths: int [B] (or scalar), or None for no query padding.
+        kv_lengths: int [B] (or scalar), or None for no key padding.
+
+    >>> lengths(kv_lengths=2).materialize(2, 3)[0, 0].astype(int).tolist()
+    [[1, 1, 0], [1, 1, 0]]
+    """
+    if q_lengths is None and kv_lengths is None:
+        raise ValueError("lengths: give q_lengths, kv_lengths or both")
+    q = None if q_lengths is None else _as_int_array("q_lengths", q_lengths, 1, "[B]")
+    kv = None if kv_lengths is None else _as_int_array("kv_lengths", kv_lengths, 1, "[B]")
+    return Lengths(q, kv)
+
+
+def segments(q_segment_ids, kv_segment_ids=None) -> Mask:
+    """Document mask for packed sequences: tokens attend only within their own segment (P75).
+
+    Args:
+        q_segment_ids: int [B, T] (or [T]).
+        kv_segment_ids: int [B, S] (or [S]); defaults to ``q_segment_ids`` (self-attention).
+
+    >>> segments(jnp.array([0, 0, 1])).materialize(3, 3)[0, 0].astype(int).tolist()
+    [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
+    """
+    q = _as_int_array("q_segment_ids", q_segment_ids, 2, "[B, T]")
+    kv = q if kv_segment_ids is None else _as_int_array("kv_segment_ids", kv_segment_ids, 2,
+                                                        "[B, S]")
+    return Segments(q, kv)
+
+
+def prefix_lm(prefix_lengths) -> Mask:
+    """Prefix-LM: bidirectional over the first ``prefix_lengths[b]`` tokens, causal after.
+
+    Equals ``causal() | lengths(kv_lengths=prefix_lengths)``.
+
+    >>> prefix_lm(2).materialize(4, 4)[0, 0].astype(int).tolist()
+    [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    """
+    return causal() | lengths(kv_lengths=prefix_lengths)
+
+
+def token_types(q_types, kv_types=None, *, allowed: Iterable[tuple[int, int]],
+                num_types: int | None = None) -> Mask:
+    """Attend where (query type, key type) is an allowed pair.
+
+    Args:
+        q_types: int [B, T] (or [T]) token types in [0, num_types).
+        kv_types: int [B, S] (or [S]); defaults to ``q_types``.
+        allowed: (query type, key type) pairs that may attend.
+        num_types: number of types; defaults to 1 + the largest type named in ``allowed``.
+    """
+    pairs = frozenset((int(a), int(b)) for a, b in allowed)
+    largest = max([max(p) for p in pairs], default=0)
+    n = largest + 1 if num_types is None else int(num_types)
+    if n <= largest:
+        raise ValueError(f"num_types: must exceed every type in allowed ({largest}), got {n}")
+    q = _as_int_array("q_types", q_types, 2, "[B, T]")
+    kv = q if kv_types is None else _as_int_array("kv_types", kv_types, 2, "[B, S]")
+    return TokenTypes(q, kv, pairs, n)
+
+
+def _visual_types(is_visual) -> Array:
+    is_visual = jnp.asarray(is_visual)
+    check_bool("is_visual", is_visual)
+    return is_visual.astype(jnp.int32)
+
+
+def composite_visual(is_visual) -> Mask:
+    """P17 EE-MLLM composite attention: causal, but visual tokens do not attend to each other.
+
+    A visual query keeps only itself among visual keys (its row is never empty); text queries
+    attend causally to everything. Visual x visual tiles off the diagonal are EMPTY in the block
+    map, so implementations skip that compute.
+
+    Args:
+        is_visual: bool [B, T] (or [T]); self-attention, so S == T.
+    """
+    vis = _visual_types(is_visual)
+    visual_pair = token_types(vis, allowed=[(1, 1)], num_types=2)
+    return causal() & (~visual_pair | local_window(0, 0))
+
+
+def mixed_visual(is_visual) -> Mask:
+    """P27 Croc mixed attention: bidirectional among visual tokens, causal for text.
+
+    Args:
+        is_visual: bool [B, T] (or [T]); self-attention, so S == T.
+    """
+    vis = _visual_types(is_visual)
+    return causal() | token_types(vis, allowed=[(1, 1)], num_types=2)
+
+
+def modality_mutual(is_visual) -> Mask:
+    """P46 AKI modality-mutual attention: causal, and image tokens also see later text tokens.
+
+    Args:
+        is_visual: bool [B, T] (or [T]); self-attention, so S == T.
+    """
+    vis = _visual_types(is_visual)
+    return causal() | token_types(vis, allowed=[(1, 0)], num_types=2)
+
+
+def dense(array) -> Mask:
+    """Wrap a boolean array broadcastable to [B, N, T, S] (rank 2 to 4; leading dims added).
+
+    >>> dense(jnp.eye(2, dtype=bool)).materialize(2, 2).shape
+    (1, 1, 2, 2)
+    """
+    array = jnp.asarray(array)
+    check_bool("mask", array)
+    check_rank("mask", array, (2, 3, 4), "broadcastable to [B, N, T, S]")
+    return Dense(left_pad_rank(array, 4))
+
+
+def adjacency(adj, *, self_loops: bool = True) -> Mask:
+    """Graph attention (P12): node i attends node j where ``adj[..., i, j]``.
+
+    Args:
+        adj: bool [N_nodes, N_nodes] or [B, N_nodes, N_nodes].
+        self_loops: also let every node attend to itself (rows are then never empty).
+    """
+    adj = jnp.asarray(adj)
+    check_bool("adj", adj)
+    check_rank("adj", adj, (2, 3), "[B?, nodes, nodes]")
+    if adj.shape[-1] != adj.shape[-2]:
+        raise ValueError(f"adj: expected a square adjacency matrix, got shape {adj.shape}")
+    if self_loops:
+        adj = adj | jnp.eye(adj.shape[-1], dtype=bool)
+    if adj.ndim == 3:
+        adj = adj[:, None]
+    return dense(adj)

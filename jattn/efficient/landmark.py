@@ -1,0 +1,265 @@
+"""Landmark attention: a landmark key per block gates attention to that block's tokens.
+
+Landmark attention (P21) cuts the key sequence into blocks of ``block_size`` tokens; in the
+paper a landmark token is inserted after each block and its key comes to represent the
+block. A query at position i, in block b(i), attends through a grouped softmax:
+
+* one softmax group ("own group") holds the query's own block's tokens (those at positions
+  <= i when causal) and the landmarks of the other blocks (the earlier blocks when causal);
+  its own block's landmark is ignored;
+* the tokens of every other block c form a group of their own, softmaxed within the block;
+* the final weight of a token in its own block is its own-group probability; of a token j
+  in another block c it is (within-block probability of j) * (own-group probability of
+  landmark c); landmarks themselves get weight 0. The weights sum to one.
+
+At inference (``top_k``) each query keeps only the k other blocks whose landmarks score
+highest (per query and head; ties to the earlier block) and applies the same grouped
+softmax with the landmarks and tokens of the blocks not kept removed: cost O(T (S / block_size
++ (k + 1) block_size)) instead of O(T S). When k covers all the candidate blocks this is
+exactly the training-time attention (the public code does the same: its cache puts the
+retrieved blocks, landmarks included, back into the grouped softmax). The training form
+(``top_k=None``) computes every score, O(T S) like softmax attention, as in the paper.
+
+Here the landmark keys are an input [B, n_blocks, K, H], one per block, n_blocks =
+ceil(S / block_size): the keys of the inserted landmark tokens (their values are never
+used, since landmarks get weight 0). When causal the last block's landmark is never used
+(no query follows it), so a final partial block needs no real landmark; any value works.
+
+CAB patterns: causal self (the paper's) and noncausal self (every other block is gated by
+its landmark). Cross attention raises NotImplementedError: each query is placed in the block
+of the key sequence at its own position, which a separate query sequence (T != S) does not
+have.
+
+``jattn.reference.landmark_attention`` is the dense ground truth: it builds the sequence
+with the landmark tokens inserted and applies the paper's grouping and weights literally.
+
+References:
+    P21 Landmark Attention, "Landmark Attention: Random-Access Infinite Context Length for
+    Transformers" (Mohtashami and Jaggi).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jattn.core.attention import masked_softmax
+from jattn.core.shapes import (
+    Array,
+    DTypeError,
+    accumulation_dtype,
+    check_floating,
+    check_int,
+    check_qkv,
+    check_rank,
+)
+
+
+def num_blocks(length: int, block_size: int) -> int:
+    """ceil(length / block_size): the number of blocks (and landmark keys) of a sequence.
+
+    >>> num_blocks(11, 4)
+    3
+    """
+    return -(-length // block_size)
+
+
+def landmark_attention(query: Array, key: Array, value: Array, landmark_keys: Array, *,
+                       block_size: int, is_causal: bool = True, top_k: int | None = None,
+                       scale: float | None = None) -> Array:
+    r"""Grouped-softmax attention in which each block's landmark gates its tokens.
+
+    .. math::
+        s_{ij} = \mathrm{scale}\, q_i \cdot k_j, \quad \ell_{ic} = \mathrm{scale}\,
+        q_i \cdot l_c, \quad Z_i = \sum_{j \in b(i)} e^{s_{ij}} + \sum_{c \in C(i)}
+        e^{\ell_{ic}}
+
+        \mathrm{out}_i = \sum_{j \in b(i)} \frac{e^{s_{ij}}}{Z_i} v_j
+            + \sum_{c \in C(i)} \frac{e^{\ell_{ic}}}{Z_i} \sum_{j \in c}
+            \frac{e^{s_{ij}}}{\sum_{j' \in c} e^{s_{ij'}}} v_j
+
+    where b(i) is the query's own block (positions <= i when causal) and C(i) the other
+    blocks (the earlier ones when causal); with ``top_k`` = k, C(i) keeps only the k blocks
+    of highest \ell_{ic} (ties to the earlier block). Softmax statistics in float32 (or
+    wider). Lengths that are not a multiple of block_size end in a shorter block.
+
+    CAB patterns: causal self, noncausal self; cross (T != S) raises NotImplementedError.
+
+    Args:
+        query: [B, T, N, H], T == S.
+        key: [B, S, K, H]; N % K == 0.
+        value: [B, S, K, Hv].
+        landmark_keys: [B, n_blocks, K, H], n_blocks = ceil(S / block_size), query dtype:
+            the key of block c's landmark (the last one is unused when causal).
+        block_size: tokens per block (the last block may be shorter).
+        is_causal: query i sees positions <= i of its own block and the earlier blocks.
+        top_k: None (training: every block) or k >= 0: inference-time retrieval of the k
+            other blocks with the highest landmark scores, per query and head.
+        scale: logit scale; default 1 / sqrt(H).
+
+    Returns:
+        [B, T, N, Hv] in the query's dtype.
+
+    Raises:
+        ValueError: wrong ranks, shapes that disagree, heads that do not divide, a
+            block_size that is not a positive int, a top_k that is not None or an int >= 0.
+        TypeError: non-floating or mixed dtypes.
+        NotImplementedError: cross attention (T != S).
+
+    >>> import jax
+    >>> x = jax.random.normal(jax.random.key(0), (2, 10, 4, 8))
+    >>> landmarks = jax.random.normal(jax.random.key(1), (2, 3, 4, 8))
+    >>> landmark_attention(x, x, x, landmarks, block_size=4).shape
+    (2, 10, 4, 8)
+    >>> landmark_attention(x, x, x, landmarks, block_size=4, top_k=1).shape
+    (2, 10, 4, 8)
+
+    References:
+        P21 Landmark Attention, "Landmark Attention: Random-Access Infinite Context Length
+        for Transformers".
+    """
+    B, T, N, H, S, K, Hv = check_qkv(query, key, value)
+    bs = check_int("block_size", block_size)
+    k_top = check_int("top_k", top_k, minimum=0, allow_none=True)
+    if T != S:
+        raise NotImplementedError(
+            f"landmark_attention: cross attention (T={T} != S={S}) is not supported: each "
+            "query belongs to the block of the key sequence at its own position")
+    nb = num_blocks(S, bs)
+    check_rank("landmark_keys", landmark_keys, (4,), "[B, n_blocks, K, H]")
+    check_floating("landmark_keys", landmark_keys)
+    if landmark_keys.dtype != query.dtype:
+        raise DTypeError(f"landmark_keys: expected the query dtype {query.dtype}, got "
+                        f"{landmark_keys.dtype} (shape {landmark_keys.shape})")
+    if landmark_keys.shape != (B, nb, K, H):
+        raise ValueError(f"landmark_keys: expected [B, n_blocks=ceil({S}/{bs}), K, H] = "
+                         f"{(B, nb, K, H)}, got {landmark_keys.shape}")
+    scale = H ** -0.5 if scale is None else scale
+
+    G = N // K
+    P = nb * bs
+    dtype = accumulation_dtype(query.dtype)
+    pad = ((0, 0), (0, P - S), (0, 0), (0, 0))
+    q = jnp.pad(query.astype(dtype), pad).reshape(B, P, K, G, H)
+    kb = jnp.pad(key.astype(dtype), pad).reshape(B, nb, bs, K, H)
+    vb = jnp.pad(value.astype(dtype), pad).reshape(B, nb, bs, K, Hv)
+    landmark_logits = jnp.einsum("btkgh,bckh->bkgtc", q,
+                                 landmark_keys.astype(dtype)) * scale  # [B, K, G, P, nb]
+
+    t = np.arange(P)
+    own_block = t // bs
+    blocks = np.arange(nb)
+    others = (blocks[None, :] < own_block[:, None]) if is_causal else (
+        blocks[None, :] != own_block[:, None])  # [P, nb]: the candidate blocks C(i)
+    key_pos = blocks[:, None] * bs + np.arange(bs)[None, :]  # [nb, bs]
+    key_valid = key_pos < S
+
+    if k_top is None:
+        out = _grouped(q, kb, vb, landmark_logits, others, key_pos, key_valid, own_block,
+                       is_causal, scale)
+    else:
+        out = _retrieved(q, kb, vb, landmark_logits, others, key_pos, key_valid, k_top,
+                         is_causal, scale)
+    # [B, K, G, P, Hv] -> [B, T, N, Hv]
+    out = jnp.moveaxis(out, 3, 1).reshape(B, P, N, Hv)[:, :T]
+    return out.astype(query.dtype)
+
+
+def _grouped(q, kb, vb, landmark_logits, others, key_pos, key_valid, own_block, is_causal,
+             scale):
+    """Every block (training): dense scores, grouped softmax, landmark gates."""
+    P, nb, bs = q.shape[1], kb.shape[1], kb.shape[2]
+    t = np.arange(P)
+    logits = jnp.einsum("btkgh,bcjkh->bkgtcj", q, kb) * scale  # [B, K, G, P, nb, bs]
+    in_own = (np.arange(nb)[None, :, None] == own_block[:, None, None]) & key_valid[None]
+    if is_causal:
+        in_own &= key_pos[None] <= t[:, None, None]  # [P, nb, bs]
+    # The own group: own-block tokens and the other blocks' landmarks, one softmax.
+    flat = logits.reshape(*logits.shape[:4], nb * bs)
+    group = masked_softmax(jnp.concatenate([flat, landmark_logits], -1),
+                          np.concatenate([in_own.reshape(P, nb * bs), others], -1))
+    direct = group[..., :nb * bs].reshape(logits.shape)
+    gate = group[..., nb * bs:]  # [B, K, G, P, nb], zero outside C(i)
+    within = masked_softmax(logits, np.broadcast_to(key_valid, logits.shape))
+    weights = direct + gate[..., None] * within
+    return jnp.einsum("bkgtcj,bcjkv->bkgtv", weights, vb)
+
+
+def _retrieved(q, kb, vb, landmark_logits, others, key_pos, key_valid, k_top, is_causal,
+               scale):
+    """Top-k retrieval (inference): gather the k best other blocks per query and head."""
+    B, P, K, G, H = q.shape
+    nb, bs = kb.shape[1], kb.shape[2]
+    k_top = min(k_top, nb)
+
+    # The own block: [B, K, G, nb (query block), bs (query), bs (key)].
+    qb = q.reshape(B, nb, bs, K, G, H)
+    own_logits = jnp.einsum("bnqkgh,bnjkh->bkgnqj", qb, kb) * scale
+    own_allowed = np.broadcast_to(key_valid[:, None, :], (nb, bs, bs))
+    if is_causal:
+        own_allowed = own_allowed & (np.arange(bs)[None, :, None] >= np.arange(bs)[None, None])
+    own_logits = own_logits.reshape(B, K, G, P, bs)
+    own_allowed = own_allowed.reshape(P, bs)
+
+    # lax.top_k keeps equal scores in index order (ties to the earlier block); blocks outside
+    # C(i) sit at -inf, come last and are dropped through `chosen`.
+    scores, index = lax.top_k(jnp.where(others, landmark_logits, -jnp.inf), k_top)
+    chosen = jnp.take_along_axis(jnp.broadcast_to(others, landmark_logits.shape), index, -1)
+
+    kt = jnp.moveaxis(kb, 3, 1)  # [B, K, nb, bs, H]
+    vt = jnp.moveaxis(vb, 3, 1)  # [B, K, nb, bs, Hv]
+    gather = jax.vmap(jax.vmap(lambda blocks, i: blocks[i]))  # over B and K
+    k_sel = gather(kt, index)  # [B, K, G, P, k, bs, H]
+    v_sel = gather(vt, index)
+    sel_logits = jnp.einsum("btkgh,bkgtcjh->bkgtcj", q, k_sel) * scale
+    sel_valid = jnp.asarray(key_valid)[index]  # [B, K, G, P, k, bs]
+
+    group = masked_softmax(jnp.concatenate([own_logits, scores], -1),
+                          jnp.concatenate([jnp.broadcast_to(own_allowed, own_logits.shape),
+                                           chosen], -1))
+    direct, gate = group[..., :bs], group[..., bs:]
+    within = masked_softmax(sel_logits, sel_valid)
+    out = jnp.einsum("bkgnqj,bknjv->bkgnqv", direct.reshape(B, K, G, nb, bs, bs), vt)
+    out = out.reshape(B, K, G, P, -1)
+    return out + jnp.einsum("bkgtc,bkgtcj,bkgtcjv->bkgtv", gate, within, v_sel)
+
+
+def mean_landmark_keys(key: Array, block_size: int, *, offset: Array | None = None) -> Array:
+    """Landmark keys derived from the blocks: the mean key of each block, plus an offset.
+
+    Not the paper's construction: there a landmark is a token inserted after each block,
+    whose key comes from its own hidden state, which the earlier layers compute by attending
+    over its block. A single attention layer has no earlier layers, so this summary stands
+    in for them; ``offset`` (e.g. a learned [K, H] landmark key) is added to every block.
+
+    Args:
+        key: [B, S, K, H].
+        block_size: tokens per block; the last block may be shorter (its mean is over the
+            tokens it has).
+        offset: optional, broadcastable to [B, n_blocks, K, H] (e.g. [K, H]).
+
+    Returns:
+        [B, ceil(S / block_size), K, H] in key's dtype.
+
+    Raises:
+        ValueError: key not rank 4, a block_size that is not a positive int.
+        TypeError: non-floating key.
+
+    >>> import jax.numpy as jnp
+    >>> mean_landmark_keys(jnp.arange(5.0).reshape(1, 5, 1, 1), 2)[0, :, 0, 0]
+    Array([0.5, 2.5, 4. ], dtype=float32)
+    """
+    check_rank("key", key, (4,), "[B, S, K, H]")
+    check_floating("key", key)
+    bs = check_int("block_size", block_size)
+    B, S, K, H = key.shape
+    nb = num_blocks(S, bs)
+    dtype = accumulation_dtype(key.dtype)
+    blocks = jnp.pad(key.astype(dtype), ((0, 0), (0, nb * bs - S), (0, 0), (0, 0)))
+    counts = np.minimum(bs, S - np.arange(nb) * bs)  # tokens per block
+    means = blocks.reshape(B, nb, bs, K, H).sum(2) / jnp.asarray(counts, dtype)[:, None, None]
+    if offset is not None:
+        means = means + jnp.asarray(offset).astype(dtype)
+    return means.astype(key.dtype)

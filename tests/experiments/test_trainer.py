@@ -1,0 +1,144 @@
+"""The shared trainer: exact resume, simulated multi-device data parallelism, SIGKILL."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.common.trainer import TrainConfig, cosine_per_epoch
+from experiments.zoology.run import RunConfig, RunSettings, train_run
+from tests.conftest import REPO
+
+# 256 rows / batch 32 = 8 steps per epoch; attention so that dropout keys matter.
+TINY = RunConfig(mixer="attention", seq_len=16, num_kv_pairs=2, d_model=16,
+                 learning_rate=3e-3, batch_size=32, settings=RunSettings(
+                     vocab_size=64, num_train=256, num_test=64,
+                     train=TrainConfig(max_epochs=3, checkpoint_every=5, progress=False)))
+
+
+def _with_training(config: RunConfig, **changes) -> RunConfig:
+    settings = config.settings
+    return dataclasses.replace(config, settings=dataclasses.replace(
+        settings, train=dataclasses.replace(settings.train, **changes)))
+
+# Trains a RunConfig given as JSON in argv[1] in the directory argv[2]; saves the parameters.
+SCRIPT = """
+import json, sys
+from pathlib import Path
+import jax, numpy as np
+from experiments.zoology.run import RunConfig, train_run
+params, _ = train_run(RunConfig.from_dict(json.loads(sys.argv[1])), Path(sys.argv[2]))
+np.savez(Path(sys.argv[2]) / "params.npz", *jax.tree.leaves(params))
+print("devices", jax.device_count())
+"""
+
+
+def _leaves(params):
+    return [np.asarray(x) for x in jax.tree.leaves(params)]
+
+
+def _log_without_times(workdir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "time"} for r in records]
+
+
+def _run_script(config: RunConfig, workdir: Path, devices: int = 1, **popen):
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+               f"--xla_force_host_platform_device_count={devices}")
+    args = [sys.executable, "-c", SCRIPT, json.dumps(dataclasses.asdict(config)), str(workdir)]
+    return subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _saved(workdir: Path) -> list[np.ndarray]:
+    with np.load(workdir / "params.npz") as f:
+        return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
+
+
+def _checkpoint_steps(workdir: Path) -> list[int]:
+    """Steps of the completed checkpoints (orbax renames a finished temporary directory)."""
+    directory = workdir / "checkpoints"
+    return [int(p.name) for p in directory.iterdir() if p.name.isdigit()] \
+        if directory.exists() else []
+
+
+def test_cosine_schedule_changes_once_per_epoch():
+    schedule = cosine_per_epoch(1.0, steps_per_epoch=10, max_epochs=4)
+    got = [float(schedule(s)) for s in (0, 9, 10, 19, 20, 30, 39)]
+    want = [1.0, 1.0, (1 + np.cos(np.pi / 4)) / 2, (1 + np.cos(np.pi / 4)) / 2, 0.5,
+            (1 + np.cos(3 * np.pi / 4)) / 2, (1 + np.cos(3 * np.pi / 4)) / 2]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path):
+    full_params, full = train_run(TINY, tmp_path / "full")
+    assert full is not None and full.step == 24 and full.epoch == 3
+    for stop in (13, 16):  # mid-epoch, just after a checkpoint... and at an epoch boundary
+        part = tmp_path / f"stopped{stop}"
+        _, result = train_run(TINY, part, stop_after_steps=stop)
+        assert result is None
+        resumed_params, resumed = train_run(TINY, part)
+        for a, b in zip(_leaves(full_params), _leaves(resumed_params), strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert resumed.metrics == full.metrics and resumed.train_loss == full.train_loss
+        assert _log_without_times(part) == _log_without_times(tmp_path / "full")
+    # A finished run is not trained again: same result, read back.
+    again_params, again = train_run(TINY, tmp_path / "full")
+    assert again.metrics == full.metrics
+    for a, b in zip(_leaves(full_params), _leaves(again_params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_eight_simulated_devices_match_one(tmp_path):
+    config = _with_training(TINY, max_epochs=2)
+    runs = {n: _run_script(config, tmp_path / f"dev{n}", devices=n) for n in (1, 8)}
+    for n, proc in runs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        assert f"devices {n}" in out
+    for a, b in zip(_saved(tmp_path / "dev1"), _saved(tmp_path / "dev8"), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-4)
+
+
+def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path):
+    # 320 steps, a checkpoint every 20.
+    config = _with_training(TINY, max_epochs=40, checkpoint_every=20)
+    workdir = tmp_path / "killed"
+    proc = _run_script(config, workdir)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if _checkpoint_steps(workdir) and max(_checkpoint_steps(workdir)) >= 40:
+            break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("no checkpoint appeared")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (workdir / "result.json").exists()  # killed mid-way, not finished
+    last = max(_checkpoint_steps(workdir))
+    assert 40 <= last < 320
+    restart = _run_script(config, workdir)
+    _, err = restart.communicate(timeout=300)
+    assert restart.returncode == 0, err[-3000:]
+    assert f"resuming at step {last}" in err
+    # The restarted run picked up from the last checkpoint and ended where an uninterrupted
+    # run ends.
+    reference = _run_script(config, tmp_path / "reference")
+    _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err[-3000:]
+    for a, b in zip(_saved(workdir), _saved(tmp_path / "reference"), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert _log_without_times(workdir) == _log_without_times(tmp_path / "reference")
