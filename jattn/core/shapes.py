@@ -65,6 +65,29 @@ def check_int(name: str, value, *, minimum: int | None = 1,
     return int(value)
 
 
+def check_per_axis(name: str, value, num_axes: int, *, minimum: int = 1,
+                   kind: type = int) -> tuple:
+    """One static value per spatial axis: a single int (a bool with ``kind=bool``) for every
+    axis or a tuple of ``num_axes``, as a tuple of Python values; ints at least ``minimum``.
+
+    Raises:
+        ValueError: a tuple of another length, an int below ``minimum``.
+        DTypeError: not an int (not a bool with ``kind=bool``).
+
+    >>> check_per_axis("window_size", 4, 2)
+    (4, 4)
+    """
+    values = tuple(value) if isinstance(value, Sequence) else (value,) * num_axes
+    if len(values) != num_axes:
+        raise ValueError(f"{name}: expected one value or a tuple of {num_axes} (one per "
+                         f"spatial axis), got {value!r}")
+    if kind is bool:
+        if not all(isinstance(v, bool | np.bool_) for v in values):
+            raise DTypeError(f"{name}: expected a bool or a tuple of bools, got {value!r}")
+        return tuple(bool(v) for v in values)
+    return tuple(check_int(name, v, minimum=minimum) for v in values)
+
+
 def check_heads(d_model: int, num_heads: int, num_kv_heads: int | None = None) -> int:
     """Validate a head layout; return the number of key/value heads (default: num_heads).
 

@@ -33,19 +33,15 @@ import numpy as np
 from jax import lax
 
 from jattn.core.attention import masked_softmax
-from jattn.core.shapes import Array, accumulation_dtype, check_int, check_spatial_qkv
+from jattn.core.shapes import (
+    Array,
+    accumulation_dtype,
+    check_int,
+    check_per_axis,
+    check_spatial_qkv,
+)
 
 MAX_SPATIAL_AXES = 2
-
-
-def _per_axis(name: str, value, n_axes: int) -> tuple[int, ...]:
-    values = tuple(value) if isinstance(value, Sequence) else (value,) * n_axes
-    if len(values) != n_axes or any(
-            isinstance(v, bool | np.bool_) or not isinstance(v, int | np.integer) or v < 1
-            for v in values):
-        raise ValueError(f"{name}: expected a positive int or a tuple of {n_axes} positive "
-                         f"ints (one per spatial axis), got {value!r}")
-    return tuple(int(v) for v in values)
 
 
 def _check_inputs(query, key, value):
@@ -149,7 +145,7 @@ def bilevel_routing_attention(query: Array, key: Array, value: Array, *,
     """
     spatial, spatial_k, (B, N, H, K, Hv) = _check_inputs(query, key, value)
     n = len(spatial)
-    region = _per_axis("region_size", region_size, n)
+    region = check_per_axis("region_size", region_size, n)
     if not isinstance(is_causal, bool | np.bool_):
         raise TypeError(f"is_causal: expected a bool, got {is_causal!r}")
     check_int("top_k", top_k, minimum=None)

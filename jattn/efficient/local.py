@@ -40,22 +40,11 @@ from jattn.core.shapes import (
     Array,
     accumulation_dtype,
     check_floating,
+    check_per_axis,
     check_spatial_qkv,
 )
 
 __all__ = ["halo_attention", "relative_position_index", "window_attention"]
-
-
-def _per_axis(name: str, value, ndim: int, *, low: int) -> tuple[int, ...]:
-    """An int or a tuple of ``ndim`` ints, each >= low, as a tuple."""
-    values = (value,) * ndim if isinstance(value, (int, np.integer)) else value
-    ok = (isinstance(values, Sequence) and len(values) == ndim
-          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-                  and v >= low for v in values))
-    if not ok or isinstance(value, bool):
-        raise ValueError(f"{name}: expected an int >= {low} or a tuple of {ndim} such ints "
-                         f"(one per spatial axis), got {value!r}")
-    return tuple(int(v) for v in values)
 
 
 def _spatial_qkv(query: Array, key: Array, value: Array, what: str):
@@ -220,11 +209,11 @@ def window_attention(query: Array, key: Array, value: Array, *, window_size,
             "for causal local attention.")
     spatial, dims = _spatial_qkv(query, key, value, "window_attention")
     ndim = len(spatial)
-    window = _per_axis("window_size", window_size, ndim, low=1)
+    window = check_per_axis("window_size", window_size, ndim, minimum=1)
     if any(w > n for w, n in zip(window, spatial, strict=True)):
         raise ValueError(f"window_size: expected at most the spatial size {spatial} on every "
                          f"axis, got {window} (query {query.shape})")
-    shifts = _per_axis("shift", shift, ndim, low=0)
+    shifts = check_per_axis("shift", shift, ndim, minimum=0)
     if any(s >= w for s, w in zip(shifts, window, strict=True)):
         raise ValueError(f"shift: expected 0 <= shift < window_size {window} on every axis, "
                          f"got {shifts}")
@@ -334,11 +323,11 @@ def halo_attention(query: Array, key: Array, value: Array, *, block_size, halo_s
             "is_causal: causal halo attention is defined for one spatial axis only: a 2-D "
             "grid has no single token order (raster and per-axis orders disagree); flatten "
             "the grid to 1-D for raster order.")
-    block = _per_axis("block_size", block_size, ndim, low=1)
+    block = check_per_axis("block_size", block_size, ndim, minimum=1)
     if any(b > n for b, n in zip(block, spatial, strict=True)):
         raise ValueError(f"block_size: expected at most the spatial size {spatial} on every "
                          f"axis, got {block} (query {query.shape})")
-    halo = _per_axis("halo_size", halo_size, ndim, low=0)
+    halo = check_per_axis("halo_size", halo_size, ndim, minimum=0)
     scale = dims.H ** -0.5 if scale is None else scale
 
     counts = tuple(-(-n // b) for n, b in zip(spatial, block, strict=True))

@@ -33,26 +33,11 @@ from jattn.core.shapes import (
     DTypeError,
     accumulation_dtype,
     check_floating,
+    check_per_axis,
     check_spatial_qkv,
 )
 
 MAX_SPATIAL_AXES = 3
-
-
-def _per_axis(name: str, value, n_axes: int, *, flag: bool = False) -> tuple:
-    """An int (bool with ``flag``) or a tuple of one per spatial axis, as a tuple."""
-    values = tuple(value) if isinstance(value, Sequence) else (value,) * n_axes
-    if len(values) != n_axes:
-        raise ValueError(f"{name}: expected one value or a tuple of {n_axes} (one per spatial "
-                         f"axis), got {value!r}")
-    for v in values:
-        if flag:
-            if not isinstance(v, bool | np.bool_):
-                raise TypeError(f"{name}: expected a bool or a tuple of bools, got {value!r}")
-        elif isinstance(v, bool | np.bool_) or not isinstance(v, int | np.integer) or v < 1:
-            raise ValueError(f"{name}: expected a positive int or a tuple of positive ints, "
-                             f"got {value!r}")
-    return tuple(bool(v) if flag else int(v) for v in values)
 
 
 def _check_inputs(query, key, value, extra_key, extra_value):
@@ -200,9 +185,9 @@ def neighborhood_attention(query: Array, key: Array, value: Array, *,
     """
     spatial, (B, N, H, K, Hv, E) = _check_inputs(query, key, value, extra_key, extra_value)
     n = len(spatial)
-    kernel_size = _per_axis("kernel_size", kernel_size, n)
-    dilation = _per_axis("dilation", dilation, n)
-    is_causal = _per_axis("is_causal", is_causal, n, flag=True)
+    kernel_size = check_per_axis("kernel_size", kernel_size, n)
+    dilation = check_per_axis("dilation", dilation, n)
+    is_causal = check_per_axis("is_causal", is_causal, n, kind=bool)
     _check_kernel_fits(spatial, kernel_size, dilation)
     scale = H ** -0.5 if scale is None else scale
 
