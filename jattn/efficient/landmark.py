@@ -20,7 +20,7 @@ exactly the training-time attention (the public code does the same: its cache pu
 retrieved blocks, landmarks included, back into the grouped softmax). The training form
 (``top_k=None``) computes every score, O(T S) like softmax attention, as in the paper.
 
-Here the landmark keys are an input [B, n_blocks, K, H], one per block, n_blocks =
+Here the landmark keys are an input [B, num_blocks, K, H], one per block, num_blocks =
 ceil(S / block_size): the keys of the inserted landmark tokens (their values are never
 used, since landmarks get weight 0). When causal the last block's landmark is never used
 (no query follows it), so a final partial block needs no real landmark; any value works.
@@ -91,7 +91,7 @@ def landmark_attention(query: Array, key: Array, value: Array, landmark_keys: Ar
         query: [B, T, N, H], T == S.
         key: [B, S, K, H]; N % K == 0.
         value: [B, S, K, Hv].
-        landmark_keys: [B, n_blocks, K, H], n_blocks = ceil(S / block_size), query dtype:
+        landmark_keys: [B, num_blocks, K, H], num_blocks = ceil(S / block_size), query dtype:
             the key of block c's landmark (the last one is unused when causal).
         block_size: tokens per block (the last block may be shorter).
         is_causal: query i sees positions <= i of its own block and the earlier blocks.
@@ -128,13 +128,13 @@ def landmark_attention(query: Array, key: Array, value: Array, landmark_keys: Ar
             f"landmark_attention: cross attention (T={T} != S={S}) is not supported: each "
             "query belongs to the block of the key sequence at its own position")
     nb = num_blocks(S, bs)
-    check_rank("landmark_keys", landmark_keys, (4,), "[B, n_blocks, K, H]")
+    check_rank("landmark_keys", landmark_keys, (4,), "[B, num_blocks, K, H]")
     check_floating("landmark_keys", landmark_keys)
     if landmark_keys.dtype != query.dtype:
         raise DTypeError(f"landmark_keys: expected the query dtype {query.dtype}, got "
                         f"{landmark_keys.dtype} (shape {landmark_keys.shape})")
     if landmark_keys.shape != (B, nb, K, H):
-        raise ValueError(f"landmark_keys: expected [B, n_blocks=ceil({S}/{bs}), K, H] = "
+        raise ValueError(f"landmark_keys: expected [B, num_blocks=ceil({S}/{bs}), K, H] = "
                          f"{(B, nb, K, H)}, got {landmark_keys.shape}")
     scale = H ** -0.5 if scale is None else scale
 
@@ -238,7 +238,7 @@ def mean_landmark_keys(key: Array, block_size: int, *, offset: Array | None = No
         key: [B, S, K, H].
         block_size: tokens per block; the last block may be shorter (its mean is over the
             tokens it has).
-        offset: optional, broadcastable to [B, n_blocks, K, H] (e.g. [K, H]).
+        offset: optional, broadcastable to [B, num_blocks, K, H] (e.g. [K, H]).
 
     Returns:
         [B, ceil(S / block_size), K, H] in key's dtype.

@@ -22,7 +22,7 @@ class LandmarkAttention(nnx.Module):
     The landmark keys: by default the mean key of each block plus a learned landmark key
     per head (``self.landmark_key`` [num_heads, head_dim], :func:`mean_landmark_keys`), a
     one-layer stand-in for the paper's landmark tokens; or, when the call gets
-    ``landmark_states`` [B, n_blocks, d_model] (the hidden states of landmark tokens that a
+    ``landmark_states`` [B, num_blocks, d_model] (the hidden states of landmark tokens that a
     model carries through its layers, as in the paper), their key projections. ``top_k``
     (None: every block, the training form) retrieves the k best blocks per query and head
     at inference; a call's ``top_k`` overrides the module's (None keeps it). Linear layers
@@ -63,7 +63,7 @@ class LandmarkAttention(nnx.Module):
         else:
             nb = num_blocks(T, self.block_size)
             if landmark_states.shape != (B, nb, D):
-                raise ValueError(f"landmark_states: expected [B, n_blocks, d_model] = "
+                raise ValueError(f"landmark_states: expected [B, num_blocks, d_model] = "
                                  f"{(B, nb, D)}, got {landmark_states.shape}")
             landmarks = self.k_proj(landmark_states).reshape(B, nb, self.num_heads, -1)
         landmarks = landmarks.astype(jnp.result_type(q))
