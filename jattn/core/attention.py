@@ -233,20 +233,44 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     return (out, lse) if return_lse else out
 
 
-def attention_weights(query, key, bias=None, mask=None, *, scale=None, is_causal=False):
-    r"""The attention probabilities themselves, softmax(scale q k^T + bias) where allowed.
+def attention_weights(query, key, bias=None, mask=None, *, scale=None, is_causal=False,
+                      query_seq_lengths=None, key_value_seq_lengths=None,
+                      local_window_size=None, query_segment_ids=None, kv_segment_ids=None,
+                      logits_soft_cap=None, lse=None, heads=None, query_positions=None,
+                      key_positions=None):
+    r"""Exact attention probabilities of chosen heads, query rows and keys, without the
+    [T, S] matrix of every head.
 
-    For analysis and for layers that read the map (Wings' router reads the main attention's
-    map summed over heads). Materialises [B, N, T, S]: use it on what you would plot.
+    The weights are those :func:`dot_product_attention` computes with the same arguments:
+    softmax over keys of cap(scale q k^T + bias) where allowed. Only the selected rows are
+    formed, so memory is O(rows x keys): at T = S = 32k with 8 heads, 16 rows of every head
+    take 16 MB against 32 GB for the dense map.
+
+    With ``lse`` (the float32 log-sum-exp an implementation returned,
+    ``dot_product_attention(..., return_lse=True)``) the weights are exp(logit - lse): the
+    normaliser of the forward pass itself, so columns (``key_positions``) of every row cost
+    O(rows x columns), and gradients reach q and k both directly and through the lse's
+    inputs (the forward's own backward pass). Without it each selected row is normalised
+    over all its keys here.
 
     Args:
         query: [*batch, T, N, H]; key: [*batch, S, K, H] (GQA and batch axes as in
             :func:`dot_product_attention`).
-        bias, mask, scale, is_causal: as in :func:`dot_product_attention`.
+        bias, mask, scale, is_causal, query_seq_lengths, key_value_seq_lengths,
+            local_window_size, query_segment_ids, kv_segment_ids, logits_soft_cap: as in
+            :func:`dot_product_attention` (pass the same ones as the forward).
+        lse: None or floating [*batch, N, T]: the forward's log-sum-exp.
+        heads: None (all) or ints in [0, N): the query heads to return, in that order.
+        query_positions: None (all) or ints in [0, T): the query rows.
+        key_positions: None (all) or ints in [0, S): the key columns.
 
     Returns:
-        [*batch, N, T, S] float32 (float64 for float64 input); rows with nothing allowed
-        are 0.
+        [*batch, len(heads), len(query_positions), len(key_positions)] float32 (float64 for
+        float64 input); weights of masked keys, and whole rows with nothing allowed, are 0.
+
+    Raises:
+        ValueError: an index outside its range (checked when concrete), an ``lse`` of the
+            wrong shape; and what :func:`dot_product_attention` raises for its arguments.
 
     Example:
         >>> import jax.numpy as jnp, jattn
@@ -254,27 +278,81 @@ def attention_weights(query, key, bias=None, mask=None, *, scale=None, is_causal
         ...                             is_causal=True)
         >>> (p[0, 0] * 6).round().tolist()
         [[6.0, 0.0, 0.0], [3.0, 3.0, 0.0], [2.0, 2.0, 2.0]]
+        >>> q = jnp.ones((1, 3, 1, 2))
+        >>> out, lse = jattn.dot_product_attention(q, q, q, is_causal=True, return_lse=True)
+        >>> jattn.attention_weights(q, q, is_causal=True, lse=lse, query_positions=[2]).shape
+        (1, 1, 1, 3)
+
+    References:
+        P25 (attention patterns of chosen heads), P41, P50, P03/P57 (maps from the rows and
+        columns that matter); ../shared/notes/analysis.md on why the float32 lse matters.
     """
     query, key = jnp.asarray(query), jnp.asarray(key)
     batch = _Batch.of(query, key, key)
     query, key = batch.flatten(query, 3), batch.flatten(key, 3)
-    B, T, N, H, S, K, _ = check_qkv(query, key, key)
+    _, T, N, H, S, K, _ = check_qkv(query, key, key)
     acc = accumulation_dtype(query.dtype)
-    logits = jnp.einsum("btkgh,bskh->bkgts", query.reshape(B, T, K, N // K, H), key,
-                        preferred_element_type=acc).reshape(B, N, T, S)
+    hp = _positions("heads", heads, N)
+    qp = _positions("query_positions", query_positions, T)
+    kp = _positions("key_positions", key_positions, S)
+    if lse is None and key_positions is not None:  # normalise over every key, then select
+        rows = attention_weights(
+            batch.restore(query), batch.restore(key), bias, mask, scale=scale,
+            is_causal=is_causal, query_seq_lengths=query_seq_lengths,
+            key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
+            query_segment_ids=query_segment_ids, kv_segment_ids=kv_segment_ids,
+            logits_soft_cap=logits_soft_cap, heads=hp, query_positions=qp)
+        return jnp.take(rows, kp, axis=-1)
+    q = jnp.take(jnp.take(query, qp, axis=1), hp, axis=2)  # [B, P, Nh, H]
+    k = jnp.take(jnp.take(key, kp, axis=1), hp // (N // K), axis=2)  # [B, Sk, Nh, H]
+    logits = jnp.einsum("bpnh,bsnh->bnps", q, k, preferred_element_type=acc)
     logits = logits * (float(H) ** -0.5 if scale is None else scale)
     if bias is not None:
         bias = jnp.asarray(bias)
         check_floating("bias", bias)
-        logits = logits + batch.broadcastable("bias", bias, (N, T, S), "NTS").astype(acc)
+        bias = batch.broadcastable("bias", bias, (N, T, S), "NTS")
+        for axis, index in ((1, hp), (2, qp), (3, kp)):
+            if bias.shape[axis] > 1:
+                bias = jnp.take(bias, index, axis=axis)
+        logits = logits + bias.astype(acc)
+    if logits_soft_cap is not None:
+        if not logits_soft_cap > 0:
+            raise ValueError(f"logits_soft_cap: expected a positive number, got "
+                             f"{logits_soft_cap}")
+        logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
     combined = _combine_masks(
-        mask, batch, N=N, T=T, S=S, is_causal=is_causal, query_seq_lengths=None,
-        key_value_seq_lengths=None, local_window_size=None, query_segment_ids=None,
-        kv_segment_ids=None)
-    allowed = jnp.isfinite(logits)
+        mask, batch, N=N, T=T, S=S, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
+        query_segment_ids=query_segment_ids, kv_segment_ids=kv_segment_ids)
+    allowed = logits > -jnp.inf
     if combined is not None:
-        allowed = allowed & combined.materialize(T, S)
-    return batch.restore(masked_softmax(logits, allowed))
+        pattern = combined.evaluate(qp, kp)  # [Bm, Nm, P, Sk]
+        if pattern.shape[1] > 1:
+            pattern = jnp.take(pattern, hp, axis=1)
+        allowed = allowed & pattern
+    if lse is None:
+        return batch.restore(masked_softmax(logits, allowed))
+    lse = jnp.asarray(lse)
+    check_floating("lse", lse)
+    check_shape("lse", lse, (*batch.shape, N, T), "*" * len(batch.shape) + "NT")
+    lse = jnp.take(jnp.take(batch.flatten(lse, 2), hp, axis=1), qp, axis=2)
+    lse = lse.astype(acc)[..., None]
+    ok = allowed & (lse > -jnp.inf)
+    weights = jnp.where(ok, jnp.exp(jnp.where(ok, logits - lse, 0)), 0)
+    return batch.restore(weights)
+
+
+def _positions(name: str, index, size: int) -> Array:
+    """Selected indices as int32 [P]: all of ``range(size)`` for None; concrete values are
+    checked to lie in [0, size)."""
+    if index is None:
+        return jnp.arange(size, dtype=jnp.int32)
+    index = jnp.asarray(index)
+    if index.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D sequence of indices, got shape {index.shape}")
+    check_integer(name, index)
+    check_values_in_range(name, index, 0, size - 1)
+    return index.astype(jnp.int32)
 
 
 class _Batch(NamedTuple):

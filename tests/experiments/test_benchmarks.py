@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.benchmarks import attention_cpu
+from experiments.benchmarks import attention_cpu, attention_weights
 from experiments.benchmarks.measure import measure, table_cell
 from experiments.common.config import parse_config
 
@@ -118,3 +118,14 @@ def test_cab_benchmark_smoke(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "Efficiency length" in summary and "| causal self | fwd | linear elu+1 |" in summary
     assert (tmp_path / "figures" / "cab_causal_self.png").stat().st_size > 0
+
+
+def test_attention_weights_benchmark_smoke(tmp_path):
+    out = tmp_path / "weights"
+    attention_weights.main(["--seq-len", "64", "--heads", "2", "--head-dim", "8", "--rows", "4",
+                            "--repeats", "1", "--out", str(out)])
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["program"] for r in rows] == ["forward", "forward + rows", "rows from lse",
+                                            "dense weights"]
+    assert all(r["seconds"] > 0 and r["memory_bytes"] > 0 for r in rows)
+    assert "target" in (out / "summary.md").read_text()
