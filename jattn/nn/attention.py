@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jattn
+from jattn.analysis.intervene import Intervention, attend
 from jattn.core.positions import apply_rope
 from jattn.nn.layers import QKVProjection, torch_linear
 
@@ -27,7 +28,15 @@ class MultiHeadAttention(nnx.Module):
     :class:`jattn.nn.QKVProjection`'s. ``rope_base`` turns on rotary embeddings of the
     queries and keys (:func:`jattn.positions.apply_rope` with ``rope_fraction``,
     ``rope_scaling`` "linear"/"ntk" and ``rope_factor``), at positions 0.. in a full call and
-    continuing from the cache when decoding. Linear layers start as torch.nn.Linear does.
+    continuing from the cache when decoding. ``implementation`` is
+    :func:`jattn.dot_product_attention`'s (None: the best available). Linear layers start as
+    torch.nn.Linear does.
+
+    A call with ``intervention`` (:class:`jattn.analysis.Intervention`: a static capture
+    spec and an edits pytree) returns ``(output, captures)``. It is an argument, not NNX
+    intermediates (``sow``), because the edits must go in as well as the captures come
+    out, the result stays a pure function of its inputs (jit, vmap and grad with respect to
+    the edits need nothing else), and the compiled program changes only with the spec.
 
     Example:
         >>> import jax.numpy as jnp
@@ -43,7 +52,7 @@ class MultiHeadAttention(nnx.Module):
                  value_head_dim: int | None = None, query_mlp_dim: int | None = None,
                  rope_base: float | None = None, rope_fraction: float = 1.0,
                  rope_scaling: str | None = None, rope_factor: float = 1.0,
-                 rngs: nnx.Rngs):
+                 implementation=None, rngs: nnx.Rngs):
         if window is not None and window < 1:
             raise ValueError(f"window: expected >= 1 or None, got {window}")
         self.rope = None if rope_base is None else dict(
@@ -52,6 +61,7 @@ class MultiHeadAttention(nnx.Module):
         self.is_causal = is_causal
         self.window = window
         self.dropout_rate = dropout_rate
+        self.implementation = implementation
         self.proj = QKVProjection(d_model, num_heads, num_kv_heads=num_kv_heads,
                                   num_value_heads=num_value_heads,
                                   value_head_dim=value_head_dim, query_mlp_dim=query_mlp_dim,
@@ -59,29 +69,32 @@ class MultiHeadAttention(nnx.Module):
         self.out_proj = torch_linear(num_heads * self.proj.value_head_dim, d_model, rngs)
 
     def __call__(self, x: jax.Array, *, context: jax.Array | None = None,
-                 context_mask: jax.Array | None = None,
-                 dropout_rng: jax.Array | None = None) -> jax.Array:
+                 context_mask: jax.Array | None = None, dropout_rng: jax.Array | None = None,
+                 intervention: Intervention | None = None):
         """x [B, T, d_model] -> [B, T, d_model]; dropout only when ``dropout_rng`` is given.
 
         With ``context`` [B, S, d_model] this is cross attention: keys and values come from
         the context (``context_mask`` bool [B, S] marks its real tokens); the layer's causal
-        flag and window then do not apply.
+        flag and window then do not apply. With ``intervention``: (output, captures).
         """
         q, k, v = self.proj(x, context)
         rate = self.dropout_rate if dropout_rng is not None else 0.0
         if context is None and self.rope is not None:
             q, k = (apply_rope(a, **self.rope) for a in (q, k))
+        options = dict(dropout_rate=rate, dropout_rng=dropout_rng,
+                       implementation=self.implementation)
         if context is not None:
-            mask = None if context_mask is None else context_mask[:, None, None, :]
-            out = jattn.dot_product_attention(q, k, v, mask=mask, dropout_rate=rate,
-                                              dropout_rng=dropout_rng)
+            options["mask"] = None if context_mask is None else context_mask[:, None, None, :]
         else:
             window = None if self.window is None else (self.window - 1, 0 if self.is_causal else
                                                        self.window - 1)
-            out = jattn.dot_product_attention(q, k, v, is_causal=self.is_causal,
-                                              local_window_size=window, dropout_rate=rate,
-                                              dropout_rng=dropout_rng)
-        return self.out_proj(out.reshape(*x.shape[:-1], -1))
+            options.update(is_causal=self.is_causal, local_window_size=window)
+        if intervention is None:
+            out = jattn.dot_product_attention(q, k, v, **options)
+        else:
+            out, captures = attend(q, k, v, intervention=intervention, **options)
+        y = self.out_proj(out.reshape(*x.shape[:-1], -1))
+        return y if intervention is None else (y, captures)
 
     def prefill(self, x: jax.Array, *, max_length: int, sinks: int = 0
                 ) -> tuple[jax.Array, jattn.KVCache]:

@@ -28,6 +28,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn.analysis.intervene import (
+    ATTENTION_TENSORS,
+    BLOCK_TENSORS,
+    Capture,
+    Edits,
+    Intervention,
+)
 from jattn.core.positions import sinusoidal
 from jattn.core.shapes import check_integer, check_rank
 from jattn.nn.attention import MultiHeadAttention
@@ -199,24 +206,77 @@ class TransformerBlock(nnx.Module):
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
 
-    def _rest(self, x, context, context_mask) -> jax.Array:
+    def _cross(self, x, context, context_mask) -> jax.Array:
         if self.cross is not None:
             if context is None:
                 raise ValueError("context: this block has cross attention and needs one")
             x = x + self.dropout(self.cross(self.cross_norm(x), context=context,
                                             context_mask=context_mask))
+        return x
+
+    def _rest(self, x, context, context_mask) -> jax.Array:
+        x = self._cross(x, context, context_mask)
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
     def __call__(self, x: jax.Array, *, context: jax.Array | None = None,
-                 context_mask: jax.Array | None = None, return_aux: bool = False):
+                 context_mask: jax.Array | None = None, return_aux: bool = False,
+                 intervention: Intervention | None = None):
         """x [B, T, d_model] (and the encoder's output as ``context``) -> [B, T, d_model];
-        with ``return_aux`` also the mixer's auxiliary loss (0 if it has none)."""
+        with ``return_aux`` also the mixer's auxiliary loss (0 if it has none); with an
+        ``intervention`` (one layer's, :mod:`jattn.analysis.intervene`) also the captures:
+        (result, captures)."""
+        if intervention is not None:
+            return self._intervened(x, context, context_mask, return_aux, intervention)
         out = self.mixer(self.mixer_norm(x))
         aux = jnp.zeros((), jnp.float32)
         if isinstance(out, tuple):  # (output, auxiliary loss), e.g. mixture-of-heads
             out, aux = out
         x = self._rest(x + self.dropout(out), context, context_mask)
         return (x, aux) if return_aux else x
+
+    def _intervened(self, x, context, context_mask, return_aux, intervention):
+        edits = intervention.edits or Edits()
+        capture = intervention.capture
+        if capture is not None:
+            capture.check(num_heads=None, length=x.shape[1])
+        if edits.residual is not None:
+            x = edits.residual.apply(x)
+        inner_edits = edits._replace(residual=None, attention=None, mlp=None)
+        inner_capture = None
+        inner = () if capture is None else [t for t in capture.tensors if t in ATTENTION_TENSORS]
+        # capturing every layer takes attention tensors from the layers that have them
+        if inner and (capture.layers is not None or isinstance(self.mixer, MultiHeadAttention)):
+            inner_capture = Capture(tuple(inner), heads=capture.heads,
+                                    query_positions=capture.query_positions)
+        aux = jnp.zeros((), jnp.float32)
+        captures = {}
+        if inner_capture is None and all(e is None for e in inner_edits):
+            out = self.mixer(self.mixer_norm(x))
+            if isinstance(out, tuple):
+                out, aux = out
+        elif isinstance(self.mixer, MultiHeadAttention):
+            out, captures = self.mixer(self.mixer_norm(x), intervention=Intervention(
+                inner_edits, inner_capture))
+        else:
+            raise ValueError(f"intervention: this layer's mixer ({self.mixer_name}) is not "
+                             "softmax attention; only block tensors "
+                             f"{BLOCK_TENSORS} and residual edits apply to it")
+        tensors = () if capture is None else capture.tensors
+        if "residual" in tensors:
+            captures["residual"] = capture.rows(x, 1)
+        out = self.dropout(out)
+        if edits.attention is not None:
+            out = edits.attention.apply(out)
+        if "attention" in tensors:
+            captures["attention"] = capture.rows(out, 1)
+        x = self._cross(x + out, context, context_mask)
+        mlp = self.dropout(self.mlp(self.mlp_norm(x)))
+        if edits.mlp is not None:
+            mlp = edits.mlp.apply(mlp)
+        if "mlp" in tensors:
+            captures["mlp"] = capture.rows(mlp, 1)
+        x = x + mlp
+        return ((x, aux) if return_aux else x), captures
 
     def _decoder(self, method: str):
         fn = getattr(self.mixer, method, None)
@@ -295,18 +355,35 @@ class TransformerLM(nnx.Module):
 
     def __call__(self, tokens: jax.Array, *, context: jax.Array | None = None,
                  context_mask: jax.Array | None = None, return_aux: bool = False,
-                 logits_at: jax.Array | None = None):
+                 logits_at: jax.Array | None = None,
+                 intervention: Intervention | None = None):
         """tokens int [B, T] (and, with cross attention, the encoder output ``context``
         [B, S, d_model] with its ``context_mask`` bool [B, S]) -> logits [B, T, vocab];
         with ``logits_at`` (int [B, P], positions in [0, T)) only the logits at those
         positions, [B, P, vocab] (a loss on a few positions never builds [B, T, vocab]);
         with ``return_aux`` also the sum of the mixers' auxiliary losses (e.g. MoH's load
-        balance, to add to the task loss with a small weight)."""
+        balance, to add to the task loss with a small weight).
+
+        ``intervention`` (:class:`jattn.analysis.Intervention` with edits {layer: Edits})
+        edits and captures the layers' attention and residual stream; the call then returns
+        (the result above, captures {layer: {tensor: array}}), where layer ``num_layers``
+        holds the final stream ("residual", the input of the final norm)."""
         x = self.embed(tokens)
         total = jnp.zeros((), jnp.float32)
-        for block in self.blocks:
-            x, aux = block(x, context=context, context_mask=context_mask, return_aux=True)
+        captures = {}
+        L = len(self.blocks)
+        for i, block in enumerate(self.blocks):
+            iv = None if intervention is None else intervention.for_layer(i, L)
+            out = block(x, context=context, context_mask=context_mask, return_aux=True,
+                        intervention=iv)
+            if iv is not None:
+                out, captures[i] = out
+            x, aux = out
             total = total + aux
+        final = None if intervention is None else intervention.capture
+        if (final is not None and "residual" in final.tensors
+                and (final.layers is None or L in final.layers)):
+            captures[L] = {"residual": final.rows(x, 1)}
         if logits_at is not None:
             check_integer("logits_at", logits_at)
             check_rank("logits_at", logits_at, (2,), "[B, P]")
@@ -315,7 +392,8 @@ class TransformerLM(nnx.Module):
                                  f"got {logits_at.shape}")
             x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         logits = self._logits(x)
-        return (logits, total) if return_aux else logits
+        out = (logits, total) if return_aux else logits
+        return out if intervention is None else (out, captures)
 
     def prefill(self, tokens: jax.Array, *, max_length: int | None = None, context=None,
                 context_mask=None):
