@@ -98,3 +98,11 @@ def parse_config(presets: Mapping[str, C], argv: Sequence[str] | None = None,
 def save_config(config, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+
+
+def print_summary(out: str | Path) -> None:
+    """Print an experiment's summary.md and where its figures are (the end of every
+    ``python -m experiments.X`` run)."""
+    out = Path(out)
+    print((out / "summary.md").read_text())
+    print(f"figures: {out / 'figures'}")

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from experiments.common.config import parse_config
+from experiments.common.config import parse_config, print_summary
 from experiments.titans import capacity, recall
 
 # name -> (presets, run(config) -> rows)
@@ -36,9 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     presets, run = EXPERIMENTS[known.experiment]
     config = parse_config(presets, rest, description=__doc__)
     run(config)
-    out = Path(config.out)
-    print((out / "summary.md").read_text())
-    print(f"figures: {out / 'figures'}")
+    print_summary(config.out)
     return 0
 
 

@@ -42,13 +42,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from tqdm import tqdm
 
 from experiments.common.config import save_config
+from experiments.common.lm import evaluate, task_functions
 from experiments.common.plots import panels, save
 from experiments.common.trainer import TrainConfig, fit
 from experiments.tasks import mqar
@@ -196,43 +195,6 @@ def make_rows(config: RecallConfig, task: str, seq_len: int, num_examples: int,
     else:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
     return {"inputs": x} | label_positions(y)
-
-
-def task_functions(model: TransformerLM):
-    """(params, loss_fn, eval_fn) for the trainer: cross-entropy and accuracy at the
-    supervised positions only (the logits are computed there only)."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def logits(params, batch):
-        return nnx.merge(graphdef, params, rest)(batch["inputs"], logits_at=batch["positions"])
-
-    def loss_fn(params, batch, rng):
-        del rng
-        ce = optax.softmax_cross_entropy_with_integer_labels(
-            logits(params, batch).astype(jnp.float32), batch["targets"])
-        weight = batch["target_mask"] * batch["weight"][:, None]
-        return (ce * weight).sum(), weight.sum()
-
-    def eval_fn(params, batch):
-        correct = jnp.argmax(logits(params, batch), -1) == batch["targets"]
-        mask = batch["target_mask"]
-        return {"accuracy": (correct * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)}
-
-    return params, loss_fn, eval_fn
-
-
-def evaluate(eval_fn, params, rows: dict[str, np.ndarray], batch_size: int) -> float:
-    """Mean per-row accuracy over ``rows`` (one compiled shape: a short last batch is
-    padded and its padding ignored)."""
-    step = jax.jit(eval_fn)
-    n = len(rows["inputs"])
-    total = 0.0
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size) % n
-        real = min(batch_size, n - start)
-        acc = np.asarray(step(params, {k: v[idx] for k, v in rows.items()})["accuracy"])
-        total += float(acc[:real].sum())
-    return total / n
 
 
 def run_one(config: RecallConfig, task: str, model: str, workdir: Path) -> dict:

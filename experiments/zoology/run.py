@@ -14,11 +14,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
+from experiments.common.lm import task_functions as lm_task_functions
 from experiments.common.trainer import TrainConfig, TrainResult, fit
 from experiments.tasks import mqar
 from experiments.tasks.labels import label_positions
@@ -104,26 +103,14 @@ def build_model(config: RunConfig) -> LanguageModel:
                          rngs=nnx.Rngs(config.seed))
 
 
+def _logits(model, batch, rng):
+    return model(batch["inputs"], targets_at=batch["positions"], dropout_rng=rng)
+
+
 def task_functions(model: nnx.Module):
-    """(params, loss_fn, eval_fn) for the trainer, over the model's nnx.Param state."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def logits(params, batch, rng):
-        return nnx.merge(graphdef, params, rest)(batch["inputs"], targets_at=batch["positions"],
-                                                 dropout_rng=rng)
-
-    def loss_fn(params, batch, rng):
-        ce = optax.softmax_cross_entropy_with_integer_labels(
-            logits(params, batch, rng).astype(jnp.float32), batch["targets"])
-        weight = batch["target_mask"] * batch["weight"][:, None]
-        return (ce * weight).sum(), weight.sum()
-
-    def eval_fn(params, batch):
-        correct = jnp.argmax(logits(params, batch, None), -1) == batch["targets"]
-        mask = batch["target_mask"]
-        return {"accuracy": (correct * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)}
-
-    return params, loss_fn, eval_fn
+    """(params, loss_fn, eval_fn) for the trainer (:func:`experiments.common.lm.task_functions`
+    with the Zoology model's dropout)."""
+    return lm_task_functions(model, _logits)
 
 
 def train_run(config: RunConfig, workdir: Path, *, prepared=None,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from experiments.benchmarks import titans_memory
+from experiments.common.lm import evaluate, task_functions
 from experiments.titans import recall
 from experiments.titans.__main__ import main
 from experiments.titans.capacity import (
@@ -149,7 +150,7 @@ def test_recall_rows_and_task_functions(tmp_path):
     assert not np.array_equal(rows["inputs"], other["inputs"])
     # The loss and accuracy are those of the full logits at the supervised positions.
     lm = recall.build_model(config, "mqar", "swa")
-    params, loss_fn, eval_fn = recall.task_functions(lm)
+    params, loss_fn, eval_fn = task_functions(lm)
     batch = {k: jnp.asarray(v) for k, v in rows.items()} | {"weight": jnp.ones(5)}
     logits = np.asarray(lm(batch["inputs"]), np.float64)
     pos = rows["positions"]
@@ -165,7 +166,7 @@ def test_recall_rows_and_task_functions(tmp_path):
                                correct.sum(1) / mask.sum(1), atol=1e-6)
     # A short last batch is padded, not counted twice.
     want = float((correct.sum(1) / mask.sum(1)).mean())
-    assert recall.evaluate(eval_fn, params, rows, 2) == pytest.approx(want, abs=1e-6)
+    assert evaluate(eval_fn, params, rows, 2) == pytest.approx(want, abs=1e-6)
 
 
 
@@ -182,7 +183,7 @@ def test_mac_outer_gradient_over_segments(initial_lr, momentum, bounded, monkeyp
         "MAC", "titans_mac", recall._titans("titans_mac", initial_lr=initial_lr,
                                             momentum=momentum)))
     lm = recall.build_model(config, "passkey", "mac_test")
-    params, loss_fn, _ = recall.task_functions(lm)
+    params, loss_fn, _ = task_functions(lm)
     rows = recall.make_rows(config, "passkey", 64, 2, stream=0)
     batch = {k: jnp.asarray(v) for k, v in rows.items()} | {"weight": jnp.ones(2)}
     grads = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, None)[0]))(params, batch)

@@ -1,0 +1,1 @@
+"""Attention analysis and intervention on a trained model (issue 24)."""
