@@ -24,7 +24,8 @@ and "value" are returned whole (their heads are shared under GQA).
 
 Edits, in the order applied: ``query``/``key``/``value`` patches, ``logit_bias`` added to
 the logits, attention, ``sinks``/``sink_scale`` calibration of the weights, the ``heads``
-patch, then the per-head ``gate``. A patch (:class:`Edit`) replaces a tensor by
+patch, then the per-head ``gate``; in a model's block, ``residual`` before the layer and
+``attention`` / ``mlp`` on what the branches add. A patch (:class:`Edit`) replaces a tensor by
 ``(1 - where) * x + where * values`` and adds ``delta``: with the run's own values it is the
 identity, with a corrupted run's values it is activation patching, with where in (0, 1) an
 interpolation.
