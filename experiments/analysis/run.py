@@ -156,7 +156,6 @@ class Probe:
 
     def __init__(self, model: TransformerLM):
         self.graph, self.state = nnx.split(model)
-        self.model = model
 
         @jax.jit
         def run(state, inputs, intervention):

@@ -21,19 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn.analysis.intervene import Edits
+from jattn.analysis.tokens import _token_mask, keep_top_tokens
+from jattn.core.masks import causal
 from jattn.core.shapes import Array, check_bool, check_floating, check_integer, check_rank
-
-
-def _per_example(name: str, x, weights: Array, letters: str) -> Array:
-    """[B, S] (or [S]) data as [B, 1, ..., 1, S] against weights [B, ..., P, S]."""
-    x = jnp.asarray(x)
-    B, S = weights.shape[0], weights.shape[-1]
-    if x.ndim == 1:
-        x = x[None]
-    check_rank(name, x, (2,), f"[B, {letters}] or [{letters}]")
-    if x.shape[0] not in (1, B) or x.shape[1] != S:
-        raise ValueError(f"{name}: expected [B={B}, {S}] or [{S}], got {x.shape}")
-    return x.reshape(x.shape[0], *([1] * (weights.ndim - 2)), S)
 
 
 def retrieval_scores(weights: Array, context, predicted, needle, *, rows=None) -> Array:
@@ -95,7 +85,7 @@ def sink_scores(weights: Array, *, visible=None, is_causal: bool = True) -> Arra
     """Attention each key receives, divided by how many queries can see it.
 
     Args:
-        weights: [B, ..., T, S]: every query row (self-attention: T == S when causal).
+        weights: [B, ..., T, S]: every query row (T == S with ``is_causal``).
         visible: None, or bool broadcastable to [B, ..., T, S]: which queries can see which
             keys; default: causal (query i sees keys j <= i) or all.
         is_causal: the default pattern when ``visible`` is None.
@@ -119,7 +109,7 @@ def sink_scores(weights: Array, *, visible=None, is_causal: bool = True) -> Arra
     if visible is None:
         if is_causal and T != S:
             raise ValueError(f"visible: needed for causal weights with T={T} != S={S}")
-        visible = jnp.tril(jnp.ones((T, S), bool)) if is_causal else jnp.ones((T, S), bool)
+        visible = causal().materialize(T, S)[0, 0] if is_causal else jnp.ones((T, S), bool)
     visible = jnp.asarray(visible)
     check_bool("visible", visible)
     count = jnp.broadcast_to(visible, weights.shape).sum(-2)
@@ -234,8 +224,8 @@ def head_sensitivity(weights: Array, tokens) -> Array:
     weights = jnp.asarray(weights, jnp.float32)
     if weights.ndim < 3:
         raise ValueError(f"weights: expected [B, ..., P, S], got shape {weights.shape}")
-    tokens = _per_example("tokens", tokens, weights, "S")
-    check_bool("tokens", tokens)
+    tokens = _token_mask("tokens", tokens, weights.shape[0], weights.shape[-1])
+    tokens = tokens.reshape(-1, *([1] * (weights.ndim - 2)), weights.shape[-1])
     mass = jnp.where(tokens, weights, 0.0).sum(-1)  # [B, ..., P]
     return mass.mean(-1).mean(0)
 
@@ -319,7 +309,6 @@ def dual_stream_tokens(received: Array, features: Array, grid: tuple[int, int], 
         chosen = jnp.zeros((B, L), bool)
         if k == 0:
             return chosen
-        index = jnp.argsort(-scores, axis=-1, stable=True)[:, :k]
-        return chosen.at[jnp.arange(B)[:, None], index].set(True)
+        return chosen.at[jnp.arange(B)[:, None], keep_top_tokens(scores, k)].set(True)
 
     return top(contrast, num_local) | top(received, num_attended)

@@ -157,7 +157,7 @@ def selective_lookup(x: Array, attended: Array, selection: Array, *,
 
     Args:
         x: [B, L, D] the layer input.
-        attended: [B, T, D] the (dense, causal) attention output a.
+        attended: [B, T, D] the dense attention output a (with ``is_causal``).
         selection: [B, L] selection weights s (``selection_weights``).
         top_k: positions updated per sequence when selecting; None for ceil(sqrt(L)).
         select: False (training: every position, weighted by s) or True (evaluation: only

@@ -89,10 +89,7 @@ class MultiHeadAttention(nnx.Module):
             window = None if self.window is None else (self.window - 1, 0 if self.is_causal else
                                                        self.window - 1)
             options.update(is_causal=self.is_causal, local_window_size=window)
-        if intervention is None:
-            out = jattn.dot_product_attention(q, k, v, **options)
-        else:
-            out, captures = attend(q, k, v, intervention=intervention, **options)
+        out, captures = attend(q, k, v, intervention=intervention, **options)
         y = self.out_proj(out.reshape(*x.shape[:-1], -1))
         return y if intervention is None else (y, captures)
 

@@ -461,8 +461,9 @@ class TitansMAC(nnx.Module):
     Args:
         d_model, num_heads: width and attention heads.
         segment_size: C, tokens per segment (the attention's span; default 64).
-        retrieved: "causal" (query i sees retrieved tokens j <= i; causal) or "prefix"
-            (every retrieved token visible: the paper's figure, not causal in an LM).
+        retrieved: the retrieved tokens' mask (:data:`RETRIEVED_MASKS`): "causal" (query i
+            sees retrieved tokens j <= i) or "prefix" (every retrieved token visible: the
+            paper's figure, which lets a query see the future in an LM).
         memory_heads: memory heads (default num_heads).
         num_persistent: N_p persistent tokens (default 4).
         **memory_options: :class:`NeuralMemory` options (``retrieve`` is fixed by MAC's

@@ -205,7 +205,6 @@ class TransformerBlock(nnx.Module):
         self.mlp = MLP(d_model, mlp_hidden or 4 * d_model, kind=mlp, rngs=rngs)
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
-
     def _cross(self, x, context, context_mask) -> jax.Array:
         if self.cross is not None:
             if context is None:
@@ -215,6 +214,7 @@ class TransformerBlock(nnx.Module):
         return x
 
     def _rest(self, x, context, context_mask) -> jax.Array:
+        """Cross attention and the MLP after the mixer (decoding)."""
         x = self._cross(x, context, context_mask)
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
@@ -225,58 +225,59 @@ class TransformerBlock(nnx.Module):
         with ``return_aux`` also the mixer's auxiliary loss (0 if it has none); with an
         ``intervention`` (one layer's, :mod:`jattn.analysis.intervene`) also the captures:
         (result, captures)."""
-        if intervention is not None:
-            return self._intervened(x, context, context_mask, return_aux, intervention)
-        out = self.mixer(self.mixer_norm(x))
-        aux = jnp.zeros((), jnp.float32)
-        if isinstance(out, tuple):  # (output, auxiliary loss), e.g. mixture-of-heads
-            out, aux = out
-        x = self._rest(x + self.dropout(out), context, context_mask)
-        return (x, aux) if return_aux else x
-
-    def _intervened(self, x, context, context_mask, return_aux, intervention):
-        edits = intervention.edits or Edits()
-        capture = intervention.capture
+        edits = Edits() if intervention is None or intervention.edits is None else (
+            intervention.edits)
+        capture = None if intervention is None else intervention.capture
+        tensors = () if capture is None else capture.tensors
         if capture is not None:
             capture.check(num_heads=None, length=x.shape[1])
-        if edits.residual is not None:
-            x = edits.residual.apply(x)
-        inner_edits = edits._replace(residual=None, attention=None, mlp=None)
-        inner_capture = None
-        inner = () if capture is None else [t for t in capture.tensors if t in ATTENTION_TENSORS]
-        # capturing every layer takes attention tensors from the layers that have them
-        if inner and (capture.layers is not None or isinstance(self.mixer, MultiHeadAttention)):
-            inner_capture = Capture(tuple(inner), heads=capture.heads,
-                                    query_positions=capture.query_positions)
-        aux = jnp.zeros((), jnp.float32)
         captures = {}
+
+        def record(name, value):
+            if name in tensors:
+                captures[name] = capture.rows(value, 1)
+
+        def edited(name, value):
+            edit = getattr(edits, name)
+            return value if edit is None else edit.apply(value)
+
+        x = edited("residual", x)
+        record("residual", x)
+        out, aux = self._mix(self.mixer_norm(x), edits, capture, captures)
+        out = edited("attention", self.dropout(out))
+        record("attention", out)
+        x = self._cross(x + out, context, context_mask)
+        mlp = edited("mlp", self.dropout(self.mlp(self.mlp_norm(x))))
+        record("mlp", mlp)
+        x = x + mlp
+        result = (x, aux) if return_aux else x
+        return result if intervention is None else (result, captures)
+
+    def _mix(self, x, edits: Edits, capture: Capture | None, captures: dict):
+        """The mixer on x: (output, auxiliary loss); its attention-level edits and captures
+        (into ``captures``) go to a softmax attention mixer."""
+        inner_edits = edits._replace(residual=None, attention=None, mlp=None)
+        inner = () if capture is None else tuple(t for t in capture.tensors
+                                                 if t in ATTENTION_TENSORS)
+        # capturing every layer takes attention tensors from the layers that have them
+        is_attention = isinstance(self.mixer, MultiHeadAttention)
+        inner_capture = (Capture(inner, heads=capture.heads,
+                                 query_positions=capture.query_positions)
+                         if inner and (capture.layers is not None or is_attention) else None)
+        aux = jnp.zeros((), jnp.float32)
         if inner_capture is None and all(e is None for e in inner_edits):
-            out = self.mixer(self.mixer_norm(x))
-            if isinstance(out, tuple):
+            out = self.mixer(x)
+            if isinstance(out, tuple):  # (output, auxiliary loss), e.g. mixture-of-heads
                 out, aux = out
-        elif isinstance(self.mixer, MultiHeadAttention):
-            out, captures = self.mixer(self.mixer_norm(x), intervention=Intervention(
-                inner_edits, inner_capture))
-        else:
+            return out, aux
+        if not is_attention:
             raise ValueError(f"intervention: this layer's mixer ({self.mixer_name}) is not "
                              "softmax attention; only block tensors "
                              f"{BLOCK_TENSORS} and residual edits apply to it")
-        tensors = () if capture is None else capture.tensors
-        if "residual" in tensors:
-            captures["residual"] = capture.rows(x, 1)
-        out = self.dropout(out)
-        if edits.attention is not None:
-            out = edits.attention.apply(out)
-        if "attention" in tensors:
-            captures["attention"] = capture.rows(out, 1)
-        x = self._cross(x + out, context, context_mask)
-        mlp = self.dropout(self.mlp(self.mlp_norm(x)))
-        if edits.mlp is not None:
-            mlp = edits.mlp.apply(mlp)
-        if "mlp" in tensors:
-            captures["mlp"] = capture.rows(mlp, 1)
-        x = x + mlp
-        return ((x, aux) if return_aux else x), captures
+        out, inner_captures = self.mixer(x, intervention=Intervention(inner_edits,
+                                                                      inner_capture))
+        captures.update(inner_captures)
+        return out, aux
 
     def _decoder(self, method: str):
         fn = getattr(self.mixer, method, None)
