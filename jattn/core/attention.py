@@ -29,6 +29,7 @@ from jax import lax
 from jattn.core import chunked as _chunked
 from jattn.core import kernels as _kernels
 from jattn.core import masks as _masks
+from jattn.core import score_mod as _score_mod
 from jattn.core.masks import Mask
 from jattn.core.shapes import (
     Array,
@@ -56,6 +57,9 @@ class Implementation(Protocol):
         logits_soft_cap: None or a positive Python float.
         dropout: None or a :class:`Dropout` (an implementation without it raises
             NotImplementedError).
+        score_mod: passed only when the call has one: a function (score, batch, head,
+            q_index, kv_index) -> score for scalars (:mod:`jattn.core.score_mod`), applied
+            to scale q.k + bias before the soft cap.
 
     Returns:
         (output [B, T, N, Hv] in the input dtype, lse [B, N, T] in float32 or wider).
@@ -63,7 +67,7 @@ class Implementation(Protocol):
 
     def __call__(self, query: Array, key: Array, value: Array, bias: Array | None,
                  mask: Mask | None, *, scale: float, logits_soft_cap: float | None,
-                 dropout: Dropout | None) -> tuple[Array, Array]: ...
+                 dropout: Dropout | None, score_mod=None) -> tuple[Array, Array]: ...
 
 
 class Dropout(NamedTuple):
@@ -125,14 +129,15 @@ def _auto_order(T: int, S: int) -> list[str]:
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,
                           is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
                           local_window_size=None, query_segment_ids=None, kv_segment_ids=None,
-                          logits_soft_cap=None, return_lse=False, implementation=None,
-                          return_residual=False, dropout_rate=0.0, dropout_rng=None):
+                          logits_soft_cap=None, score_mod=None, return_lse=False,
+                          implementation=None, return_residual=False, dropout_rate=0.0,
+                          dropout_rng=None):
     r"""Scaled dot-product attention, a superset of ``jax.nn.dot_product_attention``.
 
     .. math::
-        \mathrm{out} = \mathrm{softmax}_S\big(\mathrm{cap}(\mathrm{scale}\, q k^\top
-        + \mathrm{bias}) \text{ where allowed, } -\infty \text{ elsewhere}\big)\, v,
-        \qquad \mathrm{cap}(x) = c \tanh(x / c)
+        \mathrm{out} = \mathrm{softmax}_S\big(\mathrm{cap}(\mathrm{mod}(\mathrm{scale}\,
+        q k^\top + \mathrm{bias})) \text{ where allowed, } -\infty \text{ elsewhere}\big)\,
+        v, \qquad \mathrm{cap}(x) = c \tanh(x / c)
 
     A query row that may attend to nothing returns zeros (and zero gradients), never NaN.
     Scores and softmax statistics are computed in float32 (or wider) whatever the input dtype.
@@ -159,6 +164,12 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
             query ids, for self-attention) a query sees only keys of its own segment.
         kv_segment_ids: int [B, S].
         logits_soft_cap: c > 0; logits become c * tanh(logits / c) before masking.
+        score_mod: a function ``(score, batch, head, q_index, kv_index) -> score`` written
+            for scalars (FlexAttention's contract), applied to every logit after the bias
+            and before the soft cap. ALiBi, T5 buckets, relative-position tables and
+            per-head re-weighting this way never form a [T, S] array ("xla" does form its
+            [B, N, T, S] logits anyway). Gradients reach the arrays it closes over. Supported
+            by "xla" and "chunked" (:mod:`jattn.core.score_mod`).
         return_lse: also return the log-sum-exp of the masked logits, [B, N, T] (or [N, T]),
             float32; -inf for rows with nothing to attend to. Differentiable.
         implementation: None (the best available here), a name from ``implementations()``,
@@ -216,6 +227,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         scale = float(H) ** -0.5
     if logits_soft_cap is not None and not logits_soft_cap > 0:
         raise ValueError(f"logits_soft_cap: expected a positive number, got {logits_soft_cap}")
+    _score_mod.check(score_mod)
 
     dropout = None
     if not 0.0 <= dropout_rate < 1.0:
@@ -226,7 +238,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         dropout = Dropout(float(dropout_rate), dropout_rng)
 
     out, lse = _dispatch(implementation, query, key, value, bias, combined, scale=scale,
-                         logits_soft_cap=logits_soft_cap, dropout=dropout)
+                         logits_soft_cap=logits_soft_cap, dropout=dropout, score_mod=score_mod)
     out, lse = batch.restore(out), batch.restore(lse)
     if return_residual:
         return out, lax.stop_gradient(jnp.swapaxes(lse, -1, -2).astype(out.dtype))
@@ -236,8 +248,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
 def attention_weights(query, key, bias=None, mask=None, *, scale=None, is_causal=False,
                       query_seq_lengths=None, key_value_seq_lengths=None,
                       local_window_size=None, query_segment_ids=None, kv_segment_ids=None,
-                      logits_soft_cap=None, lse=None, heads=None, query_positions=None,
-                      key_positions=None):
+                      logits_soft_cap=None, score_mod=None, lse=None, heads=None,
+                      query_positions=None, key_positions=None):
     r"""Exact attention probabilities of chosen heads, query rows and keys, without the
     [T, S] matrix of every head.
 
@@ -257,8 +269,9 @@ def attention_weights(query, key, bias=None, mask=None, *, scale=None, is_causal
         query: [*batch, T, N, H]; key: [*batch, S, K, H] (GQA and batch axes as in
             :func:`dot_product_attention`).
         bias, mask, scale, is_causal, query_seq_lengths, key_value_seq_lengths,
-            local_window_size, query_segment_ids, kv_segment_ids, logits_soft_cap: as in
-            :func:`dot_product_attention` (pass the same ones as the forward).
+            local_window_size, query_segment_ids, kv_segment_ids, logits_soft_cap,
+            score_mod: as in :func:`dot_product_attention` (pass the same ones as the
+            forward).
         lse: None or floating [*batch, N, T]: the forward's log-sum-exp.
         heads: None (all) or ints in [0, N): the query heads to return, in that order.
         query_positions: None (all) or ints in [0, T): the query rows.
@@ -301,7 +314,7 @@ def attention_weights(query, key, bias=None, mask=None, *, scale=None, is_causal
             is_causal=is_causal, query_seq_lengths=query_seq_lengths,
             key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
             query_segment_ids=query_segment_ids, kv_segment_ids=kv_segment_ids,
-            logits_soft_cap=logits_soft_cap, heads=hp, query_positions=qp)
+            logits_soft_cap=logits_soft_cap, score_mod=score_mod, heads=hp, query_positions=qp)
         return jnp.take(rows, kp, axis=-1)
     q = jnp.take(jnp.take(query, qp, axis=1), hp, axis=2)  # [B, P, Nh, H]
     k = jnp.take(jnp.take(key, kp, axis=1), hp // (N // K), axis=2)  # [B, Sk, Nh, H]
@@ -315,6 +328,9 @@ def attention_weights(query, key, bias=None, mask=None, *, scale=None, is_causal
             if bias.shape[axis] > 1:
                 bias = jnp.take(bias, index, axis=axis)
         logits = logits + bias.astype(acc)
+    if score_mod is not None:
+        _score_mod.check(score_mod)
+        logits = _score_mod.apply(score_mod, logits, score_indices(logits.shape[0], hp, qp, kp))
     if logits_soft_cap is not None:
         if not logits_soft_cap > 0:
             raise ValueError(f"logits_soft_cap: expected a positive number, got "
@@ -482,7 +498,7 @@ def _lengths_array(name, x, batch: _Batch, limit) -> Array | None:
 
 
 def _dispatch(implementation, query, key, value, bias, mask, *, scale, logits_soft_cap,
-              dropout):
+              dropout, score_mod=None):
     if implementation is None:
         choices = _auto_order(query.shape[1], key.shape[1])
     elif isinstance(implementation, str) or callable(implementation):
@@ -493,12 +509,15 @@ def _dispatch(implementation, query, key, value, bias, mask, *, scale, logits_so
     if unknown or not choices:
         raise ValueError(f"implementation: unknown {unknown or choices!r}; expected None, one "
                          f"of {sorted(_REGISTRY)}, an Implementation callable, or a list")
+    # score_mod is passed only when there is one, so Implementations written before it
+    # existed keep working.
+    extra = {} if score_mod is None else {"score_mod": score_mod}
     reasons = []
     for choice in choices:
         fn = choice if callable(choice) else _REGISTRY[choice]
         try:
             return fn(query, key, value, bias, mask, scale=scale,
-                      logits_soft_cap=logits_soft_cap, dropout=dropout)
+                      logits_soft_cap=logits_soft_cap, dropout=dropout, **extra)
         except NotImplementedError as e:
             name = choice if isinstance(choice, str) else getattr(choice, "__name__", choice)
             reasons.append(f"{name}: {e}")
@@ -510,7 +529,17 @@ def _dispatch(implementation, query, key, value, bias, mask, *, scale, logits_so
 # --------------------------------------------------------------------------------------------
 
 
-def xla_attention(query, key, value, bias, mask, *, scale, logits_soft_cap, dropout):
+def score_indices(B: int, heads, q_index, kv_index) -> tuple[Array, ...]:
+    """The (batch, head, q_index, kv_index) arguments of a score_mod over logits
+    [B, len(heads), len(q_index), len(kv_index)], each an int32 array of that rank."""
+    return (jnp.arange(B, dtype=jnp.int32).reshape(B, 1, 1, 1),
+            jnp.asarray(heads, jnp.int32).reshape(1, -1, 1, 1),
+            jnp.asarray(q_index, jnp.int32).reshape(1, 1, -1, 1),
+            jnp.asarray(kv_index, jnp.int32).reshape(1, 1, 1, -1))
+
+
+def xla_attention(query, key, value, bias, mask, *, scale, logits_soft_cap, dropout,
+                  score_mod=None):
     """Materialised scores [B, N, T, S], differentiated by JAX. Memory O(B N T S).
 
     Masked logits are set to the dtype's lowest finite value (not -inf) so jax.nn.softmax
@@ -534,9 +563,12 @@ def xla_attention(query, key, value, bias, mask, *, scale, logits_soft_cap, drop
     allowed = None if mask is None else mask.materialize(T, S)
     if bias is not None:
         logits = logits + bias.astype(acc)
+    if score_mod is not None:
+        logits = _score_mod.apply(score_mod, logits, score_indices(B, range(N), range(T),
+                                                                    range(S)))
     if logits_soft_cap is not None:
         logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
-    elif bias is not None:
+    elif bias is not None or score_mod is not None:
         # An additive -inf is a mask too; keep it out of the softmax (it would give NaN rows).
         finite = logits > -jnp.inf
         allowed = finite if allowed is None else allowed & finite
@@ -577,8 +609,11 @@ def _cudnn_mask_options(mask: Mask | None):
     return is_causal, window, q_len, kv_len
 
 
-def cudnn_attention(query, key, value, bias, mask, *, scale, logits_soft_cap, dropout):
+def cudnn_attention(query, key, value, bias, mask, *, scale, logits_soft_cap, dropout,
+                    score_mod=None):
     """jax.nn's cuDNN flash attention (GPU, float16/bfloat16, H == Hv <= 256, H % 8 == 0)."""
+    if score_mod is not None:
+        raise NotImplementedError("cuDNN has no score_mod")
     if jax.default_backend() != "gpu":
         raise NotImplementedError(f"cuDNN needs a GPU, the backend is {jax.default_backend()}")
     if query.dtype not in (jnp.float16, jnp.bfloat16):

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jattn.core.masks import EMPTY, FULL, PARTIAL, Mask
+from jattn.core import score_mod as _score_mod
+from jattn.core.masks import EMPTY, FULL, PARTIAL, BlockSelection, Mask
 from jattn.core.shapes import (
     Array,
     DTypeError,
@@ -38,6 +39,36 @@ DEFAULT_BLOCK_SIZES = BlockSizes(512, 512, block_q_bwd=256, block_kv_bwd=512)
 """The chunked path's tiles, chosen on a 2-core x86 CPU at T = 8k, H = 64
 (docs/benchmarks.md): the backward pass, with five matmuls and more elementwise work per
 tile, prefers shorter query blocks. Each is clipped to its sequence."""
+
+MIN_BAND_BLOCK = 128
+"""The smallest tile :func:`block_sizes_for` picks for a narrow band: below it the loop's
+per-tile overhead outweighs the skipped work on XLA:CPU (docs/benchmarks.md)."""
+
+
+def block_sizes_for(mask: Mask | None) -> BlockSizes:
+    """The default tiles for ``mask``: :data:`DEFAULT_BLOCK_SIZES`, or smaller ones where
+    the mask says more. A block selection (:class:`jattn.masks.BlockSelection`) tiles at
+    its key blocks (query tiles as long, or as its query blocks if longer), so each tile is
+    one selected block; a mask with a key extent (:meth:`Mask.key_extent`) narrower than a
+    default tile gets square tiles of the power of two at or above it (at least
+    :data:`MIN_BAND_BLOCK`), so a query tile of a sliding window or a neighbourhood visits
+    about two key tiles of about the window's width instead of two of 512 keys.
+
+    >>> from jattn import masks
+    >>> block_sizes_for(masks.local_window(126, 0))
+    BlockSizes(block_q=128, block_kv=128)
+    """
+    largest = DEFAULT_BLOCK_SIZES.block_kv
+    if mask is None:
+        return DEFAULT_BLOCK_SIZES
+    for part in mask.conjuncts():
+        if isinstance(part, BlockSelection) and part.block_kv < largest:
+            return BlockSizes(max(part.block_q, part.block_kv), part.block_kv)
+    extent = mask.key_extent()
+    if extent is None or extent >= largest:
+        return DEFAULT_BLOCK_SIZES
+    size = max(MIN_BAND_BLOCK, 1 << max(extent - 1, 0).bit_length())
+    return BlockSizes(size, size) if size < largest else DEFAULT_BLOCK_SIZES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +99,13 @@ class _Static:
     soft_cap: float | None
     fwd: _Tiling
     bwd: _Tiling
+    mod: _score_mod.Converted | None = None
 
 
 def chunked_attention(query: Array, key: Array, value: Array, bias: Array | None = None,
                       mask: Mask | None = None, *, scale: float,
-                      logits_soft_cap: float | None = None, dropout=None,
-                      block_sizes: BlockSizes = DEFAULT_BLOCK_SIZES) -> tuple[Array, Array]:
+                      logits_soft_cap: float | None = None, dropout=None, score_mod=None,
+                      block_sizes: BlockSizes | None = None) -> tuple[Array, Array]:
     """Softmax attention computed tile by tile, with empty tiles skipped.
 
     Same contract as the ``"chunked"`` entry of ``jattn.dot_product_attention`` (which
@@ -86,8 +118,12 @@ def chunked_attention(query: Array, key: Array, value: Array, bias: Array | None
         scale: logits scale.
         logits_soft_cap: None or c > 0 (logits -> c tanh(logits / c), before masking).
         dropout: must be None (attention dropout is an "xla" feature).
+        score_mod: None or a function (score, batch, head, q_index, kv_index) -> score
+            (:mod:`jattn.core.score_mod`), applied to each tile's logits before the soft cap;
+            gradients reach the arrays it closes over.
         block_sizes: query and key tile sizes, forward and backward (the backward pass
-            tiles as the forward where its sizes are None).
+            tiles as the forward where its sizes are None); None: :func:`block_sizes_for`
+            the mask.
 
     Returns:
         (output [B, T, N, Hv] in the input dtype, lse [B, N, T]; -inf where nothing attends).
@@ -109,12 +145,50 @@ def chunked_attention(query: Array, key: Array, value: Array, bias: Array | None
         raise NotImplementedError("chunked has no attention dropout")
     _check_normalised(query, key, value, bias, mask)
     T, S = query.shape[1], key.shape[1]
-    bs = block_sizes
+    bs = block_sizes_for(mask) if block_sizes is None else block_sizes
+    mod, consts = None, ()
+    if score_mod is not None:
+        _score_mod.check(score_mod)
+        mod, consts = _score_mod.convert(score_mod, accumulation_dtype(query.dtype))
     st = _Static(scale=float(scale),
                  soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
                  fwd=_Tiling.of(T, S, bs.block_q, bs.block_kv),
-                 bwd=_Tiling.of(T, S, *bs.backward))
-    return _attention(st, query, key, value, bias, mask)
+                 bwd=_Tiling.of(T, S, *bs.backward), mod=mod)
+    if mask is not None and mask.sparse_rows and mask.dims() != (1, 1):
+        return _per_row(st, query, key, value, bias, mask, consts)
+    return _attention(st, query, key, value, bias, mask, consts, jnp.zeros(2, jnp.int32),
+                      None)
+
+
+def _per_row(st: _Static, query, key, value, bias, mask: Mask, consts):
+    """Every batch row and kv head on its own tile schedule (``vmap`` over both): a mask
+    whose block map differs from row to row (``Mask.sparse_rows``) then costs each row only
+    its own tiles, not the union of all rows' tiles. The G query heads of a kv head share
+    one schedule (the union of theirs)."""
+    B, T, N, H = query.shape
+    K = key.shape[2]
+    G = N // K
+    # Each tiling's longest row schedule per query block, over all rows: the shared trip
+    # count of the vmapped loops (see _visit).
+    limits = tuple(_row_counts(mask, tl, K).max((0, 1)) for tl in (st.fwd, st.bwd))
+
+    def one(b, kh, q, k, v):  # q [T, G, H], k [S, H], v [S, Hv]
+        heads = kh * G + jnp.arange(G, dtype=jnp.int32)
+        row_bias = None
+        if bias is not None:
+            row_bias = bias if bias.shape[0] == 1 else lax.dynamic_slice_in_dim(bias, b, 1, 0)
+            if row_bias.shape[1] > 1:
+                row_bias = jnp.take(row_bias, heads, axis=1)
+        out, lse = _attention(st, q[None], k[None, :, None], v[None, :, None], row_bias,
+                              mask.rows(b, heads), consts, jnp.stack([b, kh * G]), limits)
+        return out[0], lse[0]  # [T, G, Hv], [G, T]
+
+    ids = jnp.arange(max(B, K), dtype=jnp.int32)
+    per_head = jax.vmap(one, in_axes=(None, 0, 1, 1, 1))
+    out, lse = jax.vmap(per_head, in_axes=(0, None, 0, 0, 0))(
+        ids[:B], ids[:K], query.reshape(B, T, K, G, H), key, value)
+    # out [B, K, T, G, Hv] -> [B, T, N, Hv]; lse [B, K, G, T] -> [B, N, T]
+    return (jnp.moveaxis(out, 1, 2).reshape(B, T, N, -1), lse.reshape(B, N, T))
 
 
 def _check_normalised(query, key, value, bias, mask) -> None:
@@ -161,6 +235,17 @@ def tile_schedule(mask: Mask | None, T: int, S: int, block_q: int, block_kv: int
     return _schedule(mask, _Tiling.of(T, S, block_q, block_kv))
 
 
+def _row_counts(mask: Mask, tl: _Tiling, K: int) -> Array:
+    """Non-empty tiles per query block of every (batch row, kv head): int32 [Bm, K|1, nq]
+    (the query heads of a kv head share a schedule, the union of theirs)."""
+    kinds = mask.block_map(tl.T, tl.S, tl.bq, tl.bk)
+    Bm, Nm, nq, nk = kinds.shape
+    nonempty = mark_padded_keys(kinds, tl.S, tl.bk) != EMPTY
+    if Nm > 1:
+        nonempty = nonempty.reshape(Bm, K, Nm // K, nq, nk).any(2)
+    return nonempty.sum(-1, dtype=jnp.int32)
+
+
 def _schedule(mask: Mask | None, tl: _Tiling) -> TileSchedule:
     kinds = _tile_kinds(mask, tl)
     # FULL (2) first, then PARTIAL (1), then EMPTY (0); stable, so increasing within a kind.
@@ -180,17 +265,27 @@ def _tile_kinds(mask: Mask | None, tl: _Tiling) -> Array:
     return mark_padded_keys(kinds, tl.S, tl.bk)
 
 
-def _visit(schedule: TileSchedule, qb, body, carry):
-    """Run ``body(kb, masked, carry)`` over the non-empty key blocks of query block ``qb``.
+def _visit(schedule: TileSchedule, qb, body, carry, limit=None):
+    """Run ``body(kb, masked, live, carry)`` over the non-empty key blocks of query block
+    ``qb``.
 
     FULL tiles come first with ``masked=False`` (no mask arithmetic at all), then PARTIAL
-    ones with ``masked=True``: two loops, so no tile pays for a conditional.
+    ones with ``masked=True``: two loops, so no tile pays for a conditional; ``live`` is
+    None. With ``limit`` (per-row schedules under ``vmap``, where each row's count differs)
+    one loop runs a trip count shared by all rows, ``limit`` >= every row's count, so no
+    row's carry is selected per step; every tile is masked, and ``live`` (false past the
+    row's own count, where ``order`` repeats an empty tile) empties the tile.
     """
+    if limit is not None:
+        def one(i, c):
+            return body(schedule.order[qb, i], True, i < schedule.counts[qb], c)
+
+        return lax.fori_loop(0, limit, one, carry)
 
     def loop(start, stop, masked, carry):
         def step(state):
             i, c = state
-            return i + 1, body(schedule.order[qb, i], masked, c)
+            return i + 1, body(schedule.order[qb, i], masked, None, c)
 
         return lax.while_loop(lambda state: state[0] < stop, step, (start, carry))[1]
 
@@ -255,29 +350,65 @@ def _bias_tile(bias: Array | None, qb, kb, tl: _Tiling, K: int) -> Array | None:
     return _group(bias, K)
 
 
-def _tile_logits(q_blk, k_blk, bias, mask, qb, kb, masked: bool, tl: _Tiling, st: _Static):
+def _tile_logits(q_blk, k_blk, bias, mask, consts, origin, qb, kb, masked: bool, live,
+                 tl: _Tiling, st: _Static, pullback: bool = False):
     """Logits of one tile, [B, K, G, bq, bk]; with ``masked``, -inf where not allowed.
 
-    Also returns tanh(raw / cap) for the soft cap's derivative (None without a cap).
+    With ``pullback`` also returns ``back(ds) -> (ds_raw, d_consts)``: the cotangent of the
+    final logits taken back through the soft cap and the score_mod to ``scale q.k + bias``
+    (and to the score_mod's closed-over arrays; None without a score_mod). ``origin`` is
+    the (batch, head) index of the tile's first row and head, for the score_mod.
     """
-    K = k_blk.shape[1]
+    B, K, G = q_blk.shape[:3]
     acc = accumulation_dtype(q_blk.dtype)
     s = jnp.einsum("bkgqh,bksh->bkgqs", q_blk, k_blk, preferred_element_type=acc) * st.scale
     b = _bias_tile(bias, qb, kb, tl, K)
     if b is not None:
         s = s + b.astype(acc)
+    q_pos = qb * tl.bq + jnp.arange(tl.bq, dtype=jnp.int32)
+    kv_pos = kb * tl.bk + jnp.arange(tl.bk, dtype=jnp.int32)
+    mod_vjp = None
+    if st.mod is not None:
+        # Padded rows and columns read the last real index (their values are discarded).
+        idx = (origin[0] + jnp.arange(B, dtype=jnp.int32).reshape(B, 1, 1, 1, 1),
+               origin[1] + jnp.arange(K * G, dtype=jnp.int32).reshape(1, K, G, 1, 1),
+               jnp.minimum(q_pos, tl.T - 1).reshape(1, 1, 1, -1, 1),
+               jnp.minimum(kv_pos, tl.S - 1).reshape(1, 1, 1, 1, -1))
+
+        if pullback:  # differentiate with respect to the floating arrays only
+            where = _floating(consts)
+
+            def modify(s, floats):
+                args = list(consts)
+                for i, c in zip(where, floats, strict=True):
+                    args[i] = c
+                return _score_mod.apply(st.mod.fn, s, idx, args)
+
+            s, mod_vjp = jax.vjp(modify, s, tuple(consts[i] for i in where))
+        else:
+            s = _score_mod.apply(st.mod.fn, s, idx, consts)
     t = None
     if st.soft_cap is not None:
         t = jnp.tanh(s / st.soft_cap)
         s = st.soft_cap * t
-    if not masked:
-        return s, t
-    q_pos = qb * tl.bq + jnp.arange(tl.bq, dtype=jnp.int32)
-    kv_pos = kb * tl.bk + jnp.arange(tl.bk, dtype=jnp.int32)
-    allowed = kv_pos < tl.S
-    if mask is not None:
-        allowed = _group(mask.evaluate(q_pos, kv_pos), K) & allowed
-    return jnp.where(allowed, s, -jnp.inf), t
+    if masked:
+        allowed = kv_pos < tl.S
+        if live is not None:
+            allowed = allowed & live
+        if mask is not None:
+            allowed = _group(mask.evaluate(q_pos, kv_pos), K) & allowed
+        s = jnp.where(allowed, s, -jnp.inf)
+    if not pullback:
+        return s
+
+    def back(ds):
+        if t is not None:
+            ds = ds * (1 - t * t)
+        if mod_vjp is None:
+            return ds, None
+        return mod_vjp(ds)
+
+    return s, back
 
 
 def _rows(x: Array) -> Array:
@@ -306,7 +437,7 @@ def _shapes(query: Array, key: Array, value: Array) -> _Shapes:
     return _Shapes(B, T, N, H, K, N // K, Hv)
 
 
-def _forward(st: _Static, query, key, value, bias, mask):
+def _forward(st: _Static, query, key, value, bias, mask, consts, origin, limits):
     tl = st.fwd
     schedule = _schedule(mask, tl)
     B, T, N, _, K, G, Hv = _shapes(query, key, value)
@@ -317,11 +448,12 @@ def _forward(st: _Static, query, key, value, bias, mask):
         out, lse = outputs
         q_blk = _heads_major(_block(q, qb, tl.bq, axis=1))
 
-        def update(kb, masked, carry):
+        def update(kb, masked, live, carry):
             m, l, o = carry
             k_blk = _heads_major(_block(k, kb, tl.bk, axis=1))
             v_blk = _heads_major(_block(v, kb, tl.bk, axis=1))
-            s, _ = _tile_logits(q_blk, k_blk, bias, mask, qb, kb, masked, tl, st)
+            s = _tile_logits(q_blk, k_blk, bias, mask, consts, origin, qb, kb, masked, live,
+                             tl, st)
             m_new = jnp.maximum(m, s.max(-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0, m_new)
             alpha = jnp.exp(m - m_safe)
@@ -332,7 +464,7 @@ def _forward(st: _Static, query, key, value, bias, mask):
 
         init = (jnp.full((B, K, G, tl.bq), -jnp.inf, acc_t), jnp.zeros((B, K, G, tl.bq), acc_t),
                 jnp.zeros((B, K, G, tl.bq, Hv), acc_t))
-        m, l, o = _visit(schedule, qb, update, init)
+        m, l, o = _visit(schedule, qb, update, init, None if limits is None else limits[0][qb])
         nonempty = l > 0
         safe_l = jnp.where(nonempty, l, 1)
         o_rows = _rows(o / safe_l[..., None]).astype(query.dtype)
@@ -349,17 +481,17 @@ def _forward(st: _Static, query, key, value, bias, mask):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(st, query, key, value, bias, mask):
-    return _forward(st, query, key, value, bias, mask)
+def _attention(st, query, key, value, bias, mask, consts, origin, limits):
+    return _forward(st, query, key, value, bias, mask, consts, origin, limits)
 
 
-def _attention_fwd(st, query, key, value, bias, mask):
-    out, lse = _forward(st, query, key, value, bias, mask)
-    return (out, lse), (query, key, value, bias, mask, out, lse)
+def _attention_fwd(st, query, key, value, bias, mask, consts, origin, limits):
+    out, lse = _forward(st, query, key, value, bias, mask, consts, origin, limits)
+    return (out, lse), (query, key, value, bias, mask, consts, origin, limits, out, lse)
 
 
 def _attention_bwd(st, residuals, cotangents):
-    query, key, value, bias, mask, out, lse = residuals
+    query, key, value, bias, mask, consts, origin, limits, out, lse = residuals
     d_out, d_lse = cotangents
     tl = st.bwd
     schedule = _schedule(mask, tl)
@@ -379,22 +511,22 @@ def _attention_bwd(st, residuals, cotangents):
     lse_safe = jnp.where(lse_g == -jnp.inf, 0, lse_g)
 
     def one_query_block(qb, grads):
-        dq, dk, dv, dbias = grads
         q_blk = _heads_major(_block(q, qb, tl.bq, axis=1))
         do_blk = _heads_major(_block(do, qb, tl.bq, axis=1))
         lse_blk = _block(lse_safe, qb, tl.bq, axis=3)
         row_blk = _block(row_term, qb, tl.bq, axis=3)
 
-        def update(kb, masked, carry):
-            dq_blk, dk, dv, dbias = carry
+        def update(kb, masked, live, carry):
+            dq_blk, dk, dv, dbias, dconsts = carry
             k_blk = _heads_major(_block(k, kb, tl.bk, axis=1))
             v_blk = _heads_major(_block(v, kb, tl.bk, axis=1))
-            s, t = _tile_logits(q_blk, k_blk, padded_bias, mask, qb, kb, masked, tl, st)
+            s, back = _tile_logits(q_blk, k_blk, padded_bias, mask, consts, origin, qb, kb,
+                                   masked, live, tl, st, pullback=True)
             p = jnp.exp(s - lse_blk[..., None])
             dp = jnp.einsum("bkgqh,bksh->bkgqs", do_blk, v_blk, preferred_element_type=acc_t)
-            ds = p * (dp + row_blk[..., None])
-            if t is not None:
-                ds = ds * (1 - t * t)
+            ds, dc = back(p * (dp + row_blk[..., None]))
+            if dc is not None:
+                dconsts = jax.tree.map(jnp.add, dconsts, dc)
             if dbias is not None:
                 dbias = _add_bias_tile(dbias, ds, qb, kb, tl)
             ds_q = (ds * st.scale).astype(query.dtype)
@@ -405,19 +537,26 @@ def _attention_bwd(st, residuals, cotangents):
                                  preferred_element_type=acc_t)
             dk = _add_slice(dk, dk_tile, kb * tl.bk, axis=1)
             dv = _add_slice(dv, dv_tile, kb * tl.bk, axis=1)
-            return dq_blk, dk, dv, dbias
+            return dq_blk, dk, dv, dbias, dconsts
 
+        dq, dk, dv, dbias, dconsts = grads
         dq_blk = jnp.zeros((B, K, G, tl.bq, H), acc_t)
-        dq_blk, dk, dv, dbias = _visit(schedule, qb, update, (dq_blk, dk, dv, dbias))
+        dq_blk, dk, dv, dbias, dconsts = _visit(
+            schedule, qb, update, (dq_blk, dk, dv, dbias, dconsts),
+            None if limits is None else limits[1][qb])
         dq = lax.dynamic_update_slice_in_dim(dq, _rows(dq_blk).astype(query.dtype), qb * tl.bq,
                                              axis=1)
-        return dq, dk, dv, dbias
+        return dq, dk, dv, dbias, dconsts
 
+    # The score_mod's floating closed-over arrays get cotangents (integer ones, such as
+    # index tables, are not differentiable and get None).
+    where = _floating(consts)
     grads = (jnp.zeros((B, Tp, K, G, H), query.dtype), jnp.zeros((B, Sp, K, H), acc_t),
              jnp.zeros((B, Sp, K, Hv), acc_t),
-             None if bias is None else jnp.zeros(padded_bias.shape, acc_t))
+             None if bias is None else jnp.zeros(padded_bias.shape, acc_t),
+             tuple(jnp.zeros_like(consts[i]) for i in where))
     # The loop index is int64 under jax_enable_x64; slices want one index dtype.
-    dq, dk, dv, dbias = lax.fori_loop(
+    dq, dk, dv, dbias, dconsts = lax.fori_loop(
         0, tl.nq, lambda i, g: one_query_block(i.astype(jnp.int32), g), grads)
 
     dq = dq[:, :T].reshape(B, T, N, H)
@@ -425,7 +564,14 @@ def _attention_bwd(st, residuals, cotangents):
     dv = dv[:, : tl.S].astype(value.dtype)
     if dbias is not None:
         dbias = dbias[:, :, : bias.shape[2], : bias.shape[3]].astype(bias.dtype)
-    return dq, dk, dv, dbias, None
+    by_index = dict(zip(where, dconsts, strict=True))
+    return (dq, dk, dv, dbias, None, tuple(by_index.get(i) for i in range(len(consts))),
+            None, None)
+
+
+def _floating(consts) -> list[int]:
+    """Indices of the floating arrays among a score_mod's closed-over arrays."""
+    return [i for i, c in enumerate(consts) if jnp.issubdtype(c.dtype, jnp.inexact)]
 
 
 def _add_slice(x: Array, update: Array, start, axis: int) -> Array:

@@ -70,7 +70,9 @@ def kernel_mask(mask: Mask | None, B: int, T: int, S: int) -> dict:
     return args
 
 
-def _check_supported(query, key, value, bias, dropout) -> None:
+def _check_supported(query, key, value, bias, dropout, score_mod) -> None:
+    if score_mod is not None:
+        raise NotImplementedError("the Pallas kernels take no score_mod yet")
     if bias is not None:
         raise NotImplementedError("the Pallas kernels take no bias")
     if dropout is not None:
@@ -86,10 +88,11 @@ def _check_supported(query, key, value, bias, dropout) -> None:
 
 
 def flash_implementation(platform: str, query, key, value, bias, mask, *, scale,
-                         logits_soft_cap, dropout, block_sizes=None) -> tuple[Array, Array]:
+                         logits_soft_cap, dropout, score_mod=None, block_sizes=None
+                         ) -> tuple[Array, Array]:
     """The registry's call of the ``platform`` ("gpu" or "tpu") kernel, at ``block_sizes``
     (default: the kernel's ``default_block_sizes``); interpret mode off that platform."""
-    _check_supported(query, key, value, bias, dropout)
+    _check_supported(query, key, value, bias, dropout, score_mod)
     kernel = _KERNELS[platform]
     B, T, _, H = query.shape
     S = key.shape[1]
@@ -102,23 +105,26 @@ def flash_implementation(platform: str, query, key, value, bias, mask, *, scale,
         **kernel_mask(mask, B, T, S))
 
 
-def pallas_gpu_attention(query, key, value, bias, mask, *, scale, logits_soft_cap, dropout):
+def pallas_gpu_attention(query, key, value, bias, mask, *, scale, logits_soft_cap, dropout,
+                         score_mod=None):
     """The Triton flash kernel (interpret mode off a GPU)."""
     return flash_implementation("gpu", query, key, value, bias, mask, scale=scale,
-                  logits_soft_cap=logits_soft_cap, dropout=dropout)
+                  logits_soft_cap=logits_soft_cap, dropout=dropout, score_mod=score_mod)
 
 
-def pallas_tpu_attention(query, key, value, bias, mask, *, scale, logits_soft_cap, dropout):
+def pallas_tpu_attention(query, key, value, bias, mask, *, scale, logits_soft_cap, dropout,
+                         score_mod=None):
     """The Mosaic flash kernel (TPU interpret mode off a TPU)."""
     return flash_implementation("tpu", query, key, value, bias, mask, scale=scale,
-                  logits_soft_cap=logits_soft_cap, dropout=dropout)
+                  logits_soft_cap=logits_soft_cap, dropout=dropout, score_mod=score_mod)
 
 
-def pallas_attention(query, key, value, bias, mask, *, scale, logits_soft_cap, dropout):
+def pallas_attention(query, key, value, bias, mask, *, scale, logits_soft_cap, dropout,
+                     score_mod=None):
     """The flash kernel of this platform; NotImplementedError on a CPU."""
     platform = jax.default_backend()
     if platform not in _KERNELS:
         raise NotImplementedError(f"the Pallas kernels need a GPU or TPU, the backend is "
                                   f"{platform} (name pallas_gpu or pallas_tpu to interpret)")
     return flash_implementation(platform, query, key, value, bias, mask, scale=scale,
-                  logits_soft_cap=logits_soft_cap, dropout=dropout)
+                  logits_soft_cap=logits_soft_cap, dropout=dropout, score_mod=score_mod)

@@ -22,29 +22,45 @@ aligned top-left (query i sees keys j <= i) unless an ``offset`` says otherwise.
 References:
     P75 Dataset Decomposition (document masks for packed sequences); P17 EE-MLLM (composite
     attention); P27 Croc (mixed bidirectional/causal attention); P46 AKI (modality-mutual
-    attention); P12 GAST (attention restricted to a graph's adjacency).
+    attention); P12 GAST (attention restricted to a graph's adjacency); P72 Faster
+    Neighborhood Attention (neighbourhoods as a mask whose block map follows the window).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jattn.core.shapes import (
     Array,
     check_bool,
     check_int,
     check_integer,
+    check_per_axis,
     check_rank,
     check_values_in_range,
     left_pad_rank,
 )
 from pallas_kernels.flash.common import EMPTY, FULL, PARTIAL  # the tile kinds, defined once
+
+
+def _row(x: Array | None, batch, heads=None) -> Array | None:
+    """``x`` [Bm, (Nm,) ...] restricted to one batch row (kept as an axis of 1) and, with
+    ``heads``, to those heads along axis 1; axes of size 1 are left alone."""
+    if x is None:
+        return None
+    if x.shape[0] > 1:
+        x = lax.dynamic_slice_in_dim(x, batch, 1, axis=0)
+    if heads is not None and x.shape[1] > 1:
+        x = jnp.take(x, heads, axis=1)
+    return x
 
 
 def _pytree(data: Iterable[str], meta: Iterable[str] = ()):
@@ -116,9 +132,25 @@ class Mask:
     def check(self, T: int, S: int, name: str) -> None:
         """Raise ValueError (naming ``name``) if the mask cannot describe a [T, S] pattern."""
 
+    def key_extent(self) -> int | None:
+        """A static bound on how far apart two keys one query may see can lie (the span of
+        its allowed key positions, first to last, inclusive), or None when unbounded or
+        data-dependent. Blocked implementations size their tiles by it."""
+        return None
+
     def materialize(self, T: int, S: int) -> Array:
         """Dense bool [Bm, Nm, T, S]."""
         return self.evaluate(jnp.arange(T, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32))
+
+    sparse_rows = False
+    """True when the block map differs from row to row by design (data-dependent block
+    selection): blocked implementations then schedule each batch row and head on its own
+    instead of visiting the union of every row's tiles."""
+
+    def rows(self, batch, heads) -> Mask:
+        """The mask of batch row ``batch`` (a traced int scalar) and query heads ``heads``
+        (int [G]): dims (1, G or 1). Masks without per-example data return themselves."""
+        return self
 
     def conjuncts(self) -> list[Mask]:
         """The masks this one is the ``&`` of, in order: ``a & (b & c)`` gives [a, b, c]; a
@@ -184,6 +216,11 @@ class Band(Mask):
         full = (dmin >= lo) & (dmax <= hi)
         return _kind(jnp.asarray(full), jnp.asarray(empty))[None, None]
 
+    def key_extent(self):
+        if self.lo is None or self.hi is None:
+            return None
+        return max(self.hi - self.lo + 1, 0)
+
 
 @_pytree(data=("q_lengths", "kv_lengths"))
 class Lengths(Mask):
@@ -198,6 +235,9 @@ class Lengths(Mask):
 
     def _lengths(self):
         return [x for x in (self.q_lengths, self.kv_lengths) if x is not None]
+
+    def rows(self, batch, heads):
+        return Lengths(_row(self.q_lengths, batch), _row(self.kv_lengths, batch))
 
     def dims(self):
         return (max([1, *(x.shape[0] for x in self._lengths())]), 1)
@@ -247,6 +287,9 @@ class Segments(Mask):
     q_ids: Array  # [Bm, T]
     kv_ids: Array  # [Bm, S]
 
+    def rows(self, batch, heads):
+        return Segments(_row(self.q_ids, batch), _row(self.kv_ids, batch))
+
     def dims(self):
         return (max(self.q_ids.shape[0], self.kv_ids.shape[0]), 1)
 
@@ -280,6 +323,10 @@ class TokenTypes(Mask):
     kv_types: Array  # [Bm, S]
     allowed: frozenset
     num_types: int
+
+    def rows(self, batch, heads):
+        return TokenTypes(_row(self.q_types, batch), _row(self.kv_types, batch), self.allowed,
+                          self.num_types)
 
     def dims(self):
         return (max(self.q_types.shape[0], self.kv_types.shape[0]), 1)
@@ -318,6 +365,9 @@ class Dense(Mask):
 
     array: Array  # [Bm, Nm, T | 1, S | 1]
 
+    def rows(self, batch, heads):
+        return Dense(_row(self.array, batch, heads))
+
     def dims(self):
         return (self.array.shape[0], self.array.shape[1])
 
@@ -351,6 +401,174 @@ class Dense(Mask):
         return jnp.broadcast_to(kind, (*kind.shape[:2], nq, nk))
 
 
+@_pytree(data=(), meta=("spatial", "kernel_size", "dilation", "is_causal", "stride"))
+class Neighborhood(Mask):
+    """NATTEN neighbourhoods (P72) on a row-major flattened grid of ``spatial`` positions.
+
+    Along an axis of length n with kernel k, dilation d and stride s, position c lies in
+    dilation group c mod d at rank r = c // d (the group holds ceil((n - g) / d) ranks).
+    Queries are taken s ranks at a time; each uses the window of its stride group's leader
+    (rank r - r mod s + s // 2, or the group's last rank r - r mod s + s - 1 when causal,
+    never past the group's end; so stride = kernel_size gives blocked attention, as in
+    NATTEN). The window holds the ranks
+    clip(leader - k // 2, 0, len - k) + [0, k) (centred, shifted inward at a border), or,
+    causal, max(leader - k + 1, 0) .. leader with keys after the query itself excluded. A
+    key is allowed when it is in the query's group and window along every axis. Keys at
+    flat positions >= prod(spatial) (extra keys appended after the grid) are never allowed.
+
+    The block map is exact: computed with NumPy from the static shapes, once per tiling,
+    visiting only key tiles between the lowest and highest flat key of each query tile.
+    """
+
+    spatial: tuple[int, ...]
+    kernel_size: tuple[int, ...]
+    dilation: tuple[int, ...]
+    is_causal: tuple[bool, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def length(self) -> int:
+        return math.prod(self.spatial)
+
+    def check(self, T, S, name):
+        if T != self.length or S < self.length:
+            raise ValueError(f"{name}: a neighbourhood over {self.spatial} needs "
+                             f"T = {self.length} queries and at least as many keys, got "
+                             f"T={T}, S={S}")
+
+    def _axes(self):
+        strides = [math.prod(self.spatial[a + 1:]) for a in range(len(self.spatial))]
+        return zip(self.spatial, strides, self.kernel_size, self.dilation, self.is_causal,
+                   self.stride, strict=True)
+
+    def _windows(self, xp, pos):
+        """Per axis: (group, rank, first allowed rank, last allowed rank) of the flat
+        positions ``pos`` (NumPy or jnp, via ``xp``). Positions past the grid give garbage
+        (callers mask them); operations a unit dilation or stride makes trivial are skipped,
+        since a tile evaluates this for every row and column."""
+        for axis, (n, step, k, d, causal, s) in enumerate(self._axes()):
+            c = pos if step == 1 else pos // step
+            if axis:  # the first axis needs no wrap inside the grid
+                c = c % n
+            g, r = (0, c) if d == 1 else (c % d, c // d)
+            group_len = n if d == 1 else (n - g + d - 1) // d
+            leader = r
+            if s > 1:
+                leader = xp.minimum(r - r % s + (s - 1 if causal else s // 2), group_len - 1)
+            if causal:
+                first, last = xp.maximum(leader - k + 1, 0), r
+            else:
+                first = xp.clip(leader - k // 2, 0, group_len - k)
+                last = first + k - 1
+            yield g, r, first, last
+
+    def _allowed(self, xp, q_pos, kv_pos):
+        ok = (q_pos[:, None] < self.length) & (kv_pos[None, :] < self.length)
+        key_axes = self._windows(xp, kv_pos)
+        for (gq, _, first, last), (gk, rk, _, _) in zip(self._windows(xp, q_pos), key_axes,
+                                                        strict=True):
+            if self.dilation != (1,) * len(self.spatial):
+                ok = ok & (xp.asarray(gq)[..., None] == xp.asarray(gk)[None])
+            ok = ok & (rk[None, :] >= first[:, None]) & (rk[None, :] <= last[:, None])
+        return ok
+
+    def evaluate(self, q_pos, kv_pos):
+        return self._allowed(jnp, q_pos, kv_pos)[None, None]
+
+    def block_map(self, T, S, block_q, block_kv):
+        return jnp.asarray(_neighborhood_block_map(self, T, S, block_q, block_kv))[None, None]
+
+    def key_extent(self):
+        lo, hi = self.key_range()
+        return int((hi - lo).max()) + 1
+
+    def key_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """Lowest and highest flat key each query may see, int64 [L] each (NumPy)."""
+        pos = np.arange(self.length)
+        lo = np.zeros(self.length, np.int64)
+        hi = np.zeros(self.length, np.int64)
+        for (_, step, _, d, _, _), (g, _, first, last) in zip(
+                self._axes(), self._windows(np, pos), strict=True):
+            lo += step * (g + d * first)
+            hi += step * (g + d * last)
+        return lo, hi
+
+
+@functools.lru_cache(maxsize=64)
+def _neighborhood_block_map(mask: Neighborhood, T: int, S: int, block_q: int,
+                            block_kv: int) -> np.ndarray:
+    nq, nk = -(-T // block_q), -(-S // block_kv)
+    kinds = np.full((nq, nk), EMPTY, np.int8)
+    lo, hi = mask.key_range()
+    for i in range(nq):
+        q = np.arange(i * block_q, min((i + 1) * block_q, T))
+        first, last = lo[q].min() // block_kv, hi[q].max() // block_kv
+        kv = np.arange(first * block_kv, min((last + 1) * block_kv, S))
+        allowed = mask._allowed(np, q, kv)
+        for j in range(first, last + 1):
+            tile = allowed[:, (j - first) * block_kv:(j + 1 - first) * block_kv]
+            kinds[i, j] = FULL if tile.all() else PARTIAL if tile.any() else EMPTY
+    return kinds
+
+
+@_pytree(data=("indices",), meta=("block_q", "block_kv"))
+class BlockSelection(Mask):
+    """Data-dependent block sparsity: query block i (``block_q`` queries; 1 for a choice per
+    query) may see the key blocks ``indices[b, n, i, :]`` (``block_kv`` keys each); -1 is
+    no block. This is how routing and retrieval methods (bi-level routing, landmark
+    retrieval, LongHeads) restrict attention; ``indices`` may be traced.
+
+    ``sparse_rows`` is True: blocked implementations give every batch row and head its own
+    tile schedule, so each visits only its own selected tiles. The block map is exact: a
+    tile is EMPTY when no selected block meets it and FULL when every (query block, key
+    block) pair it overlaps is selected (summed-area counts over the selection grid).
+    """
+
+    indices: Array  # int [Bm, Nm, ceil(T / block_q), k]
+    block_q: int
+    block_kv: int
+    sparse_rows = True
+
+    def dims(self):
+        return (self.indices.shape[0], self.indices.shape[1])
+
+    def check(self, T, S, name):
+        check_integer(f"{name}.indices", self.indices)
+        check_rank(f"{name}.indices", self.indices, (4,), "[B, N, query blocks, k]")
+        nq = -(-T // self.block_q)
+        if self.indices.shape[2] != nq:
+            raise ValueError(f"{name}.indices: {T} queries in blocks of {self.block_q} need "
+                             f"{nq} rows, got shape {self.indices.shape}")
+        check_values_in_range(f"{name}.indices", self.indices, -1, -(-S // self.block_kv) - 1)
+
+    def rows(self, batch, heads):
+        return BlockSelection(_row(self.indices, batch, heads), self.block_q, self.block_kv)
+
+    def evaluate(self, q_pos, kv_pos):
+        rows = jnp.minimum(q_pos // self.block_q, self.indices.shape[2] - 1)
+        chosen = jnp.take(self.indices, rows, axis=2)  # [Bm, Nm, tq, k]
+        return (chosen[:, :, :, None, :] == (kv_pos // self.block_kv)[:, None]).any(-1)
+
+    def selected(self, S: int) -> Array:
+        """The selection grid: bool [Bm, Nm, query blocks, ceil(S / block_kv)]."""
+        nk = -(-S // self.block_kv)
+        return (self.indices[..., None] == jnp.arange(nk)).any(-2)
+
+    def block_map(self, T, S, block_q, block_kv):
+        sel = self.selected(S).astype(jnp.int32)
+        table = jnp.pad(sel.cumsum(2).cumsum(3), ((0, 0), (0, 0), (1, 0), (1, 0)))
+        # Each tile's first and last query block and key block, in selection-grid units.
+        q0, q1 = (x // self.block_q for x in _tile_ranges(T, block_q))
+        k0, k1 = (x // self.block_kv for x in _tile_ranges(S, block_kv))
+
+        def at(r, c):
+            return table[:, :, r[:, None], c[None, :]]
+
+        count = at(q1 + 1, k1 + 1) - at(q0, k1 + 1) - at(q1 + 1, k0) + at(q0, k0)
+        area = (q1 - q0 + 1)[:, None] * (k1 - k0 + 1)[None, :]
+        return _kind(count == area, count == 0)
+
+
 # --------------------------------------------------------------------------------------------
 # Combinators
 # --------------------------------------------------------------------------------------------
@@ -367,6 +585,13 @@ class _Binary(Mask):
 
     def dims(self):
         return _broadcast_dims(self.a.dims(), self.b.dims())
+
+    @property
+    def sparse_rows(self):
+        return self.a.sparse_rows or self.b.sparse_rows
+
+    def rows(self, batch, heads):
+        return type(self)(self.a.rows(batch, heads), self.b.rows(batch, heads))
 
     def check(self, T, S, name):
         self.a.check(T, S, name)
@@ -385,6 +610,10 @@ class And(_Binary):
     values = staticmethod(jnp.logical_and)
     kinds = staticmethod(jnp.minimum)
 
+    def key_extent(self):
+        known = [e for e in (self.a.key_extent(), self.b.key_extent()) if e is not None]
+        return min(known) if known else None
+
     def conjuncts(self) -> list[Mask]:
         return self.a.conjuncts() + self.b.conjuncts()
 
@@ -398,6 +627,13 @@ class Or(_Binary):
 @_pytree(data=("a",))
 class Not(Mask):
     a: Mask
+
+    @property
+    def sparse_rows(self):
+        return self.a.sparse_rows
+
+    def rows(self, batch, heads):
+        return Not(self.a.rows(batch, heads))
 
     def dims(self):
         return self.a.dims()
@@ -595,3 +831,60 @@ def adjacency(adj, *, self_loops: bool = True) -> Mask:
     if adj.ndim == 3:
         adj = adj[:, None]
     return dense(adj)
+
+
+def neighborhood(spatial: Sequence[int], kernel_size, dilation=1, is_causal=False,
+                 stride=1) -> Mask:
+    """NATTEN neighbourhood attention (P72) as a mask on the flattened grid (see
+    :class:`Neighborhood` for the windows).
+
+    Args:
+        spatial: the grid's shape (1 to 3 axes); queries and keys are its row-major flat
+            positions, keys past it (extra keys) are never allowed.
+        kernel_size, dilation, stride: an int or one per axis; kernel_size * dilation <= the
+            axis length, stride <= kernel_size.
+        is_causal: a bool or one per axis.
+
+    >>> neighborhood((5,), 3).materialize(5, 5)[0, 0].astype(int).tolist()
+    [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [0, 0, 1, 1, 1]]
+    """
+    spatial = tuple(check_int("spatial", n) for n in spatial)
+    if not 1 <= len(spatial) <= 3:
+        raise ValueError(f"spatial: expected 1 to 3 axes, got {spatial}")
+    n = len(spatial)
+    kernel_size = check_per_axis("kernel_size", kernel_size, n)
+    dilation = check_per_axis("dilation", dilation, n)
+    stride = check_per_axis("stride", stride, n)
+    is_causal = check_per_axis("is_causal", is_causal, n, kind=bool)
+    for axis, (length, k, d, s) in enumerate(zip(spatial, kernel_size, dilation, stride,
+                                                 strict=True)):
+        # Groups hold ceil((L - g) / d) positions; the shortest, floor(L / d), must fit a window.
+        if k > length // d:
+            raise ValueError(
+                f"kernel_size, dilation: spatial axis {axis} of length {length} with dilation "
+                f"{d} splits into groups of {length // d} to {-(-length // d)} positions, too "
+                f"few for kernel_size {k} (need kernel_size * dilation <= length, got "
+                f"{k} * {d} > {length}; spatial shape {spatial})")
+        if s > k:
+            raise ValueError(f"stride: at most kernel_size ({k}) along axis {axis}, got {s}")
+    return Neighborhood(spatial, kernel_size, dilation, is_causal, stride)
+
+
+def block_selection(indices, block_q: int, block_kv: int) -> Mask:
+    """Query block i (``block_q`` queries; 1 to choose per query) may see key blocks
+    ``indices[..., i, :]`` (``block_kv`` keys each; -1: none). See :class:`BlockSelection`.
+
+    Args:
+        indices: int [B, N, query blocks, k] (leading axes of 1 may be omitted: [nq, k] is
+            shared by every example and head).
+        block_q, block_kv: the block sizes the indices count in.
+
+    >>> m = block_selection(jnp.array([[0], [0]]), 2, 2)   # both query blocks see key block 0
+    >>> m.materialize(4, 4)[0, 0].astype(int).tolist()
+    [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]]
+    """
+    indices = jnp.asarray(indices)
+    check_integer("indices", indices)
+    check_rank("indices", indices, (2, 3, 4), "[B, N, query blocks, k]")
+    return BlockSelection(left_pad_rank(indices, 4), check_int("block_q", block_q),
+                          check_int("block_kv", block_kv))

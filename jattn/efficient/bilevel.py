@@ -6,8 +6,11 @@ end; padded positions are never attended and never counted in a region mean). Ea
 gets a region-level query and key, the mean of its tokens' queries and keys; the region
 affinity A = Q_r K_r^T (summed over heads, so one routing is shared by all heads, as in the
 paper) picks, for each query region, its ``top_k`` key regions; every query token of the
-region then attends, in one softmax, to all tokens of those regions. The fast path gathers
-the routed regions: O(L * top_k * region) scores, never an L x L matrix.
+region then attends, in one softmax, to all tokens of those regions. That is softmax
+attention under a data-dependent block mask (:func:`jattn.masks.block_selection`, regions
+made contiguous): the chunked path visits, per batch row, only the routed (query region,
+key region) tiles: O(L * top_k * region) scores, never an L x L matrix, and no gathered
+copy of the keys.
 
 Causal (1-D, self only). The region mean of a query's own region includes later tokens of
 that region, so routing a region by its plain mean would let a token's key set depend on
@@ -16,7 +19,8 @@ mean of the queries of region i at positions <= t (its prefix mean; the last tok
 region routes exactly by the paper's region mean), scoring only regions strictly before
 region i (complete, so their key means hold only keys before t); it keeps its own region
 always plus the ``top_k - 1`` best earlier ones, and inside them sees keys at positions
-<= t. Routing becomes per token: O(L * L / region) affinities, O(L * top_k * region) scores.
+<= t. Routing becomes per token (a block selection per query): O(L * L / region)
+affinities; a tile is visited when any of its queries routed to it.
 
 References:
     P59 BiFormer, "BiFormer: Vision Transformer with Bi-Level Routing Attention".
@@ -27,12 +31,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jattn.core.attention import masked_softmax
+from jattn.core import masks
+from jattn.core.attention import dot_product_attention
 from jattn.core.shapes import (
     Array,
     accumulation_dtype,
@@ -83,14 +87,10 @@ def _region_valid(spatial, region) -> np.ndarray:
     return _to_regions(np.ones((1, *spatial, 1), bool), spatial, region, xp=np)[0, ..., 0]
 
 
-def _gather(x: Array, index: Array) -> Array:
-    """x [B, R, ...], index [B, *idx] -> [B, *idx, ...] (per batch row)."""
-    return jax.vmap(lambda a, i: a[i])(x, index)
-
-
 def bilevel_routing_attention(query: Array, key: Array, value: Array, *,
                               region_size: int | Sequence[int], top_k: int,
-                              is_causal: bool = False, scale: float | None = None) -> Array:
+                              is_causal: bool = False, scale: float | None = None,
+                              implementation="chunked") -> Array:
     r"""Bi-level routing attention: route each query region to its top-k key regions, then
     softmax attention over the tokens of those regions.
 
@@ -124,6 +124,8 @@ def bilevel_routing_attention(query: Array, key: Array, value: Array, *,
         top_k: routed key regions per query region, 1 <= top_k <= number of key regions.
         is_causal: causal 1-D self attention.
         scale: logits scale; default 1 / sqrt(H).
+        implementation: as in :func:`jattn.dot_product_attention`; the default "chunked"
+            visits only the routed tiles of each batch row.
 
     Returns:
         [B, *spatial, N, Hv] in the query's dtype.
@@ -161,57 +163,40 @@ def bilevel_routing_attention(query: Array, key: Array, value: Array, *,
         raise NotImplementedError(
             f"is_causal: causal cross attention (key length {spatial_k[0]} != query length "
             f"{spatial[0]}) is not supported: routing needs query and key positions aligned")
-    scale = H ** -0.5 if scale is None else scale
     dtype = accumulation_dtype(query.dtype)
     G = N // K
-
-    q = _to_regions(query.astype(dtype), spatial, region)  # [B, Rq, P, N, H]
-    k = _to_regions(key.astype(dtype), spatial_k, region)  # [B, Rk, P, K, H]
-    v = _to_regions(value.astype(dtype), spatial_k, region)  # [B, Rk, P, K, Hv]
+    # Regions made contiguous (row-major within each), padded where an axis is not a multiple.
+    q = _to_regions(query, spatial, region)  # [B, Rq, P, N, H]
+    k = _to_regions(key, spatial_k, region)  # [B, Rk, P, K, H]
+    v = _to_regions(value, spatial_k, region)  # [B, Rk, P, K, Hv]
     Rq, P = q.shape[1], q.shape[2]
-    valid_q = _region_valid(spatial, region)
     valid_k = _region_valid(spatial_k, region)
     count_k = valid_k.sum(1).astype(np.float64)
-    k_mean = k.sum(2) / jnp.asarray(count_k, dtype)[:, None, None]  # [B, Rk, K, H]
-    q = q.reshape(B, Rq, P, K, G, H)
-
+    k_mean = k.astype(dtype).sum(2) / jnp.asarray(count_k, dtype)[:, None, None]  # [B, Rk, K, H]
+    q_groups = q.astype(dtype).reshape(B, Rq, P, K, G, H)
     if not is_causal:
-        count_q = valid_q.sum(1).astype(np.float64)
-        q_mean = q.sum(2) / jnp.asarray(count_q, dtype)[:, None, None, None]
+        count_q = _region_valid(spatial, region).sum(1).astype(np.float64)
+        q_mean = q_groups.sum(2) / jnp.asarray(count_q, dtype)[:, None, None, None]
         affinity = lax.stop_gradient(jnp.einsum("brkgh,bskh->brs", q_mean, k_mean))
         _, routed = lax.top_k(affinity, top_k)  # [B, Rq, top_k]
-        kg = _gather(k, routed).reshape(B, Rq, top_k * P, K, H)
-        vg = _gather(v, routed).reshape(B, Rq, top_k * P, K, Hv)
-        allowed = jnp.asarray(valid_k)[routed].reshape(B, Rq, 1, 1, 1, top_k * P)
-        logits = jnp.einsum("brpkgh,brskh->brpkgs", q, kg) * scale
-        # masked_softmax keeps masked slots (stand-in gathers) out of values and gradients
-        out = jnp.einsum("brpkgs,brskv->brpkgv", masked_softmax(logits, allowed), vg)
-        out = out.reshape(B, Rq, P, N, Hv)
-        return _from_regions(out, spatial, region).astype(query.dtype)
-
-    # Causal, 1-D: per-token routing by the prefix mean of the own region's queries.
-    q_prefix = jnp.cumsum(q, axis=2) / jnp.arange(1, P + 1, dtype=dtype)[:, None, None, None]
-    affinity = lax.stop_gradient(jnp.einsum("brpkgh,bskh->brps", q_prefix, k_mean))
-    earlier = np.arange(Rq)[None, :] < np.arange(Rq)[:, None]  # [i, j]: j < i
-    affinity = jnp.where(jnp.asarray(earlier)[None, :, None, :], affinity, -jnp.inf)
-    own = jnp.broadcast_to(jnp.arange(Rq)[None, :, None, None], (B, Rq, P, 1))
-    routed, ok = [own], [jnp.ones((B, Rq, P, 1), bool)]
-    n_earlier = min(top_k - 1, Rq - 1)
-    if n_earlier:
-        best, idx = lax.top_k(affinity, n_earlier)  # [B, Rq, P, n_earlier]
-        routed.append(idx)
-        ok.append(jnp.isfinite(best))
-    routed = jnp.concatenate(routed, -1)
-    ok = jnp.concatenate(ok, -1)
-    W = routed.shape[-1] * P
-    L = spatial[0]
-    kg = _gather(k, routed).reshape(B, Rq, P, W, K, H)
-    vg = _gather(v, routed).reshape(B, Rq, P, W, K, Hv)
-    key_pos = (routed[..., None] * P + jnp.arange(P)).reshape(B, Rq, P, W)
-    query_pos = (jnp.arange(Rq)[:, None] * P + jnp.arange(P))[None, :, :, None]
-    allowed = (jnp.repeat(ok, P, axis=-1) & (key_pos <= query_pos) & (key_pos < L))
-    logits = jnp.einsum("brpkgh,brpskh->brpkgs", q, kg) * scale
-    out = jnp.einsum("brpkgs,brpskv->brpkgv",
-                     masked_softmax(logits, allowed[:, :, :, None, None, :]), vg)
-    out = out.reshape(B, Rq, P, N, Hv)
-    return _from_regions(out, spatial, region).astype(query.dtype)
+        mask = masks.block_selection(routed[:, None], P, P)
+        if not valid_k.all():  # padded key slots: segment 1, never matched by a query
+            pad = np.where(valid_k.ravel(), 0, 1).astype(np.int32)[None]
+            mask = mask & masks.segments(np.zeros((1, Rq * P), np.int32), pad)
+    else:
+        # Causal, 1-D: per-token routing by the prefix mean of the own region's queries.
+        q_prefix = jnp.cumsum(q_groups, axis=2) / jnp.arange(1, P + 1, dtype=dtype)[
+            :, None, None, None]
+        affinity = lax.stop_gradient(jnp.einsum("brpkgh,bskh->brps", q_prefix, k_mean))
+        earlier = np.arange(Rq)[None, :] < np.arange(Rq)[:, None]  # [i, j]: j < i
+        affinity = jnp.where(jnp.asarray(earlier)[None, :, None, :], affinity, -jnp.inf)
+        routed = [jnp.broadcast_to(jnp.arange(Rq)[None, :, None, None], (B, Rq, P, 1))]
+        n_earlier = min(top_k - 1, Rq - 1)
+        if n_earlier:
+            best, idx = lax.top_k(affinity, n_earlier)  # [B, Rq, P, n_earlier]
+            routed.append(jnp.where(jnp.isfinite(best), idx, -1))
+        routed = jnp.concatenate(routed, -1).reshape(B, 1, Rq * P, -1)
+        mask = masks.block_selection(routed, 1, P) & masks.causal()
+    flat = [x.reshape(B, x.shape[1] * P, *x.shape[3:]) for x in (q, k, v)]
+    out = dot_product_attention(*flat, mask=mask, scale=scale, implementation=implementation)
+    return _from_regions(out.reshape(B, Rq, P, N, Hv), spatial, region)

@@ -112,15 +112,17 @@ def topk_attention(query, key, value, *, top_k=None, is_causal=True, scale=None)
     return out.astype(query.dtype)
 
 
-def neighborhood_mask(spatial, kernel_size, dilation=1, is_causal=False):
+def neighborhood_mask(spatial, kernel_size, dilation=1, is_causal=False, stride=1):
     """Dense boolean [L, L] (L = prod(spatial), row-major flat positions): query p may attend
     key q, built position by position from NATTEN's definition (P72).
 
-    Per spatial axis of length n, kernel k, dilation d: positions split into d groups by
-    index mod d; key q is in query p's window when it is in p's group and its rank in the
-    group (index // d) lies in [lo, lo + k) with lo = r - k // 2 clipped to [0, len - k]
-    (r: p's rank, len: the group's size), or, causal, in [r - k + 1, r]. A key is allowed
-    when it is in the window along every axis.
+    Per spatial axis of length n, kernel k, dilation d, stride s: positions split into d
+    groups by index mod d. The query's rank r in its group (index // d) is replaced by its
+    stride group's leader: rank s // 2 of the s ranks from s * (r // s), or the last of
+    them when causal, never past the group's last rank. Key q is in the window
+    when it is in p's group and its rank lies in [lo, lo + k) with lo = leader - k // 2
+    clipped to [0, len - k] (len: the group's size), or, causal, in [leader - k + 1, leader]
+    and not after r. A key is allowed when it is in the window along every axis.
     """
     import itertools
 
@@ -131,18 +133,20 @@ def neighborhood_mask(spatial, kernel_size, dilation=1, is_causal=False):
     def per_axis(x):
         return tuple(x) if isinstance(x, (tuple, list)) else (x,) * n
 
-    kernel_size, dilation, is_causal = per_axis(kernel_size), per_axis(dilation), per_axis(
-        is_causal)
+    kernel_size, dilation, is_causal, stride = (per_axis(x) for x in (
+        kernel_size, dilation, is_causal, stride))
 
     def in_window(axis, p, q):
-        length, k, d = spatial[axis], kernel_size[axis], dilation[axis]
+        length, k, d, s = spatial[axis], kernel_size[axis], dilation[axis], stride[axis]
         if p % d != q % d:
             return False
         group_size = len(range(p % d, length, d))
         rank, key_rank = p // d, q // d
+        members = list(range(s * (rank // s), s * (rank // s) + s))
+        leader = min(members[-1] if is_causal[axis] else members[s // 2], group_size - 1)
         if is_causal[axis]:
-            return rank - k + 1 <= key_rank <= rank
-        lo = min(max(rank - k // 2, 0), group_size - k)
+            return leader - k + 1 <= key_rank <= rank
+        lo = min(max(leader - k // 2, 0), group_size - k)
         return lo <= key_rank < lo + k
 
     positions = list(itertools.product(*(range(s) for s in spatial)))
@@ -154,7 +158,7 @@ def neighborhood_mask(spatial, kernel_size, dilation=1, is_causal=False):
 
 
 def neighborhood_attention(query, key, value, *, kernel_size, dilation=1, is_causal=False,
-                           scale=None, extra_key=None, extra_value=None):
+                           stride=1, scale=None, extra_key=None, extra_value=None):
     """Neighbourhood attention as dense softmax attention under :func:`neighborhood_mask`,
     with the extra keys appended as columns every query may attend. Same arguments and
     meaning as :func:`jattn.neighborhood_attention`."""
@@ -162,7 +166,7 @@ def neighborhood_attention(query, key, value, *, kernel_size, dilation=1, is_cau
     query, key, value = (jnp.asarray(x) for x in (query, key, value))
     B, spatial, N, H = query.shape[0], query.shape[1:-2], query.shape[-2], query.shape[-1]
     L = math.prod(spatial)
-    mask = neighborhood_mask(spatial, kernel_size, dilation, is_causal)
+    mask = neighborhood_mask(spatial, kernel_size, dilation, is_causal, stride)
     k = key.reshape(B, L, *key.shape[-2:])
     v = value.reshape(B, L, *value.shape[-2:])
     if extra_key is not None:

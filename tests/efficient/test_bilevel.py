@@ -105,7 +105,9 @@ def test_causal_leaks_nothing(L, region, top_k):
         later = (jnp.arange(L) > t)[None, :, None, None]
         bumped = [jnp.where(later, x + 3.0 * normal(20 + t, x.shape), x) for x in (q, k, v)]
         out = f(*bumped)
-        np.testing.assert_array_equal(np.asarray(out[:, :t + 1]), np.asarray(base[:, :t + 1]))
+        # Equal up to rounding: later queries' routes change which tiles a query tile
+        # visits and in what order (a masked tile adds exact zeros), not what row t sees.
+        np.testing.assert_allclose(out[:, :t + 1], base[:, :t + 1], rtol=0, atol=2e-6)
         assert not np.allclose(out[:, t + 1:], base[:, t + 1:])
 
 

@@ -1,5 +1,6 @@
-"""Neighbourhood attention (NATTEN semantics): brute-force border/dilation/causal sets, fast
-path vs the dense masked reference (forward and gradients), dtypes, jit/vmap, errors, module."""
+"""Neighbourhood attention (NATTEN semantics): brute-force border/dilation/causal/stride sets,
+exact block maps, the block-sparse path vs the dense masked reference (forward and gradients,
+every implementation), dtypes, jit/vmap, errors, module."""
 
 from __future__ import annotations
 
@@ -14,10 +15,18 @@ import pytest
 from flax import nnx
 
 import jattn
-from jattn import reference
-from jattn.efficient.neighborhood import neighbor_table, neighborhood_attention
+from jattn import masks, reference
+from jattn.efficient.neighborhood import neighborhood_attention
 from jattn.nn.efficient.neighborhood import NeighborhoodAttention
-from tests.conftest import assert_close, normal, normalised_error, output_and_vjp, to64
+from pallas_kernels.flash.common import EMPTY, FULL, PARTIAL
+from tests.conftest import (
+    as_implementation,
+    assert_close,
+    normal,
+    normalised_error,
+    output_and_vjp,
+    to64,
+)
 
 
 def _qkv(spatial, dtype=jnp.float32, B=2, N=4, K=2, H=8, Hv=6, E=0, seed=0):
@@ -58,29 +67,28 @@ def _flat(spatial, pos):
     return int(np.ravel_multi_index(pos, spatial))
 
 
-def _table_sets(spatial, kernel_size, dilation, is_causal):
-    n = len(spatial)
-    index, valid = neighbor_table(spatial, *(_per_axis(x, n) for x in
-                                             (kernel_size, dilation, is_causal)))
-    return index, valid
+def _mask_rows(spatial, kernel_size, dilation, is_causal, stride=1):
+    """The mask's pattern [L, L] through its NumPy evaluation (the code of evaluate())."""
+    mask = masks.neighborhood(spatial, kernel_size, dilation, is_causal, stride)
+    pos = np.arange(math.prod(spatial))
+    return mask._allowed(np, pos, pos)
 
 
 # Every 1-D configuration up to length 13 (lengths not divisible by the dilation, even and
-# odd kernels, kernels that fill their shortest group): cheap, the NumPy table only.
-def test_neighbor_table_exhaustive_1d():
+# odd kernels, kernels that fill their shortest group).
+def test_mask_exhaustive_1d():
     checked = 0
     for length in range(1, 14):
         for d in range(1, length + 1):
             for k in range(1, length // d + 1):
                 for causal in (False, True):
-                    index, valid = _table_sets((length,), k, d, causal)
+                    rows = _mask_rows((length,), k, d, causal)
                     want = _brute_sets((length,), k, d, causal)
                     for p in range(length):
-                        got = [int(j) for j, ok in zip(index[p], valid[p], strict=True) if ok]
-                        assert len(got) == len(set(got)), (length, k, d, causal, p)
-                        assert {(j,) for j in got} == want[(p,)], (length, k, d, causal, p)
+                        assert {(j,) for j in np.flatnonzero(rows[p])} == want[(p,)], (
+                            length, k, d, causal, p)
                         if not causal:
-                            assert len(got) == k
+                            assert rows[p].sum() == k
                     checked += 1
     assert checked > 300
 
@@ -93,17 +101,70 @@ def test_neighbor_table_exhaustive_1d():
     ((6, 5), 2, (2, 1), True),
     ((4, 5, 6), (3, 2, 3), (1, 2, 2), (False, False, True)),
 ])
-def test_neighbor_table_brute_force_nd(spatial, kernel_size, dilation, is_causal):
-    index, valid = _table_sets(spatial, kernel_size, dilation, is_causal)
+def test_mask_brute_force_nd(spatial, kernel_size, dilation, is_causal):
+    rows = _mask_rows(spatial, kernel_size, dilation, is_causal)
     want = _brute_sets(spatial, kernel_size, dilation, is_causal)
     any_causal = any(_per_axis(is_causal, len(spatial)))
     for p, keys in want.items():
         row = _flat(spatial, p)
-        got = {int(j) for j, ok in zip(index[row], valid[row], strict=True) if ok}
-        assert got == {_flat(spatial, q) for q in keys}, p
+        assert set(np.flatnonzero(rows[row]).tolist()) == {_flat(spatial, q) for q in keys}, p
         if not any_causal:
-            assert len(got) == math.prod(_per_axis(kernel_size, len(spatial)))
-            assert valid[row].all()
+            assert rows[row].sum() == math.prod(_per_axis(kernel_size, len(spatial)))
+
+
+STRIDED = [  # spatial, kernel_size, dilation, is_causal, stride
+    ((13,), 5, 1, False, 2),
+    ((13,), 4, 1, True, 3),
+    ((14,), 3, 2, False, 3),
+    ((7, 9), (3, 5), (1, 1), (False, True), (2, 4)),
+    ((4, 5, 6), 2, (1, 2, 1), False, (2, 1, 2)),
+]
+
+
+@pytest.mark.parametrize("spatial,kernel_size,dilation,is_causal,stride", STRIDED)
+def test_strided_mask_equals_the_reference(spatial, kernel_size, dilation, is_causal, stride):
+    """The mask (vectorised windows) against the reference (position by position); both
+    read NATTEN's strided windows the same way, written independently."""
+    got = _mask_rows(spatial, kernel_size, dilation, is_causal, stride)
+    want = reference.neighborhood_mask(spatial, kernel_size, dilation, is_causal, stride)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_stride_equal_to_kernel_is_blocked_attention():
+    """NATTEN: stride == kernel_size gives non-overlapping windows, i.e. blocked (window)
+    attention; checked against blocks written out directly."""
+    got = _mask_rows((12,), 4, 1, False, 4)
+    blocks = np.arange(12) // 4
+    np.testing.assert_array_equal(got, blocks[:, None] == blocks[None, :])
+    got = _mask_rows((6, 8), (3, 4), 1, False, (3, 4))
+    rows, cols = np.unravel_index(np.arange(48), (6, 8))
+    tile = (rows // 3) * 2 + cols // 4
+    np.testing.assert_array_equal(got, tile[:, None] == tile[None, :])
+
+
+@pytest.mark.parametrize("spatial,kernel_size,dilation,is_causal,stride,T_block,S_block", [
+    ((100,), 7, 1, False, 1, 16, 8),
+    ((100,), 9, 3, True, 1, 8, 16),
+    ((9, 11), (3, 5), (2, 1), (True, False), (1, 2), 16, 16),
+    ((4, 5, 6), 3, 1, False, 1, 32, 8),
+])
+def test_block_map_is_exact(spatial, kernel_size, dilation, is_causal, stride, T_block,
+                            S_block):
+    """Every tile kind equals what the dense reference pattern says of that tile, with
+    extra keys past the grid (never allowed by the neighbourhood itself)."""
+    L = math.prod(spatial)
+    S = L + 5
+    mask = masks.neighborhood(spatial, kernel_size, dilation, is_causal, stride)
+    kinds = np.asarray(mask.block_map(L, S, T_block, S_block))[0, 0]
+    dense = np.zeros((L, S), bool)
+    dense[:, :L] = reference.neighborhood_mask(spatial, kernel_size, dilation, is_causal,
+                                               stride)
+    for i in range(kinds.shape[0]):
+        for j in range(kinds.shape[1]):
+            tile = dense[i * T_block:(i + 1) * T_block, j * S_block:(j + 1) * S_block]
+            want = FULL if tile.all() else PARTIAL if tile.any() else EMPTY
+            assert kinds[i, j] == want, (i, j)
+    assert (kinds == EMPTY).any()  # the map does skip: the check has teeth
 
 
 @pytest.mark.parametrize("spatial,kernel_size,dilation,is_causal", [
@@ -164,31 +225,35 @@ CASES = [  # spatial, kernel_size, dilation, is_causal, heads (N, K), extra E
 
 
 
-def _fns(spatial, kernel_size, dilation, is_causal, E):
+def _fns(spatial, kernel_size, dilation, is_causal, E, implementation="chunked"):
     options = {"kernel_size": kernel_size, "dilation": dilation, "is_causal": is_causal}
+    fast_options = {**options, "implementation": as_implementation(implementation)}
     if E:
         def fast(q, k, v, ek, ev):
-            return neighborhood_attention(q, k, v, extra_key=ek, extra_value=ev, **options)
+            return neighborhood_attention(q, k, v, extra_key=ek, extra_value=ev,
+                                          **fast_options)
 
         def ref(q, k, v, ek, ev):
             return reference.neighborhood_attention(q, k, v, extra_key=ek, extra_value=ev,
                                                     **options)
     else:
         def fast(q, k, v):
-            return neighborhood_attention(q, k, v, **options)
+            return neighborhood_attention(q, k, v, **fast_options)
 
         def ref(q, k, v):
             return reference.neighborhood_attention(q, k, v, **options)
     return fast, ref
 
 
+@pytest.mark.parametrize("implementation", ["chunked_small_blocks", "xla"])
 @pytest.mark.parametrize("spatial,kernel_size,dilation,is_causal,heads,E", CASES)
-def test_matches_dense_reference_float64(spatial, kernel_size, dilation, is_causal, heads, E):
+def test_matches_dense_reference_float64(spatial, kernel_size, dilation, is_causal, heads, E,
+                                         implementation):
     with jax.enable_x64(True):
         N, K = heads
         args = to64(_qkv(spatial, N=N, K=K, E=E))[:5 if E else 3]
         cotangent = normal(9, (*args[0].shape[:-1], args[2].shape[-1]), jnp.float64)
-        fast, ref = _fns(spatial, kernel_size, dilation, is_causal, E)
+        fast, ref = _fns(spatial, kernel_size, dilation, is_causal, E, implementation)
         got, g_got = output_and_vjp(fast, cotangent)(*args)
         want, g_want = output_and_vjp(ref, cotangent)(*args)
         assert got.dtype == jnp.float64
@@ -197,12 +262,14 @@ def test_matches_dense_reference_float64(spatial, kernel_size, dilation, is_caus
             assert normalised_error(a, w) < 1e-11
 
 
+@pytest.mark.parametrize("implementation", [
+    "chunked", "pallas_gpu_small_blocks", "pallas_tpu_small_blocks"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("case", [CASES[2], CASES[4]])
-def test_low_precision_matches_float64_reference(dtype, case):
+def test_low_precision_matches_float64_reference(dtype, case, implementation):
     spatial, kernel_size, dilation, is_causal, (N, K), E = case
     args = _qkv(spatial, dtype, N=N, K=K, E=E)[:5 if E else 3]
-    fast, ref = _fns(spatial, kernel_size, dilation, is_causal, E)
+    fast, ref = _fns(spatial, kernel_size, dilation, is_causal, E, implementation)
     cotangent = normal(9, (*args[0].shape[:-1], args[2].shape[-1]), dtype)
     got, g_got = output_and_vjp(fast, cotangent)(*args)
     assert got.dtype == dtype and all(g.dtype == dtype for g in g_got)
@@ -251,17 +318,18 @@ def test_vmap_matches_loop():
         np.testing.assert_allclose(got[i], want, atol=2e-6)
 
 
-def test_gathers_instead_of_a_dense_matrix():
+def test_no_dense_matrix():
     """No buffer of the compiled forward and backward passes is as large as the L x L score
     matrix (the dense reference, compiled the same way, has one)."""
     L = 256
     q, _, _, _, _ = _qkv((L,), B=1, N=1, K=1, H=4, Hv=4)
 
-    def compiled(fn):
-        loss = lambda q: fn(q, 2 * q, -q, kernel_size=5).sum()  # noqa: E731
+    def compiled(fn, **options):
+        loss = lambda q: fn(q, 2 * q, -q, kernel_size=5, **options).sum()  # noqa: E731
         return jax.jit(jax.value_and_grad(loss)).lower(q).compile().as_text()
 
-    assert f"{L},{L}]" not in compiled(neighborhood_attention)
+    tiles = as_implementation("chunked_small_blocks")  # tiles much smaller than L
+    assert f"{L},{L}]" not in compiled(neighborhood_attention, implementation=tiles)
     assert f"{L},{L}]" in compiled(reference.neighborhood_attention)
 
 

@@ -38,7 +38,8 @@ class NeighborhoodAttention(nnx.Module):
 
     def __init__(self, d_model: int, num_heads: int = 1, *, kernel_size: int | Sequence[int],
                  dilation: int | Sequence[int] = 1, is_causal: bool | Sequence[bool] = False,
-                 num_kv_heads: int | None = None, qkv_bias: bool = True, rngs: nnx.Rngs):
+                 stride: int | Sequence[int] = 1, num_kv_heads: int | None = None,
+                 qkv_bias: bool = True, rngs: nnx.Rngs):
         num_kv_heads = check_heads(d_model, num_heads, num_kv_heads)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -46,6 +47,7 @@ class NeighborhoodAttention(nnx.Module):
         self.kernel_size = tuple(kernel_size) if isinstance(kernel_size, Sequence) else kernel_size
         self.dilation = tuple(dilation) if isinstance(dilation, Sequence) else dilation
         self.is_causal = tuple(is_causal) if isinstance(is_causal, Sequence) else is_causal
+        self.stride = tuple(stride) if isinstance(stride, Sequence) else stride
         width = (num_heads + 2 * num_kv_heads) * self.head_dim
         self.qkv_proj = torch_linear(d_model, width, rngs, use_bias=qkv_bias)
         self.out_proj = torch_linear(d_model, d_model, rngs)
@@ -64,5 +66,6 @@ class NeighborhoodAttention(nnx.Module):
             _, extra_key, extra_value = self._split(self.qkv_proj(extra))
         out = neighborhood_attention(q, k, v, kernel_size=self.kernel_size,
                                      dilation=self.dilation, is_causal=self.is_causal,
-                                     extra_key=extra_key, extra_value=extra_value)
+                                     stride=self.stride, extra_key=extra_key,
+                                     extra_value=extra_value)
         return self.out_proj(out.reshape(x.shape))
