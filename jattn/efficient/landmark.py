@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jattn.core.attention import masked_softmax
+from jattn.core import masks
+from jattn.core.attention import dot_product_attention
 from jattn.core.shapes import (
     Array,
     DTypeError,
@@ -68,7 +69,7 @@ def num_blocks(length: int, block_size: int) -> int:
 
 def landmark_attention(query: Array, key: Array, value: Array, landmark_keys: Array, *,
                        block_size: int, is_causal: bool = True, top_k: int | None = None,
-                       scale: float | None = None) -> Array:
+                       scale: float | None = None, implementation="chunked") -> Array:
     r"""Grouped-softmax attention in which each block's landmark gates its tokens.
 
     .. math::
@@ -98,6 +99,7 @@ def landmark_attention(query: Array, key: Array, value: Array, landmark_keys: Ar
         top_k: None (training: every block) or k >= 0: inference-time retrieval of the k
             other blocks with the highest landmark scores, per query and head.
         scale: logit scale; default 1 / sqrt(H).
+        implementation: as in :func:`jattn.dot_product_attention` (default "chunked").
 
     Returns:
         [B, T, N, Hv] in the query's dtype.
@@ -120,7 +122,7 @@ def landmark_attention(query: Array, key: Array, value: Array, landmark_keys: Ar
         P21 Landmark Attention, "Landmark Attention: Random-Access Infinite Context Length
         for Transformers".
     """
-    B, T, N, H, S, K, Hv = check_qkv(query, key, value)
+    B, T, N, H, S, K, _ = check_qkv(query, key, value)
     bs = check_int("block_size", block_size)
     k_top = check_int("top_k", top_k, minimum=0, allow_none=True)
     if T != S:
@@ -137,93 +139,81 @@ def landmark_attention(query: Array, key: Array, value: Array, landmark_keys: Ar
         raise ValueError(f"landmark_keys: expected [B, num_blocks=ceil({S}/{bs}), K, H] = "
                          f"{(B, nb, K, H)}, got {landmark_keys.shape}")
     scale = H ** -0.5 if scale is None else scale
-
     G = N // K
-    P = nb * bs
     dtype = accumulation_dtype(query.dtype)
-    pad = ((0, 0), (0, P - S), (0, 0), (0, 0))
-    q = jnp.pad(query.astype(dtype), pad).reshape(B, P, K, G, H)
-    kb = jnp.pad(key.astype(dtype), pad).reshape(B, nb, bs, K, H)
-    vb = jnp.pad(value.astype(dtype), pad).reshape(B, nb, bs, K, Hv)
-    landmark_logits = jnp.einsum("btkgh,bckh->bkgtc", q,
-                                 landmark_keys.astype(dtype)) * scale  # [B, K, G, P, nb]
-
-    t = np.arange(P)
-    own_block = t // bs
+    q = query.reshape(B, T, K, G, H)
+    # Landmark scores l[b, k, g, t, c] and the candidate blocks C(t).
+    landmark_logits = jnp.einsum("btkgh,bckh->bkgtc", q, landmark_keys,
+                                 preferred_element_type=dtype) * scale
+    own = np.arange(T) // bs
     blocks = np.arange(nb)
-    others = (blocks[None, :] < own_block[:, None]) if is_causal else (
-        blocks[None, :] != own_block[:, None])  # [P, nb]: the candidate blocks C(i)
-    key_pos = blocks[:, None] * bs + np.arange(bs)[None, :]  # [nb, bs]
-    key_valid = key_pos < S
+    others = (blocks[None, :] < own[:, None]) if is_causal else (
+        blocks[None, :] != own[:, None])  # [T, nb]
+    k_keep = nb if k_top is None else min(k_top, nb)
+    # top_k keeps equal scores in index order (ties to the earlier block); slots that fall
+    # outside C(t) (-inf) become -1.
+    scores, chosen = lax.top_k(jnp.where(others, landmark_logits, -jnp.inf), k_keep)
+    chosen = jnp.where(jnp.isfinite(scores), chosen, -1).astype(jnp.int32)
+    # A retrieved token j of block c weighs gate_tc * softmax_{j in c}(s_tj): one softmax
+    # over the own block and the retrieved tokens, with logits s_tj + l_tc - log W_tc
+    # (W_tc = sum_{j in c} exp s_tj), has exactly these weights and normaliser Z_t.
+    log_w = _block_lse(q, key, chosen, bs, scale) if k_keep else scores  # [B, K, G, T, k]
+    own_block = jnp.broadcast_to(jnp.asarray(own, jnp.int32)[None, None, None, :, None],
+                                 (B, K, G, T, 1))
+    picked = jnp.concatenate([own_block, chosen], -1)  # [B, K, G, T, 1 + k]
+    shift = jnp.concatenate([jnp.zeros((B, K, G, T, 1), log_w.dtype),
+                             jnp.where(chosen >= 0, scores - log_w, -jnp.inf)], -1)
+    # Less the row's largest shift (the softmax is unchanged), so the logits of the block
+    # that dominates stay near their own size and keep float32's precision.
+    shift = shift - lax.stop_gradient(shift.max(-1, keepdims=True))
+    shift = jnp.where(picked >= 0, shift, 0).reshape(B, N, T, k_keep + 1)
+    picked = picked.reshape(B, N, T, k_keep + 1)
 
-    if k_top is None:
-        out = _grouped(q, kb, vb, landmark_logits, others, key_pos, key_valid, own_block,
-                       is_causal, scale)
-    else:
-        out = _retrieved(q, kb, vb, landmark_logits, others, key_pos, key_valid, k_top,
-                         is_causal, scale)
-    # [B, K, G, P, Hv] -> [B, T, N, Hv]
-    out = jnp.moveaxis(out, 3, 1).reshape(B, P, N, Hv)[:, :T]
-    return out.astype(query.dtype)
+    def retrieved(score, b, h, t, j):
+        return score + jnp.where(picked[b, h, t] == j // bs, shift[b, h, t], 0).sum()
 
-
-def _grouped(q, kb, vb, landmark_logits, others, key_pos, key_valid, own_block, is_causal,
-             scale):
-    """Every block (training): dense scores, grouped softmax, landmark gates."""
-    P, nb, bs = q.shape[1], kb.shape[1], kb.shape[2]
-    t = np.arange(P)
-    logits = jnp.einsum("btkgh,bcjkh->bkgtcj", q, kb) * scale  # [B, K, G, P, nb, bs]
-    in_own = (np.arange(nb)[None, :, None] == own_block[:, None, None]) & key_valid[None]
+    mask = masks.block_selection(picked, 1, bs)
     if is_causal:
-        in_own &= key_pos[None] <= t[:, None, None]  # [P, nb, bs]
-    # The own group: own-block tokens and the other blocks' landmarks, one softmax.
-    flat = logits.reshape(*logits.shape[:4], nb * bs)
-    group = masked_softmax(jnp.concatenate([flat, landmark_logits], -1),
-                          np.concatenate([in_own.reshape(P, nb * bs), others], -1))
-    direct = group[..., :nb * bs].reshape(logits.shape)
-    gate = group[..., nb * bs:]  # [B, K, G, P, nb], zero outside C(i)
-    within = masked_softmax(logits, np.broadcast_to(key_valid, logits.shape))
-    weights = direct + gate[..., None] * within
-    return jnp.einsum("bkgtcj,bcjkv->bkgtv", weights, vb)
+        mask = mask & masks.causal()
+    return dot_product_attention(query, key, value, mask=mask, scale=scale,
+                                 score_mod=retrieved, implementation=implementation)
 
 
-def _retrieved(q, kb, vb, landmark_logits, others, key_pos, key_valid, k_top, is_causal,
-               scale):
-    """Top-k retrieval (inference): gather the k best other blocks per query and head."""
-    B, P, K, G, H = q.shape
-    nb, bs = kb.shape[1], kb.shape[2]
-    k_top = min(k_top, nb)
+_QUERY_CHUNK = 64  # queries whose retrieved keys are gathered at once by _block_lse
 
-    # The own block: [B, K, G, nb (query block), bs (query), bs (key)].
-    qb = q.reshape(B, nb, bs, K, G, H)
-    own_logits = jnp.einsum("bnqkgh,bnjkh->bkgnqj", qb, kb) * scale
-    own_allowed = np.broadcast_to(key_valid[:, None, :], (nb, bs, bs))
-    if is_causal:
-        own_allowed = own_allowed & (np.arange(bs)[None, :, None] >= np.arange(bs)[None, None])
-    own_logits = own_logits.reshape(B, K, G, P, bs)
-    own_allowed = own_allowed.reshape(P, bs)
 
-    # lax.top_k keeps equal scores in index order (ties to the earlier block); blocks outside
-    # C(i) sit at -inf, come last and are dropped through `chosen`.
-    scores, index = lax.top_k(jnp.where(others, landmark_logits, -jnp.inf), k_top)
-    chosen = jnp.take_along_axis(jnp.broadcast_to(others, landmark_logits.shape), index, -1)
+def _block_lse(q: Array, key: Array, chosen: Array, bs: int, scale: float) -> Array:
+    """log sum_{j in block chosen[...]} exp(scale q_t . k_j), float32 [B, K, G, T, k]
+    (0 where chosen is -1): the retrieved keys are gathered a chunk of queries at a time,
+    recomputed in the backward pass, so memory is O(chunk * k * block), not O(T * k * block).
+    """
+    B, T, K, G, H = q.shape
+    S = key.shape[1]
+    nb = -(-S // bs)
+    dtype = accumulation_dtype(q.dtype)
+    kt = jnp.pad(key, ((0, 0), (0, nb * bs - S), (0, 0), (0, 0)))
+    kt = jnp.moveaxis(kt.reshape(B, nb, bs, K, H), 3, 1)  # [B, K, nb, bs, H]
+    valid = jnp.asarray(np.arange(nb * bs).reshape(nb, bs) < S)
+    nc = -(-T // _QUERY_CHUNK)
+    Tp = nc * _QUERY_CHUNK
+    qc = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0), (0, 0)))
+    cc = jnp.pad(chosen, ((0, 0), (0, 0), (0, 0), (0, Tp - T), (0, 0)), constant_values=-1)
+    qc = jnp.moveaxis(qc.reshape(B, nc, _QUERY_CHUNK, K, G, H), 1, 0)
+    cc = jnp.moveaxis(cc.reshape(B, K, G, nc, _QUERY_CHUNK, -1), 3, 0)
 
-    kt = jnp.moveaxis(kb, 3, 1)  # [B, K, nb, bs, H]
-    vt = jnp.moveaxis(vb, 3, 1)  # [B, K, nb, bs, Hv]
-    gather = jax.vmap(jax.vmap(lambda blocks, i: blocks[i]))  # over B and K
-    k_sel = gather(kt, index)  # [B, K, G, P, k, bs, H]
-    v_sel = gather(vt, index)
-    sel_logits = jnp.einsum("btkgh,bkgtcjh->bkgtcj", q, k_sel) * scale
-    sel_valid = jnp.asarray(key_valid)[index]  # [B, K, G, P, k, bs]
+    @jax.checkpoint
+    def chunk(args):
+        q_blk, c_blk = args  # [B, c, K, G, H], [B, K, G, c, k]
+        index = jnp.maximum(c_blk, 0)
+        gather = jax.vmap(jax.vmap(lambda blocks, i: blocks[i]))  # over B and K
+        k_sel = gather(kt, index)  # [B, K, G, c, k, bs, H]
+        s = jnp.einsum("bqkgh,bkgqcjh->bkgqcj", q_blk, k_sel,
+                       preferred_element_type=dtype) * scale
+        s = jnp.where(valid[index][..., :], s, -jnp.inf)
+        return jnp.where(c_blk >= 0, jax.nn.logsumexp(s, axis=-1), 0)
 
-    group = masked_softmax(jnp.concatenate([own_logits, scores], -1),
-                          jnp.concatenate([jnp.broadcast_to(own_allowed, own_logits.shape),
-                                           chosen], -1))
-    direct, gate = group[..., :bs], group[..., bs:]
-    within = masked_softmax(sel_logits, sel_valid)
-    out = jnp.einsum("bkgnqj,bknjv->bkgnqv", direct.reshape(B, K, G, nb, bs, bs), vt)
-    out = out.reshape(B, K, G, P, -1)
-    return out + jnp.einsum("bkgtc,bkgtcj,bkgtcjv->bkgtv", gate, within, v_sel)
+    out = lax.map(chunk, (qc, cc))  # [nc, B, K, G, c, k]
+    return jnp.moveaxis(out, 0, 3).reshape(B, K, G, Tp, -1)[:, :, :, :T]
 
 
 def mean_landmark_keys(key: Array, block_size: int, *, offset: Array | None = None) -> Array:

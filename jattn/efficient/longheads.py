@@ -9,8 +9,10 @@ keeps the first chunk (attention sinks) and its own chunk i always, plus the ``t
 chunks among 1 .. i - 1 (complete chunks strictly between them, all ending before t) with
 the highest q_t . c_j, and attends causally (keys at positions <= t) to the tokens of those
 chunks, in one softmax. A summary is used only by queries after its whole chunk, so nothing
-after t affects out_t. The fast path gathers the selected chunks per query and head:
-O(T * top_k * chunk_size) scores plus O(T * T / chunk_size) chunk scores, never T x T.
+after t affects out_t. The attention is softmax attention under a per-query, per-head block
+selection (:func:`jattn.masks.block_selection`) and the causal mask: on the chunked path a
+tile of each (batch row, head) is visited when any of its queries picked that chunk, with
+no gathered copy of the keys; chunk scores cost O(T * T / chunk_size).
 
 LongHeads also remaps the positions of the selected chunks to stay within the trained
 length; that concerns position encodings applied before this function (rotary embeddings
@@ -26,14 +28,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jattn.core.attention import masked_softmax
+from jattn.core import masks
+from jattn.core.attention import dot_product_attention, masked_softmax
 from jattn.core.shapes import Array, accumulation_dtype, check_int, check_qkv
 
 SUMMARIES = ("attention", "mean")
 
 
 def longheads_attention(query: Array, key: Array, value: Array, *, chunk_size: int, top_k: int,
-                        scale: float | None = None, summary: str = "attention") -> Array:
+                        scale: float | None = None, summary: str = "attention",
+                        implementation="chunked") -> Array:
     r"""Causal attention of each query, per head, over the first chunk, its own chunk and the
     ``top_k - 2`` earlier chunks whose summary keys score highest against it.
 
@@ -61,6 +65,7 @@ def longheads_attention(query: Array, key: Array, value: Array, *, chunk_size: i
         top_k: chunks per query and head, including the first and the own chunk, >= 2.
         scale: logits scale (also in the attention-pooled summaries); default 1 / sqrt(H).
         summary: "attention" (the paper's attention-pooled key) or "mean" (mean key).
+        implementation: as in :func:`jattn.dot_product_attention` (default "chunked").
 
     Returns:
         [B, T, N, Hv] in the query's dtype.
@@ -81,7 +86,7 @@ def longheads_attention(query: Array, key: Array, value: Array, *, chunk_size: i
         P61 LongHeads, "LongHeads: Multi-Head Attention is Secretly a Long Context
         Processor".
     """
-    B, T, N, H, S, K, Hv = check_qkv(query, key, value)
+    B, T, N, H, S, K, _ = check_qkv(query, key, value)
     check_int("chunk_size", chunk_size)
     if check_int("top_k", top_k, minimum=None) < 2:
         raise ValueError(f"top_k: expected >= 2 (the first and the own chunk are always "
@@ -99,7 +104,6 @@ def longheads_attention(query: Array, key: Array, value: Array, *, chunk_size: i
     pad = [(0, 0), (0, m * c - T), (0, 0), (0, 0)]
     q = query.astype(dtype).reshape(B, T, K, G, H)
     kc = jnp.pad(key.astype(dtype), pad).reshape(B, m, c, K, H)
-    vc = jnp.pad(value.astype(dtype), pad).reshape(B, m, c, K, Hv)
     real = np.arange(m * c).reshape(m, c) < T  # [m, c]
 
     # Summaries (only those of complete chunks before a query are ever used).
@@ -127,17 +131,8 @@ def longheads_attention(query: Array, key: Array, value: Array, *, chunk_size: i
         best, idx = lax.top_k(scores, n_more)
         chunks.append(idx.astype(jnp.int32))
         ok.append(jnp.isfinite(best))
-    chunks = jnp.concatenate(chunks, -1)  # [B, T, K, G, W]
-    ok = jnp.concatenate(ok, -1)
-    W = chunks.shape[-1]
-    b_ix = jnp.arange(B)[:, None, None, None, None]
-    k_ix = jnp.arange(K)[None, None, :, None, None]
-    kg = kc.transpose(0, 3, 1, 2, 4)[b_ix, k_ix, chunks]  # [B, T, K, G, W, c, H]
-    vg = vc.transpose(0, 3, 1, 2, 4)[b_ix, k_ix, chunks]
-    key_pos = chunks[..., None] * c + jnp.arange(c)  # [B, T, K, G, W, c]
-    allowed = ok[..., None] & (key_pos <= jnp.arange(T)[None, :, None, None, None, None])
-    logits = jnp.einsum("btkgh,btkgwch->btkgwc", q, kg) * scale
-    probs = masked_softmax(logits.reshape(B, T, K, G, W * c),
-                            allowed.reshape(B, T, K, G, W * c))
-    out = jnp.einsum("btkgs,btkgsv->btkgv", probs, vg.reshape(B, T, K, G, W * c, Hv))
-    return out.reshape(B, T, N, Hv).astype(query.dtype)
+    chunks = jnp.where(jnp.concatenate(ok, -1), jnp.concatenate(chunks, -1), -1)
+    chunks = jnp.moveaxis(chunks.reshape(B, T, N, -1), 1, 2)  # [B, N, T, W], -1: unused slot
+    mask = masks.block_selection(chunks, 1, c) & masks.causal()
+    return dot_product_attention(query, key, value, mask=mask, scale=scale,
+                                 implementation=implementation)

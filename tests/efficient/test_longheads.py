@@ -107,7 +107,9 @@ def test_no_leak_from_the_future(T, chunk, top_k):
         later = (jnp.arange(T) > t)[None, :, None, None]
         bumped = [jnp.where(later, x + 3.0 * normal(20 + t, x.shape), x) for x in (q, k, v)]
         out = f(*bumped)
-        np.testing.assert_array_equal(np.asarray(out[:, :t + 1]), np.asarray(base[:, :t + 1]))
+        # Equal up to rounding: later queries' picks change which tiles a query tile visits
+        # and in what order (a masked tile adds exact zeros), not what row t sees.
+        np.testing.assert_allclose(out[:, :t + 1], base[:, :t + 1], rtol=0, atol=2e-6)
         assert not np.allclose(out[:, t + 1:], base[:, t + 1:])
 
 
