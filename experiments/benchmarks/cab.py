@@ -74,12 +74,12 @@ def methods() -> dict[str, Method]:
         "agent 64": Method(lambda q, k, v, c: jattn.agent_attention(
             q, k, v, num_agents=64, is_causal=c)),
         "routing L/128 clusters": Method(_routing),
-        "bilevel 64, top-4": Method(lambda q, k, v, c: jattn.bilevel_routing_attention(
+        "bilevel 64 top-4": Method(lambda q, k, v, c: jattn.bilevel_routing_attention(
             q, k, v, region_size=min(64, q.shape[1]), top_k=min(4, -(-q.shape[1] // 64)),
             is_causal=c)),
-        "longheads 64, top-4": Method(lambda q, k, v, c: jattn.longheads_attention(
+        "longheads 64 top-4": Method(lambda q, k, v, c: jattn.longheads_attention(
             q, k, v, chunk_size=64, top_k=4), patterns=("causal self",)),
-        "landmark 64, top-4": Method(lambda q, k, v, c: jattn.landmark_attention(
+        "landmark 64 top-4": Method(lambda q, k, v, c: jattn.landmark_attention(
             q, k, v, jattn.mean_landmark_keys(k, 64), block_size=64, top_k=4, is_causal=c)),
     }
 

@@ -89,6 +89,9 @@ class Config:
         "tests/kernels/test_flash.py::-k::not tpu",
         "tests/kernels/test_gpu.py",
         "tests/core/test_attention.py::-k::pallas_gpu",
+        "tests/core/test_block_selection.py::-k::gpu",  # in-tile masks from the block map
+        "tests/efficient/test_neighborhood.py::-k::pallas_gpu",  # static in-tile masks
+        "tests/efficient/test_linear_gated.py::-k::kernel",  # the Lightning kernel
     )  # "path" or "path::-k::expression"
 
 

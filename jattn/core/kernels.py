@@ -33,13 +33,18 @@ def _tighter(a: int | None, b: int | None, pick) -> int | None:
     return b if a is None else a if b is None else pick(a, b)
 
 
-def kernel_mask(mask: Mask | None, B: int, T: int, S: int) -> dict:
-    """The kernels' elementwise mask arguments for ``mask`` over a [B, *, T, S] pattern.
+def kernel_mask(mask: Mask | None, B: int, T: int, S: int, block_q: int = 1,
+                block_kv: int = 1) -> dict:
+    """The kernels' elementwise mask arguments for ``mask`` over a [B, *, T, S] pattern, for
+    tiles of ``block_q`` x ``block_kv``.
 
     Every conjunct the kernels know natively goes to its argument: bands intersect into one
-    ``lo <= kv - q <= hi``, lengths into the shortest, the first segment ids stay ids;
-    anything else (another segment mask, ``|``, ``~``, token types, dense arrays) is written
-    out into ``dense_mask`` [Bm, Nm, T, S].
+    ``lo <= kv - q <= hi``, lengths into the shortest, the first segment ids stay ids; masks
+    of positions only (neighbourhoods, and ``|`` / ``~`` of such) become the ``static_mask``
+    the kernels evaluate in each tile; a block selection whose blocks are whole tiles is
+    left to the block map alone (its tiles are EMPTY or FULL); anything else (another
+    segment mask, token types, dense arrays, other combinations) is written out into
+    ``dense_mask`` [Bm, Nm, T, S].
 
     >>> m = _masks.causal() & _masks.local_window(3, 0) & _masks.lengths(kv_lengths=[5])
     >>> args = kernel_mask(m, 1, 8, 8)
@@ -49,8 +54,11 @@ def kernel_mask(mask: Mask | None, B: int, T: int, S: int) -> dict:
     args: dict = {}
     if mask is None:
         return args
-    dense = []
+    dense, static = [], []
     for leaf in mask.conjuncts():
+        if isinstance(leaf, _masks.BlockSelection) and (
+                leaf.block_q % block_q == 0 and leaf.block_kv % block_kv == 0):
+            continue
         if isinstance(leaf, _masks.Band):
             args["lo"] = _tighter(args.get("lo"), leaf.lo, max)
             args["hi"] = _tighter(args.get("hi"), leaf.hi, min)
@@ -62,8 +70,12 @@ def kernel_mask(mask: Mask | None, B: int, T: int, S: int) -> dict:
         elif isinstance(leaf, _masks.Segments) and "q_segment_ids" not in args:
             args["q_segment_ids"] = jnp.broadcast_to(leaf.q_ids.astype(jnp.int32), (B, T))
             args["kv_segment_ids"] = jnp.broadcast_to(leaf.kv_ids.astype(jnp.int32), (B, S))
+        elif leaf.is_static:
+            static.append(leaf)
         else:
             dense.append(leaf)
+    if static:
+        args["static_mask"] = _masks.all_of(static)
     if dense:
         array = _masks.all_of(dense).materialize(T, S)
         args["dense_mask"] = jnp.broadcast_to(array, (*array.shape[:2], T, S))
@@ -102,7 +114,7 @@ def flash_implementation(platform: str, query, key, value, bias, mask, *, scale,
     return kernel.flash_attention(
         query, key, value, scale=scale, logits_soft_cap=logits_soft_cap, block_map=block_map,
         block_sizes=blocks, interpret=jax.default_backend() != platform,
-        **kernel_mask(mask, B, T, S))
+        **kernel_mask(mask, B, T, S, blocks.block_q, blocks.block_kv))
 
 
 def pallas_gpu_attention(query, key, value, bias, mask, *, scale, logits_soft_cap, dropout,

@@ -152,6 +152,19 @@ class Mask:
         (int [G]): dims (1, G or 1). Masks without per-example data return themselves."""
         return self
 
+    def allows(self, q_pos, kv_pos, xp=jnp):
+        """The pattern elementwise at broadcastable arrays of query and key positions (a
+        column [tq, 1] and a row [1, tk], or two full tiles): what a kernel evaluates inside
+        a tile. Defined for masks of positions only (:attr:`is_static`); ``xp`` is
+        jax.numpy, or numpy for static block maps."""
+        raise NotImplementedError(f"{type(self).__name__} carries data; use evaluate()")
+
+    @property
+    def is_static(self) -> bool:
+        """True for a mask of positions only (no arrays), which a kernel can evaluate in a
+        tile from its positions alone (:meth:`allows`)."""
+        return False
+
     def conjuncts(self) -> list[Mask]:
         """The masks this one is the ``&`` of, in order: ``a & (b & c)`` gives [a, b, c]; a
         mask that is no ``&`` gives itself. Implementations map each conjunct they know
@@ -220,6 +233,17 @@ class Band(Mask):
         if self.lo is None or self.hi is None:
             return None
         return max(self.hi - self.lo + 1, 0)
+
+    is_static = True
+
+    def allows(self, q_pos, kv_pos, xp=jnp):
+        d = kv_pos - q_pos
+        ok = xp.ones(xp.broadcast_shapes(xp.shape(q_pos), xp.shape(kv_pos)), bool)
+        if self.lo is not None:
+            ok = ok & (d >= self.lo)
+        if self.hi is not None:
+            ok = ok & (d <= self.hi)
+        return ok
 
 
 @_pytree(data=("q_lengths", "kv_lengths"))
@@ -401,7 +425,8 @@ class Dense(Mask):
         return jnp.broadcast_to(kind, (*kind.shape[:2], nq, nk))
 
 
-@_pytree(data=(), meta=("spatial", "kernel_size", "dilation", "is_causal", "stride"))
+@_pytree(data=(), meta=("spatial", "kernel_size", "dilation", "is_causal", "stride",
+                        "global_keys"))
 class Neighborhood(Mask):
     """NATTEN neighbourhoods (P72) on a row-major flattened grid of ``spatial`` positions.
 
@@ -414,7 +439,8 @@ class Neighborhood(Mask):
     clip(leader - k // 2, 0, len - k) + [0, k) (centred, shifted inward at a border), or,
     causal, max(leader - k + 1, 0) .. leader with keys after the query itself excluded. A
     key is allowed when it is in the query's group and window along every axis. Keys at
-    flat positions >= prod(spatial) (extra keys appended after the grid) are never allowed.
+    flat positions >= prod(spatial) (extra keys appended after the grid) are allowed for
+    every query when ``global_keys``, never otherwise.
 
     The block map is exact: computed with NumPy from the static shapes, once per tiling,
     visiting only key tiles between the lowest and highest flat key of each query tile.
@@ -425,6 +451,9 @@ class Neighborhood(Mask):
     dilation: tuple[int, ...]
     is_causal: tuple[bool, ...]
     stride: tuple[int, ...]
+    global_keys: bool = False
+
+    is_static = True
 
     @property
     def length(self) -> int:
@@ -462,18 +491,22 @@ class Neighborhood(Mask):
                 last = first + k - 1
             yield g, r, first, last
 
-    def _allowed(self, xp, q_pos, kv_pos):
-        ok = (q_pos[:, None] < self.length) & (kv_pos[None, :] < self.length)
-        key_axes = self._windows(xp, kv_pos)
-        for (gq, _, first, last), (gk, rk, _, _) in zip(self._windows(xp, q_pos), key_axes,
-                                                        strict=True):
+    def allows(self, q_pos, kv_pos, xp=jnp):
+        """The pattern at broadcastable arrays of query and key positions (e.g. a column
+        [tq, 1] and a row [1, tk], or two full tiles), elementwise: what a kernel evaluates
+        inside a tile. ``xp``: jax.numpy, or numpy for static block maps."""
+        ok = (q_pos < self.length) & (kv_pos < self.length)
+        for (gq, _, first, last), (gk, rk, _, _) in zip(self._windows(xp, q_pos),
+                                                        self._windows(xp, kv_pos), strict=True):
             if self.dilation != (1,) * len(self.spatial):
-                ok = ok & (xp.asarray(gq)[..., None] == xp.asarray(gk)[None])
-            ok = ok & (rk[None, :] >= first[:, None]) & (rk[None, :] <= last[:, None])
+                ok = ok & (gq == gk)
+            ok = ok & (rk >= first) & (rk <= last)
+        if self.global_keys:
+            ok = ok | ((q_pos < self.length) & (kv_pos >= self.length))
         return ok
 
     def evaluate(self, q_pos, kv_pos):
-        return self._allowed(jnp, q_pos, kv_pos)[None, None]
+        return self.allows(q_pos[:, None], kv_pos[None, :])[None, None]
 
     def block_map(self, T, S, block_q, block_kv):
         return jnp.asarray(_neighborhood_block_map(self, T, S, block_q, block_kv))[None, None]
@@ -500,13 +533,13 @@ def _neighborhood_block_map(mask: Neighborhood, T: int, S: int, block_q: int,
     nq, nk = -(-T // block_q), -(-S // block_kv)
     kinds = np.full((nq, nk), EMPTY, np.int8)
     lo, hi = mask.key_range()
+    extra = range(mask.length // block_kv, nk) if mask.global_keys else range(0)
     for i in range(nq):
         q = np.arange(i * block_q, min((i + 1) * block_q, T))
-        first, last = lo[q].min() // block_kv, hi[q].max() // block_kv
-        kv = np.arange(first * block_kv, min((last + 1) * block_kv, S))
-        allowed = mask._allowed(np, q, kv)
-        for j in range(first, last + 1):
-            tile = allowed[:, (j - first) * block_kv:(j + 1 - first) * block_kv]
+        window = range(lo[q].min() // block_kv, hi[q].max() // block_kv + 1)
+        for j in sorted(set(window) | set(extra)):
+            kv = np.arange(j * block_kv, min((j + 1) * block_kv, S))
+            tile = mask.allows(q[:, None], kv[None, :], xp=np)
             kinds[i, j] = FULL if tile.all() else PARTIAL if tile.any() else EMPTY
     return kinds
 
@@ -590,6 +623,13 @@ class _Binary(Mask):
     def sparse_rows(self):
         return self.a.sparse_rows or self.b.sparse_rows
 
+    @property
+    def is_static(self):
+        return self.a.is_static and self.b.is_static
+
+    def allows(self, q_pos, kv_pos, xp=jnp):
+        return self.values(self.a.allows(q_pos, kv_pos, xp), self.b.allows(q_pos, kv_pos, xp))
+
     def rows(self, batch, heads):
         return type(self)(self.a.rows(batch, heads), self.b.rows(batch, heads))
 
@@ -631,6 +671,13 @@ class Not(Mask):
     @property
     def sparse_rows(self):
         return self.a.sparse_rows
+
+    @property
+    def is_static(self):
+        return self.a.is_static
+
+    def allows(self, q_pos, kv_pos, xp=jnp):
+        return ~self.a.allows(q_pos, kv_pos, xp)
 
     def rows(self, batch, heads):
         return Not(self.a.rows(batch, heads))
@@ -834,7 +881,7 @@ def adjacency(adj, *, self_loops: bool = True) -> Mask:
 
 
 def neighborhood(spatial: Sequence[int], kernel_size, dilation=1, is_causal=False,
-                 stride=1) -> Mask:
+                 stride=1, global_keys: bool = False) -> Mask:
     """NATTEN neighbourhood attention (P72) as a mask on the flattened grid (see
     :class:`Neighborhood` for the windows).
 
@@ -844,6 +891,8 @@ def neighborhood(spatial: Sequence[int], kernel_size, dilation=1, is_causal=Fals
         kernel_size, dilation, stride: an int or one per axis; kernel_size * dilation <= the
             axis length, stride <= kernel_size.
         is_causal: a bool or one per axis.
+        global_keys: keys past the grid (extra keys appended after it) are allowed for every
+            query.
 
     >>> neighborhood((5,), 3).materialize(5, 5)[0, 0].astype(int).tolist()
     [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [0, 0, 1, 1, 1]]
@@ -867,7 +916,7 @@ def neighborhood(spatial: Sequence[int], kernel_size, dilation=1, is_causal=Fals
                 f"{k} * {d} > {length}; spatial shape {spatial})")
         if s > k:
             raise ValueError(f"stride: at most kernel_size ({k}) along axis {axis}, got {s}")
-    return Neighborhood(spatial, kernel_size, dilation, is_causal, stride)
+    return Neighborhood(spatial, kernel_size, dilation, is_causal, stride, bool(global_keys))
 
 
 def block_selection(indices, block_q: int, block_kv: int) -> Mask:

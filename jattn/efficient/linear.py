@@ -46,14 +46,16 @@ from jattn.core.shapes import (
     Array,
     accumulation_dtype,
     check_floating,
+    check_integer,
     check_qkv,
     check_shape,
     is_concrete,
 )
+from pallas_kernels.linear import lightning
 
 FeatureMap = Callable[[Array], Array]
 
-FORMS = ("parallel", "recurrent", "chunked")
+FORMS = ("parallel", "recurrent", "chunked", "pallas")
 
 
 class LinearAttentionState(NamedTuple):
@@ -290,7 +292,8 @@ def feature_size(feature_map: str | FeatureMap, head_dim: int, *,
 
 
 def linear_attention(q, k, v, *, feature_map: str | FeatureMap = "elu+1",
-                     is_causal: bool = False, decay=None, normalize: bool = True,
+                     is_causal: bool = False, decay=None, log_decay=None, segment_ids=None,
+                     normalize: bool = True,
                      eps: float = 1e-6, form: str = "chunked", chunk_size: int = 64,
                      initial_state: LinearAttentionState | None = None,
                      return_state: bool = False, rng=None, num_features: int | None = None,
@@ -357,6 +360,15 @@ def linear_attention(q, k, v, *, feature_map: str | FeatureMap = "elu+1",
             key.
         decay: per-query-head factors gamma in (0, 1], [N] (causal only): key s reaches query
             t with weight gamma^(t - s). May be traced (learned).
+        log_decay: data-dependent decay (gated linear attention, Mamba-2, RetNet with gates;
+            causal only): float [B, T, N] of values <= 0, the log of the factor the state is
+            multiplied by at position t before key t enters, so key s reaches query t with
+            weight exp(sum_{s < r <= t} log_decay[r]) (times gamma^(t - s) with ``decay``) and
+            the initial state with exp(sum_{r <= t} log_decay[r]). May be traced.
+        segment_ids: int [B, T] (causal only): packed documents; the state is reset where
+            the id changes from one position to the next, so a query sees only keys of its
+            own run of equal ids. The initial state continues into position 0 and reaches
+            the queries up to the first change.
         normalize: divide by phi(q_t) . sum of phi(k_s) (+ eps); False returns the numerator.
         eps: added to the denominator, a Python float >= 0.
         form: "parallel", "recurrent" or "chunked" (see the module docstring); the same result
@@ -429,20 +441,8 @@ def linear_attention(q, k, v, *, feature_map: str | FeatureMap = "elu+1",
                                     offset=offset, has_state=initial_state is not None)
     G = N // K
 
-    if decay is None:
-        log_decay = jnp.zeros((K, G), dtype)
-    else:
-        if not is_causal:
-            raise ValueError("decay: only defined for causal attention (is_causal=True)")
-        decay = jnp.asarray(decay)
-        check_floating("decay", decay)
-        check_shape("decay", decay, (N,), "N")
-        if is_concrete(decay):
-            values = np.asarray(decay, np.float64)
-            if not ((values > 0) & (values <= 1)).all():
-                raise ValueError(f"decay: expected values in (0, 1], got min {values.min()} "
-                                 f"max {values.max()}")
-        log_decay = jnp.log(decay.astype(dtype)).reshape(K, G)
+    a, doc = _decay_and_documents(decay, log_decay, segment_ids, is_causal, B, T, N, K,
+                                  dtype)
 
     if initial_state is None:
         kv0 = jnp.zeros((B, K, G, F, Hv), dtype)
@@ -463,17 +463,55 @@ def linear_attention(q, k, v, *, feature_map: str | FeatureMap = "elu+1",
     # Options that change nothing map to one value, so that equivalent calls share a compile.
     if not is_causal:
         form = "global"
-    chunk_size = max(1, min(chunk_size, T)) if form == "chunked" else 0
+    chunk_size = max(1, min(chunk_size, T)) if form in ("chunked", "pallas") else 0
     # Named maps go through the compiled cache; a user's callable (maybe unhashable, maybe a
     # new closure each call) is traced in place.
     compute = _compute_jit if isinstance(feature_map, str) else _compute
-    out, (kv, z) = compute(q, key_.astype(dtype), value.astype(dtype), kv0, z0, log_decay,
+    out, (kv, z) = compute(q, key_.astype(dtype), value.astype(dtype), kv0, z0, a, doc,
                            params, phi=phi, normalize=normalize, eps=float(eps), form=form,
                            chunk_size=chunk_size)
     out = out.reshape(B, T, N, Hv).astype(query.dtype)
     if return_state:
         return out, LinearAttentionState(kv.reshape(B, N, F, Hv), z.reshape(B, N, F))
     return out
+
+
+def _decay_and_documents(decay, log_decay, segment_ids, is_causal, B, T, N, K, dtype):
+    """(a, doc): a [1 or B, T, K, G], the log factor of the state at each position (constant
+    decay and data-dependent decay summed); doc [B, T] int32, the number of segment changes
+    up to each position, or None without segment ids."""
+    G = N // K
+    a = jnp.zeros((1, T, K, G), dtype)
+    for name, x in (("decay", decay), ("log_decay", log_decay), ("segment_ids", segment_ids)):
+        if x is not None and not is_causal:
+            raise ValueError(f"{name}: only defined for causal attention (is_causal=True)")
+    if decay is not None:
+        decay = jnp.asarray(decay)
+        check_floating("decay", decay)
+        check_shape("decay", decay, (N,), "N")
+        if is_concrete(decay):
+            values = np.asarray(decay, np.float64)
+            if not ((values > 0) & (values <= 1)).all():
+                raise ValueError(f"decay: expected values in (0, 1], got min {values.min()} "
+                                 f"max {values.max()}")
+        a = a + jnp.log(decay.astype(dtype)).reshape(K, G)
+    if log_decay is not None:
+        log_decay = jnp.asarray(log_decay)
+        check_floating("log_decay", log_decay)
+        check_shape("log_decay", log_decay, (B, T, N), "BTN")
+        if is_concrete(log_decay) and not (np.asarray(log_decay, np.float64) <= 0).all():
+            raise ValueError(f"log_decay: expected values <= 0 (a factor <= 1), got max "
+                             f"{float(np.max(np.asarray(log_decay)))}")
+        a = a + log_decay.astype(dtype).reshape(B, T, K, G)
+    doc = None
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids)
+        check_integer("segment_ids", segment_ids)
+        check_shape("segment_ids", segment_ids, (B, T), "BT")
+        change = jnp.concatenate([jnp.zeros((B, 1), bool),
+                                  segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+        doc = jnp.cumsum(change, axis=1, dtype=jnp.int32)
+    return a, doc
 
 
 def _feature_setup(feature_map, query, key_, dtype, *, rng, num_features, max_length, offset,
@@ -558,14 +596,16 @@ def _features(phi, params, x: Array, pos, is_query: bool) -> tuple[Array, Array 
     return jnp.exp(logits - top[..., None]) / math.sqrt(m), top - half_sq
 
 
-def _compute(q, k, v, kv0, z0, log_decay, params, *, phi, normalize, eps, form, chunk_size):
+def _compute(q, k, v, kv0, z0, a, doc, params, *, phi, normalize, eps, form, chunk_size):
     if form == "global":  # non-causal
         return _global(phi, params, q, k, v, kv0, z0, normalize, eps)
     if form == "parallel":
-        return _parallel(phi, params, q, k, v, kv0, z0, log_decay, normalize, eps)
+        return _parallel(phi, params, q, k, v, kv0, z0, a, doc, normalize, eps)
     if form == "recurrent":
-        return _recurrent(phi, params, q, k, v, kv0, z0, log_decay, normalize, eps)
-    return _chunked(phi, params, q, k, v, kv0, z0, log_decay, normalize, eps, chunk_size)
+        return _recurrent(phi, params, q, k, v, kv0, z0, a, doc, normalize, eps)
+    if form == "pallas":
+        return _pallas(phi, params, q, k, v, kv0, z0, a, doc, normalize, eps, chunk_size)
+    return _chunked(phi, params, q, k, v, kv0, z0, a, doc, normalize, eps, chunk_size)
 
 
 # Compiled once per shape and option set, so that eager callers (notebooks, tests) do not
@@ -591,7 +631,8 @@ def _divide(num: Array, den: Array, normalize: bool, eps: float, log_scale=None,
 
 
 # Shapes inside: q [B, T, K, G, H], k [B, S, K, H], v [B, S, K, Hv], state kv [B, K, G, F, Hv],
-# z [B, K, G, F], log_decay [K, G]. Query head n is (n // G, n % G), as jnp.repeat would map it.
+# z [B, K, G, F], a [1 or B, T, K, G] (log factor of the state at each position), doc [B, T]
+# (segment changes so far) or None. Query head n is (n // G, n % G), as jnp.repeat maps it.
 # Positions passed to _features broadcast against [B, T, K, G] (queries), [B, S, K] (keys).
 
 
@@ -605,67 +646,85 @@ def _global(phi, params, q, k, v, kv0, z0, normalize, eps):
     return _divide(num, den, normalize, eps, log_scale), (kv, z)
 
 
-def _decay_mask(log_decay: Array, length: int) -> Array:
-    """[K, G, length, length]: gamma^(i - j) where j <= i, else 0 (no inf * 0 anywhere)."""
-    lag = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
-    causal = lag >= 0
-    powers = jnp.exp(jnp.where(causal, lag, 0) * log_decay[..., None, None])
-    return jnp.where(causal, powers, 0)
+def _moveaxis_heads(x: Array) -> Array:
+    """[B', T, K, G] -> [B', K, G, T]."""
+    return jnp.moveaxis(x, 1, -1)
 
 
-def _parallel(phi, params, q, k, v, kv0, z0, log_decay, normalize, eps):
+def _pair_weights(A: Array, doc: Array | None) -> Array:
+    """[B', K, G, T, T]: exp(A_i - A_j) where j <= i in the same document, else 0 (no
+    inf * 0 anywhere). A [B', T, K, G]: cumulative log factors; doc [B, T] or None."""
+    At = _moveaxis_heads(A)
+    T = At.shape[-1]
+    ok = jnp.tril(jnp.ones((T, T), bool))
+    if doc is not None:
+        ok = ok & (doc[:, None, None, :, None] == doc[:, None, None, None, :])
+    return jnp.where(ok, jnp.exp(jnp.where(ok, At[..., :, None] - At[..., None, :], 0)), 0)
+
+
+def _parallel(phi, params, q, k, v, kv0, z0, a, doc, normalize, eps):
     T = q.shape[1]
     t = jnp.arange(T)
     pq, log_scale = _features(phi, params, q, t[:, None, None], True)
     pk, _ = _features(phi, params, k, t[:, None], False)
-    scores = jnp.einsum("btkgf,bskf->bkgts", pq, pk) * _decay_mask(log_decay, T)
+    A = jnp.cumsum(a, axis=1)  # [B', T, K, G]: log factor from before position 0 to t
+    scores = jnp.einsum("btkgf,bskf->bkgts", pq, pk) * _pair_weights(A, doc)
     num = jnp.einsum("bkgts,bskv->btkgv", scores, v)
     den = jnp.einsum("bkgts->btkg", scores)
-    from_state = jnp.exp((t + 1)[:, None, None] * log_decay)  # [T, K, G]: gamma^(t+1)
+    from_state = jnp.exp(A)  # [B', T, K, G]
+    to_state = jnp.exp(A[:, -1:] - A)  # key s to the end
+    carried = jnp.exp(A[:, -1])  # [B', K, G]
+    if doc is not None:  # the state reaches the first document; the end sees the last one
+        from_state = from_state * (doc == 0)[..., None, None]
+        to_state = to_state * (doc == doc[:, -1:])[..., None, None]
+        carried = carried * (doc[:, -1] == 0)[:, None, None]
     num = num + jnp.einsum("btkgf,bkgfv->btkgv", pq, kv0) * from_state[..., None]
     den = den + jnp.einsum("btkgf,bkgf->btkg", pq, z0) * from_state
-    to_state = jnp.exp((T - 1 - t)[:, None, None] * log_decay)  # gamma^(T-1-s)
-    carried = jnp.exp(T * log_decay)
-    kv = carried[..., None, None] * kv0 + jnp.einsum("bskf,skg,bskv->bkgfv", pk, to_state, v)
-    z = carried[..., None] * z0 + jnp.einsum("bskf,skg->bkgf", pk, to_state)
+    kv = carried[..., None, None] * kv0 + jnp.einsum("bskf,bskg,bskv->bkgfv", pk, to_state, v)
+    z = carried[..., None] * z0 + jnp.einsum("bskf,bskg->bkgf", pk, to_state)
     return _divide(num, den, normalize, eps, log_scale), (kv, z)
 
 
-def _recurrent(phi, params, q, k, v, kv0, z0, log_decay, normalize, eps):
-    gamma = jnp.exp(log_decay)
+def _recurrent(phi, params, q, k, v, kv0, z0, a, doc, normalize, eps):
+    B, T = q.shape[:2]
+    factor = jnp.exp(jnp.broadcast_to(a, (B, *a.shape[1:])))  # [B, T, K, G]
+    if doc is not None:  # a change of segment resets the state
+        change = jnp.diff(doc, axis=1, prepend=doc[:, :1]) > 0
+        factor = jnp.where(change[..., None, None], 0, factor)
 
     def step(carry, inputs):
         kv, z = carry
-        q_t, k_t, v_t, t = inputs  # [B, K, G, H], [B, K, H], [B, K, Hv], []
+        q_t, k_t, v_t, f_t, t = inputs  # [B, K, G, H], [B, K, H], [B, K, Hv], [B, K, G], []
         pq, log_scale = _features(phi, params, q_t, t, True)
         pk, _ = _features(phi, params, k_t, t, False)
-        kv = gamma[..., None, None] * kv + jnp.einsum("bkf,bkv->bkfv", pk, v_t)[:, :, None]
-        z = gamma[..., None] * z + pk[:, :, None]
+        kv = f_t[..., None, None] * kv + jnp.einsum("bkf,bkv->bkfv", pk, v_t)[:, :, None]
+        z = f_t[..., None] * z + pk[:, :, None]
         num = jnp.einsum("bkgf,bkgfv->bkgv", pq, kv)
         den = jnp.einsum("bkgf,bkgf->bkg", pq, z)
         return (kv, z), _divide(num, den, normalize, eps, log_scale)
 
-    xs = (*(jnp.moveaxis(x, 1, 0) for x in (q, k, v)), jnp.arange(q.shape[1]))
+    xs = (*(jnp.moveaxis(x, 1, 0) for x in (q, k, v, factor)), jnp.arange(T))
     state, out = lax.scan(step, (kv0, z0), xs)
     return jnp.moveaxis(out, 0, 1), state
 
 
-def _chunked(phi, params, q, k, v, kv0, z0, log_decay, normalize, eps, C):
+def _chunked(phi, params, q, k, v, kv0, z0, a, doc, normalize, eps, C):
     B, T, K, G, _ = q.shape
     n_chunks = -(-T // C)
     pad = n_chunks * C - T
     # Zero padded to whole chunks; each step slices its chunk out of these arrays, which
     # costs less memory traffic than scanning over [n_chunks, B, C, ...] transposed copies
-    # (10% of the forward time at L = 16k on CPU).
-    q, k, v = (jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in (q, k, v))
-    intra = _decay_mask(log_decay, C)  # [K, G, C, C]
+    # (10% of the forward time at L = 16k on CPU). Padded positions have a log factor 0.
+    q, k, v, a = (jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in (q, k, v, a))
+    if doc is not None:
+        doc = jnp.pad(doc, [(0, 0), (1, pad)], mode="edge")  # doc[:, start] precedes the chunk
     i = jnp.arange(C)
-    from_state = jnp.exp((i + 1)[:, None, None] * log_decay)  # [C, K, G]: gamma^(i+1)
 
     def step(carry, start):
         kv, z = carry
-        # [B, C, K, G, H], [B, C, K, H], [B, C, K, Hv]
-        q_c, k_c, v_c = (lax.dynamic_slice_in_dim(x, start, C, axis=1) for x in (q, k, v))
+        # [B, C, K, G, H], [B, C, K, H], [B, C, K, Hv], [B', C, K, G]
+        q_c, k_c, v_c, a_c = (lax.dynamic_slice_in_dim(x, start, C, axis=1)
+                              for x in (q, k, v, a))
         length = jnp.minimum(C, T - start)  # the last chunk may be short
         valid = i < length
         pos = start + i
@@ -673,22 +732,75 @@ def _chunked(phi, params, q, k, v, kv0, z0, log_decay, normalize, eps, C):
         pq, log_scale = _features(phi, params, q_c, pos[:, None, None], True)
         pq = pq * valid[:, None, None, None]
         pk = _features(phi, params, k_c, pos[:, None], False)[0] * valid[:, None, None]
-        scores = jnp.einsum("bikgf,bjkf->bkgij", pq, pk) * intra
+        A = jnp.cumsum(a_c, axis=1)  # log factor from the state before the chunk to i
+        A_end = lax.dynamic_index_in_dim(A, length - 1, axis=1)  # [B', 1, K, G]
+        doc_c = None
+        from_state, to_state, carried = jnp.exp(A), jnp.exp(A_end - A), jnp.exp(A_end[:, 0])
+        if doc is not None:
+            window = lax.dynamic_slice_in_dim(doc, start, C + 1, axis=1)
+            doc_c = window[:, 1:] - window[:, :1]  # 0: the state's document
+            doc_end = lax.dynamic_index_in_dim(doc_c, length - 1, axis=1)  # [B, 1]
+            from_state = from_state * (doc_c == 0)[..., None, None]
+            to_state = to_state * (doc_c == doc_end)[..., None, None]
+            carried = carried * (doc_end == 0)[..., None]
+        to_state = to_state * valid[:, None, None]
+        scores = jnp.einsum("bikgf,bjkf->bkgij", pq, pk) * _pair_weights(A, doc_c)
         num = jnp.einsum("bkgij,bjkv->bikgv", scores, v_c)
         den = jnp.einsum("bkgij->bikg", scores)
         num = num + jnp.einsum("bikgf,bkgfv->bikgv", pq, kv) * from_state[..., None]
         den = den + jnp.einsum("bikgf,bkgf->bikg", pq, z) * from_state
-        # Key j of this chunk reaches the chunk's last real token with gamma^(length-1-j).
-        lag = jnp.where(valid, length - 1 - i, 0)
-        to_state = jnp.where(valid[:, None, None],
-                             jnp.exp(lag[:, None, None] * log_decay), 0)  # [C, K, G]
-        carried = jnp.exp(length * log_decay)
-        kv = carried[..., None, None] * kv + jnp.einsum("bjkf,jkg,bjkv->bkgfv", pk, to_state,
+        kv = carried[..., None, None] * kv + jnp.einsum("bjkf,bjkg,bjkv->bkgfv", pk, to_state,
                                                         v_c)
-        z = carried[..., None] * z + jnp.einsum("bjkf,jkg->bkgf", pk, to_state)
+        z = carried[..., None] * z + jnp.einsum("bjkf,bjkg->bkgf", pk, to_state)
         out = _divide(num, den, normalize, eps, log_scale, valid[:, None, None])
         return (kv, z), out
 
     state, out = lax.scan(step, (kv0, z0), jnp.arange(n_chunks) * C)
     out = jnp.moveaxis(out, 0, 1).reshape(B, n_chunks * C, K, G, v.shape[-1])[:, :T]
     return out, state
+
+
+def _pallas(phi, params, q, k, v, kv0, z0, a, doc, normalize, eps, C):
+    """The chunked form as the Pallas lightning kernel: features here, the kernel's sums of
+    [v, 1] give the numerator and the normaliser in one pass."""
+    B, T = q.shape[:2]
+    pq, log_scale = _features(phi, params, q, jnp.arange(T)[:, None, None], True)
+    pk, _ = _features(phi, params, k, jnp.arange(T)[:, None], False)
+    ones = jnp.ones((*v.shape[:-1], 1), v.dtype)
+    sums, state = _lightning(pq, pk, jnp.concatenate([v, ones], -1),
+                             jnp.concatenate([kv0, z0[..., None]], -1),
+                             jnp.broadcast_to(a, (B, *a.shape[1:])), doc, C)
+    num, den = sums[..., :-1], sums[..., -1]
+    return _divide(num, den, normalize, eps, log_scale), (state[..., :-1], state[..., -1])
+
+
+def _identity(x: Array) -> Array:
+    return x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _lightning(pq, pk, v, s0, a, doc, C):
+    """The kernel's sums and final state; its backward pass is that of the chunked form on
+    the same features (recomputed, O(T / C) states)."""
+    return lightning.lightning_attention(pq, pk, v, s0, a, doc, chunk_size=C,
+                                         interpret=jax.default_backend() not in ("gpu", "tpu"))
+
+
+def _lightning_twin(pq, pk, v, s0, a, doc, C):
+    """The same sums in plain JAX: the chunked form with identity features, unnormalised."""
+    z0 = jnp.zeros(s0.shape[:-1], s0.dtype)
+    sums, (state, _) = _chunked(_identity, (), pq, pk, v, s0, z0, a, doc, False, 0.0, C)
+    return sums, state
+
+
+def _lightning_fwd(pq, pk, v, s0, a, doc, C):
+    return _lightning(pq, pk, v, s0, a, doc, C), (pq, pk, v, s0, a, doc)
+
+
+def _lightning_bwd(C, residuals, cotangents):
+    pq, pk, v, s0, a, doc = residuals
+    _, pullback = jax.vjp(lambda *x: _lightning_twin(*x, doc, C), pq, pk, v, s0, a)
+    return (*pullback(cotangents), None)
+
+
+_lightning.defvjp(_lightning_fwd, _lightning_bwd)

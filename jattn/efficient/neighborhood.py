@@ -145,15 +145,15 @@ def neighborhood_attention(query: Array, key: Array, value: Array, *,
         O(n^2) Cost of Self Attention at the Threadblock Level".
     """
     spatial, (B, N, H, K, Hv, E) = _check_inputs(query, key, value, extra_key, extra_value)
-    mask = masks.neighborhood(spatial, kernel_size, dilation, is_causal, stride)
+    mask = masks.neighborhood(spatial, kernel_size, dilation, is_causal, stride,
+                              global_keys=bool(E))
     L = math.prod(spatial)
     q = query.reshape(B, L, N, H)
     k = key.reshape(B, L, K, H)
     v = value.reshape(B, L, K, Hv)
-    if E:  # extra keys after the grid, allowed for every query
+    if E:  # extra keys after the grid, allowed for every query (global_keys)
         k = jnp.concatenate([k, extra_key], axis=1)
         v = jnp.concatenate([v, extra_value], axis=1)
-        mask = mask | ~masks.lengths(kv_lengths=L)
     out = dot_product_attention(q, k, v, mask=mask, scale=scale,
                                 implementation=implementation)
     return out.reshape(B, *spatial, N, Hv)

@@ -19,14 +19,18 @@ from jattn.reference.core import (
 
 
 def linear_attention(query, key, value, *, feature_map="elu+1", is_causal=False, decay=None,
-                     normalize=True, eps=1e-6, initial_state=None, return_state=False):
+                     log_decay=None, segment_ids=None, normalize=True, eps=1e-6,
+                     initial_state=None, return_state=False):
     """Linear attention as the quadratic sum of its definition (GQA repeats K/V).
 
     out_t = sum_s w_ts (phi(q_t) . phi(k_s)) v_s / (sum_s w_ts phi(q_t) . phi(k_s) + eps),
     w_ts = [s <= t] gamma^(t - s) when causal (gamma = 1 without decay), 1 otherwise; the
     initial state (kv [B, N, F, Hv], k_sum [B, N, F]) enters query t with gamma^(t + 1).
-    Same arguments and meaning as :func:`jattn.linear_attention`; returns (output, (kv,
-    k_sum)) with ``return_state``.
+    With ``log_decay`` [B, T, N] every w also carries exp(sum of log_decay[r] over the
+    positions r it spans, s < r <= t (the state: r <= t)), each sum written out over an
+    indicator of r; with ``segment_ids`` w is 0 when the id changes anywhere in s < r <= t
+    (the state: 0 < r <= t). Same arguments and meaning as :func:`jattn.linear_attention`;
+    returns (output, (kv, k_sum)) with ``return_state``.
     """
     query, key, value = (jnp.asarray(x) for x in (query, key, value))
     B, T, N, _ = query.shape
@@ -57,6 +61,33 @@ def linear_attention(query, key, value, *, feature_map="elu+1", is_causal=False,
         from_state = jnp.ones((T, N), dtype)
         to_state = jnp.ones((S, N), dtype)
         carried = jnp.ones((N,), dtype)
+    weight = jnp.broadcast_to(weight, (B, N, T, S))
+    from_state = jnp.broadcast_to(from_state, (B, T, N))
+    to_state = jnp.broadcast_to(to_state, (B, S, N))
+    carried = jnp.broadcast_to(carried, (B, N))
+    r = jnp.arange(T)
+    # span[t, s, r]: r lies in (s, t]; into[t, r]: r in [0, t] (the state to query t);
+    # out_of[s, r]: r in (s, S - 1] (key s to the end); 0 < r marks a change as a reset.
+    span = (r[None, None, :] > s[..., None]) & (r[None, None, :] <= t[..., None])
+    into = r[None, :] <= t
+    out_of = r[None, :] > s[0][:, None]
+    if log_decay is not None:
+        a = jnp.asarray(log_decay).astype(dtype)  # [B, T, N]
+        weight = weight * jnp.exp(jnp.einsum("tsr,brn->bnts", span.astype(dtype), a))
+        from_state = from_state * jnp.exp(jnp.einsum("tr,brn->btn", into.astype(dtype), a))
+        to_state = to_state * jnp.exp(jnp.einsum("sr,brn->bsn", out_of.astype(dtype), a))
+        carried = carried * jnp.exp(a.sum(1))
+    if segment_ids is not None:
+        ids = jnp.asarray(segment_ids)
+        change = jnp.concatenate([jnp.zeros_like(ids[:, :1], bool), ids[:, 1:] != ids[:, :-1]],
+                                 axis=1)  # [B, T]: a reset at r
+        cut = jnp.einsum("tsr,br->bts", span, change) > 0
+        weight = jnp.where(cut[:, None], 0, weight)
+        from_state = jnp.where((jnp.einsum("tr,br->bt", into, change) > 0)[..., None], 0,
+                               from_state)
+        to_state = jnp.where((jnp.einsum("sr,br->bs", out_of, change) > 0)[..., None], 0,
+                             to_state)
+        carried = jnp.where(change.any(1)[:, None], 0, carried)
     scores = jnp.einsum("btnf,bsnf->bnts", pq, pk) * weight
     num = jnp.einsum("bnts,bsnv->btnv", scores, v)
     den = jnp.einsum("bnts->btn", scores)
@@ -71,8 +102,8 @@ def linear_attention(query, key, value, *, feature_map="elu+1", is_causal=False,
     out = out.astype(query.dtype)
     if not return_state:
         return out
-    kv = carried[:, None, None] * kv0 + jnp.einsum("bsnf,sn,bsnv->bnfv", pk, to_state, v)
-    z = carried[:, None] * z0 + jnp.einsum("bsnf,sn->bnf", pk, to_state)
+    kv = carried[..., None, None] * kv0 + jnp.einsum("bsnf,bsn,bsnv->bnfv", pk, to_state, v)
+    z = carried[..., None] * z0 + jnp.einsum("bsnf,bsn->bnf", pk, to_state)
     return out, (kv, z)
 
 

@@ -9,6 +9,9 @@ A kernel call describes its mask with a few native pieces, all optional:
   ``lo = -left, hi = right``);
 * segment ids (``q_segment_ids[b, q] == kv_segment_ids[b, kv]``);
 * valid lengths (``q < q_lengths[b]`` and ``kv < kv_lengths[b]``);
+* a static mask: any hashable object with ``allows(q_pos, kv_pos)`` evaluated elementwise on
+  broadcastable position arrays inside each tile (a mask of positions only, such as
+  ``jattn.masks.neighborhood``; part of the compiled kernel, no array of its own);
 * a dense boolean mask [Bm, Nm, T, S] (Bm in {1, B}, Nm in {1, N}) for anything else;
 
 and, to skip work, a *block map*: int8 [Bm, Nm, ceil(T / block_q), ceil(S / block_kv)] whose
@@ -139,7 +142,7 @@ def tile_allowed(q_pos: jax.Array, kv_pos: jax.Array, *, kv_limit: int,
                  q_segment_ids: jax.Array | None = None,
                  kv_segment_ids: jax.Array | None = None,
                  q_length: jax.Array | None = None, kv_length: jax.Array | None = None,
-                 dense: jax.Array | None = None) -> jax.Array:
+                 dense: jax.Array | None = None, static=None) -> jax.Array:
     """Elementwise mask of one tile, bool [bq, bk] (or [bk, bq] from transposed inputs).
 
     The one definition of the mask pieces, used by both kernels. Positions and ids are
@@ -154,6 +157,7 @@ def tile_allowed(q_pos: jax.Array, kv_pos: jax.Array, *, kv_limit: int,
         q_segment_ids, kv_segment_ids: the tile's ids, as the positions (both or neither).
         q_length, kv_length: scalars for this batch row.
         dense: the tile of the dense mask (nonzero = allowed).
+        static: the static mask (``static.allows(q_pos, kv_pos)``), or None.
     """
     def rows(x):
         return x[:, None] if x.ndim == 1 else x
@@ -175,6 +179,8 @@ def tile_allowed(q_pos: jax.Array, kv_pos: jax.Array, *, kv_limit: int,
         ok &= kv_pos < kv_length
     if dense is not None:
         ok &= dense != 0
+    if static is not None:
+        ok &= static.allows(q_pos, kv_pos)
     return ok
 
 

@@ -114,6 +114,7 @@ class _Config:
     q_lengths: bool
     kv_lengths: bool
     dense: tuple[int, int] | None  # (Bm, Nm) of the dense mask
+    static: Any  # the static mask (an object with allows(q_pos, kv_pos)) or None
     block_map: tuple[int, int] | None  # (Bm, Nm) of the block map
     num_warps: int | None
     num_stages: int | None
@@ -246,7 +247,8 @@ def _query_tile_mask(r, cfg: _Config, b, i) -> Callable[[Any], jax.Array]:
             q_segment_ids=q_seg,
             kv_segment_ids=r["kv_seg"][pl.ds(start, bk)] if cfg.segments else None,
             q_length=q_len, kv_length=kv_len,
-            dense=r["dense"][:, pl.ds(start, bk)] != 0 if cfg.dense else None)
+            dense=r["dense"][:, pl.ds(start, bk)] != 0 if cfg.dense else None,
+            static=cfg.static)
 
     return mask
 
@@ -363,7 +365,8 @@ def _dkv_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
             return common.tile_allowed(
                 start + lax.iota(jnp.int32, bq), kv_pos, kv_limit=cfg.S, lo=cfg.lo, hi=cfg.hi,
                 q_segment_ids=r["q_seg"][pl.ds(start, bq)] if cfg.segments else None,
-                kv_segment_ids=kv_seg, q_length=q_len, kv_length=kv_len, dense=dense)
+                kv_segment_ids=kv_seg, q_length=q_len, kv_length=kv_len, dense=dense,
+                static=cfg.static)
 
         def step(row, is_full, carry):
             dk, dv = carry
@@ -573,8 +576,8 @@ def _pad_axis(x, axis: int, size: int, value=0):
 
 def flash_attention(query, key, value, *, scale: float | None = None, lo: int | None = None,
                     hi: int | None = None, q_segment_ids=None, kv_segment_ids=None,
-                    q_lengths=None, kv_lengths=None, dense_mask=None, block_map=None,
-                    logits_soft_cap: float | None = None,
+                    q_lengths=None, kv_lengths=None, dense_mask=None, static_mask=None,
+                    block_map=None, logits_soft_cap: float | None = None,
                     block_sizes: BlockSizes | None = None, interpret: bool = False):
     r"""Fused softmax attention on NVIDIA GPUs (Pallas, Triton lowering), with its log-sum-exp.
 
@@ -602,6 +605,8 @@ def flash_attention(query, key, value, *, scale: float | None = None, lo: int | 
         q_segment_ids, kv_segment_ids: int [B, T] and [B, S], both or neither.
         q_lengths, kv_lengths: int [B]: valid queries / keys per batch row.
         dense_mask: bool [Bm, Nm, T, S], Bm in {1, B}, Nm in {1, N}.
+        static_mask: None or a hashable object whose ``allows(q_pos, kv_pos)`` gives the
+            pattern elementwise on broadcastable int32 positions, evaluated in each tile.
         block_map: int8 [Bm, Nm, ceil(T / block_q), ceil(S / block_kv)] of
             ``common.EMPTY / PARTIAL / FULL`` (a promise: EMPTY tiles are skipped, FULL tiles
             are not masked); None treats every tile as PARTIAL.
@@ -667,7 +672,8 @@ def flash_attention(query, key, value, *, scale: float | None = None, lo: int | 
     cfg = _Config(
         B=B, T=T, S=S, N=N, K=K, H=Hp, Hv=Hvp, block_q=bq, block_kv=bk, scale=scale, lo=lo,
         hi=hi, cap=logits_soft_cap, segments=q_seg is not None, q_lengths=q_len is not None,
-        kv_lengths=kv_len is not None, dense=dense_shape, block_map=map_shape,
+        kv_lengths=kv_len is not None, dense=dense_shape, static=static_mask,
+        block_map=map_shape,
         num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages,
         interpret=bool(interpret) and not _compiled_only)
     q = _pad_axis(_pad_axis(query, 1, Tp), 3, Hp)

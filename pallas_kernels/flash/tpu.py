@@ -131,6 +131,7 @@ class _Config:
     q_len: bool
     kv_len: bool
     dense: bool
+    static: object  # the static mask (an object with allows(q_pos, kv_pos)) or None
     exact: bool  # float32 matmuls at full precision
     interpret: bool
 
@@ -254,7 +255,7 @@ def _tile_mask(cfg, r, b, q_tile, kv_tile, shape, transposed):
         dense = r.dense[...].astype(jnp.int32)  # compared as int32 (Mosaic)
     return common.tile_allowed(q_pos, kv_pos, kv_limit=cfg.S, lo=cfg.lo, hi=cfg.hi,
                                q_segment_ids=q_seg, kv_segment_ids=kv_seg, q_length=q_len,
-                               kv_length=kv_len, dense=dense)
+                               kv_length=kv_len, dense=dense, static=cfg.static)
 
 
 def _logits(cfg: _Config, a, b):
@@ -613,6 +614,7 @@ def flash_attention(
     q_lengths: jax.Array | None = None,
     kv_lengths: jax.Array | None = None,
     dense_mask: jax.Array | None = None,
+    static_mask=None,
     block_map: jax.Array | None = None,
     logits_soft_cap: float | None = None,
     block_sizes: BlockSizes | None = None,
@@ -641,6 +643,8 @@ def flash_attention(
         q_segment_ids, kv_segment_ids: int32 [B, T] and [B, S], both or neither.
         q_lengths, kv_lengths: int32 [B] valid lengths.
         dense_mask: bool [Bm, Nm, T, S], Bm in {1, B}, Nm in {1, N}.
+        static_mask: None or a hashable object whose ``allows(q_pos, kv_pos)`` gives the
+            pattern elementwise on broadcastable int32 positions, evaluated in each tile.
         block_map: int8 [Bm, Nm, ceil(T / block_q), ceil(S / block_kv)] of EMPTY / PARTIAL /
             FULL (``pallas_kernels.flash.common``); None: every tile PARTIAL.
         logits_soft_cap: None or a positive float.
@@ -708,7 +712,7 @@ def flash_attention(
         scale=float(1.0 / math.sqrt(H) if scale is None else scale),
         cap=None if logits_soft_cap is None else float(logits_soft_cap), lo=lo, hi=hi,
         segments=q_segment_ids is not None, q_len=q_lengths is not None,
-        kv_len=kv_lengths is not None, dense=dense_mask is not None,
+        kv_len=kv_lengths is not None, dense=dense_mask is not None, static=static_mask,
         exact=compute == jnp.float32, interpret=bool(interpret))
 
     aux: dict[str, object] = {

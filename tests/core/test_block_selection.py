@@ -155,3 +155,58 @@ def test_validation():
                                                                8, 8))
     with pytest.raises(TypeError, match="indices"):
         masks.block_selection(jnp.zeros((2, 1)), 8, 8)
+
+
+def test_rows_of_every_mask_kind_equal_slices_of_the_dense_pattern():
+    """Mask.rows(b, heads), which the per-row schedules evaluate, against slicing the
+    materialised pattern of the whole mask."""
+    T = S = 12
+    seg = np.array([[0] * 5 + [1] * 7, [0] * 9 + [1] * 3], np.int32)
+    mask = (masks.causal() & masks.segments(seg) & masks.lengths(kv_lengths=[10, 12])
+            & ~masks.dense(np.eye(12, dtype=bool)[None, None].repeat(4, 1)
+                           & (np.arange(4) % 2 == 0)[None, :, None, None])
+            | _mask_for(T, S))
+    whole = np.asarray(mask.materialize(T, S))  # [2, 4, T, S]
+    for b in range(2):
+        for heads in ([0, 1], [2, 3], [3]):
+            got = np.asarray(mask.rows(jnp.int32(b), jnp.asarray(heads)).materialize(T, S))
+            np.testing.assert_array_equal(got[0], whole[b, heads], err_msg=str((b, heads)))
+
+
+def _mask_for(T, S):
+    idx = _random_indices(6, 2, 4, -(-T // 4), -(-S // 4), 1)
+    return masks.block_selection(idx, 4, 4)
+
+
+def test_tiles_follow_the_mask():
+    from jattn.core.chunked import DEFAULT_BLOCK_SIZES, block_sizes_for
+    assert block_sizes_for(None) == DEFAULT_BLOCK_SIZES
+    assert block_sizes_for(masks.causal()) == DEFAULT_BLOCK_SIZES
+    assert block_sizes_for(masks.local_window(300, 0)) == DEFAULT_BLOCK_SIZES
+    assert block_sizes_for(masks.causal() & masks.local_window(40, 0)) == BlockSizes(128, 128)
+    # 2-D: a 7 x 7 window spans 6 rows of 64 and 7 columns of flat positions (391 > 256)
+    assert block_sizes_for(masks.neighborhood((64, 64), 7)) == DEFAULT_BLOCK_SIZES
+    assert block_sizes_for(masks.neighborhood((4096,), 127)) == BlockSizes(128, 128)
+    sel = masks.block_selection(jnp.zeros((8, 2), jnp.int32), 1, 64)
+    assert block_sizes_for(sel & masks.causal()) == BlockSizes(64, 64)
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_kernels_take_whole_tile_selections_from_the_block_map_alone(platform):
+    """Selection blocks that are whole kernel tiles need no in-tile mask: the kernels get
+    the block map only, and the result equals the dense reference."""
+    from jattn.core.kernels import flash_implementation, kernel_mask
+    from pallas_kernels.flash.common import BlockSizes as FlashBlockSizes
+
+    T = S = 48
+    idx = _random_indices(7, B, N, T // 16, S // 16, 2)
+    mask = masks.block_selection(idx, 16, 16) & masks.causal()
+    assert "dense_mask" not in kernel_mask(mask, B, T, S, 16, 16)
+    assert "dense_mask" in kernel_mask(mask, B, T, S, 32, 16)  # blocks not whole tiles
+    q, k, v = qkv(B=B, T=T, S=S, N=N, K=K)
+    got, _ = flash_implementation(platform, q, k, v, None, mask, scale=0.3,
+                                  logits_soft_cap=None, dropout=None,
+                                  block_sizes=FlashBlockSizes(16, 16))
+    want = reference.dot_product_attention(q, k, v, mask=jnp.asarray(
+        np.asarray(mask.materialize(T, S))), scale=0.3)
+    np.testing.assert_allclose(got, want, atol=2e-5)

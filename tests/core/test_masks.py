@@ -13,7 +13,7 @@ from jattn import masks
 from jattn.core.masks import EMPTY, FULL, PARTIAL
 from tests.conftest import block_map_of
 
-SETTINGS = settings(max_examples=60, deadline=None,
+SETTINGS = settings(max_examples=40, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

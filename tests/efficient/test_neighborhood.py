@@ -71,7 +71,7 @@ def _mask_rows(spatial, kernel_size, dilation, is_causal, stride=1):
     """The mask's pattern [L, L] through its NumPy evaluation (the code of evaluate())."""
     mask = masks.neighborhood(spatial, kernel_size, dilation, is_causal, stride)
     pos = np.arange(math.prod(spatial))
-    return mask._allowed(np, pos, pos)
+    return mask.allows(pos[:, None], pos[None, :], xp=np)
 
 
 # Every 1-D configuration up to length 13 (lengths not divisible by the dilation, even and
@@ -151,14 +151,16 @@ def test_stride_equal_to_kernel_is_blocked_attention():
 def test_block_map_is_exact(spatial, kernel_size, dilation, is_causal, stride, T_block,
                             S_block):
     """Every tile kind equals what the dense reference pattern says of that tile, with
-    extra keys past the grid (never allowed by the neighbourhood itself)."""
+    extra keys past the grid (allowed with global_keys, else never)."""
     L = math.prod(spatial)
     S = L + 5
-    mask = masks.neighborhood(spatial, kernel_size, dilation, is_causal, stride)
+    global_keys = len(spatial) == 2  # one case with the extra keys allowed
+    mask = masks.neighborhood(spatial, kernel_size, dilation, is_causal, stride, global_keys)
     kinds = np.asarray(mask.block_map(L, S, T_block, S_block))[0, 0]
     dense = np.zeros((L, S), bool)
     dense[:, :L] = reference.neighborhood_mask(spatial, kernel_size, dilation, is_causal,
                                                stride)
+    dense[:, L:] = global_keys
     for i in range(kinds.shape[0]):
         for j in range(kinds.shape[1]):
             tile = dense[i * T_block:(i + 1) * T_block, j * S_block:(j + 1) * S_block]
@@ -245,8 +247,8 @@ def _fns(spatial, kernel_size, dilation, is_causal, E, implementation="chunked")
     return fast, ref
 
 
-@pytest.mark.parametrize("implementation", ["chunked_small_blocks", "xla"])
-@pytest.mark.parametrize("spatial,kernel_size,dilation,is_causal,heads,E", CASES)
+@pytest.mark.parametrize("spatial,kernel_size,dilation,is_causal,heads,E,implementation", [
+    (*case, "chunked_small_blocks") for case in CASES] + [(*CASES[4], "xla")])
 def test_matches_dense_reference_float64(spatial, kernel_size, dilation, is_causal, heads, E,
                                          implementation):
     with jax.enable_x64(True):
@@ -262,11 +264,12 @@ def test_matches_dense_reference_float64(spatial, kernel_size, dilation, is_caus
             assert normalised_error(a, w) < 1e-11
 
 
-@pytest.mark.parametrize("implementation", [
-    "chunked", "pallas_gpu_small_blocks", "pallas_tpu_small_blocks"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("case", [CASES[2], CASES[4]])
-def test_low_precision_matches_float64_reference(dtype, case, implementation):
+@pytest.mark.parametrize("case,dtype,implementation", [
+    (case, dtype, "chunked") for case in (CASES[2], CASES[4])
+    for dtype in (jnp.float32, jnp.bfloat16)] + [
+    (CASES[4], jnp.float32, "pallas_gpu_small_blocks"),
+    (CASES[2], jnp.bfloat16, "pallas_tpu_small_blocks")])
+def test_low_precision_matches_float64_reference(case, dtype, implementation):
     spatial, kernel_size, dilation, is_causal, (N, K), E = case
     args = _qkv(spatial, dtype, N=N, K=K, E=E)[:5 if E else 3]
     fast, ref = _fns(spatial, kernel_size, dilation, is_causal, E, implementation)
@@ -316,6 +319,16 @@ def test_vmap_matches_loop():
     for i, c in enumerate((1, 2, -1)):
         want = fn(c * q, c * k, c * v, extra_key=c * ek, extra_value=c * ev)
         np.testing.assert_allclose(got[i], want, atol=2e-6)
+
+
+def test_kernels_evaluate_the_window_in_the_tile():
+    """The Pallas kernels get the neighbourhood as a static in-tile mask, not as a dense
+    [L, L] array (the low-precision test above checks their results)."""
+    from jattn.core.kernels import kernel_mask
+
+    mask = masks.neighborhood((7, 9), 3, (2, 1), (True, False), global_keys=True)
+    args = kernel_mask(mask, 1, 63, 66, 16, 16)
+    assert "dense_mask" not in args and args["static_mask"].is_static
 
 
 def test_no_dense_matrix():

@@ -129,3 +129,18 @@ def test_attention_weights_benchmark_smoke(tmp_path):
                                             "dense weights"]
     assert all(r["seconds"] > 0 and r["memory_bytes"] > 0 for r in rows)
     assert "target" in (out / "summary.md").read_text()
+
+
+def test_block_sparse_benchmark_smoke(tmp_path):
+    from experiments.benchmarks import block_sparse
+
+    out = tmp_path / "block_sparse"
+    block_sparse.main(["--length", "64", "--kernel", "7", "--alibi-length", "64",
+                       "--repeats", "1", "--out", str(out)])
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["case"], r["program"]) for r in rows] == [
+        ("neighborhood", "neighborhood"), ("neighborhood", "sliding window (chunked)"),
+        ("neighborhood", "causal (chunked)"), ("alibi", "chunked"),
+        ("alibi", "chunked + ALiBi score_mod")]
+    assert all(r["memory_bytes"] > 0 for r in rows)
+    assert "target" in (out / "summary.md").read_text()
