@@ -20,16 +20,13 @@ Writes config.json, results.jsonl and summary.md under ``out``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 import jattn
-from experiments.benchmarks.measure import measure, table_cell
-from experiments.common.config import parse_config, save_config
+from experiments.benchmarks.measure import measure, run_benchmark, table_cell
 
 TARGET_NEIGHBORHOOD = 1.5
 TARGET_ALIBI_MEMORY = 1.2
@@ -116,16 +113,7 @@ def summary(config: Config, rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    config = parse_config(PRESETS, argv, description=__doc__)
-    out = Path(config.out)
-    save_config(config, out)
-    rows = run(config)
-    with open(out / "results.jsonl", "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    text = summary(config, rows)
-    (out / "summary.md").write_text(text)
-    print(text)
+    run_benchmark(PRESETS, run, summary, argv, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,16 @@ it. Time is the median of repeated calls of the compiled executable, each waited
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import jax
+
+from experiments.common.config import parse_config, save_config
 
 
 @dataclasses.dataclass
@@ -75,3 +79,21 @@ def table_cell(row: dict | None, *, unit: str = "s") -> str:
     time = row["seconds"] * (1e3 if unit == "ms" else 1.0)
     shown = f"{time:,.0f}" if time >= 1000 else f"{time:.3g}"  # 1,690 rather than 1.69e+03
     return f"{shown} {unit} / {row['memory_bytes'] / 2**20:,.0f} MiB"
+
+
+def run_benchmark(presets: Mapping, run: Callable, summary: Callable, argv=None,
+                  description: str = "") -> str:
+    """The command line of a benchmark whose config has an ``out`` folder: parse the preset
+    and flags, save config.json, ``run(config)`` -> rows, write them to results.jsonl and
+    ``summary(config, rows)`` to summary.md; print and return the summary."""
+    config = parse_config(presets, argv, description=description)
+    out = Path(config.out)
+    save_config(config, out)
+    rows = run(config)
+    with open(out / "results.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    text = summary(config, rows)
+    (out / "summary.md").write_text(text)
+    print(text)
+    return text
