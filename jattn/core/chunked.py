@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jattn.core import score_mod as _score_mod
-from jattn.core.masks import EMPTY, FULL, PARTIAL, BlockSelection, Mask
+from jattn.core.masks import EMPTY, FULL, PARTIAL, Mask
 from jattn.core.shapes import (
     Array,
     DTypeError,
@@ -47,9 +47,9 @@ per-tile overhead outweighs the skipped work on XLA:CPU (docs/benchmarks.md)."""
 
 def block_sizes_for(mask: Mask | None) -> BlockSizes:
     """The default tiles for ``mask``: :data:`DEFAULT_BLOCK_SIZES`, or smaller ones where
-    the mask says more. A block selection (:class:`jattn.masks.BlockSelection`) tiles at
-    its key blocks (query tiles as long, or as its query blocks if longer), so each tile is
-    one selected block; a mask with a key extent (:meth:`Mask.key_extent`) narrower than a
+    the mask says more. A mask made of blocks (:meth:`Mask.tiles`, a block selection) tiles
+    at its key blocks (query tiles as long, or as its query blocks if longer), so each tile
+    is one selected block; a mask with a key extent (:meth:`Mask.key_extent`) narrower than a
     default tile gets square tiles of the power of two at or above it (at least
     :data:`MIN_BAND_BLOCK`), so a query tile of a sliding window or a neighbourhood visits
     about two key tiles of about the window's width instead of two of 512 keys.
@@ -61,9 +61,9 @@ def block_sizes_for(mask: Mask | None) -> BlockSizes:
     largest = DEFAULT_BLOCK_SIZES.block_kv
     if mask is None:
         return DEFAULT_BLOCK_SIZES
-    for part in mask.conjuncts():
-        if isinstance(part, BlockSelection) and part.block_kv < largest:
-            return BlockSizes(max(part.block_q, part.block_kv), part.block_kv)
+    tiles = mask.tiles()
+    if tiles is not None and tiles[1] < largest:
+        return BlockSizes(max(tiles), tiles[1])
     extent = mask.key_extent()
     if extent is None or extent >= largest:
         return DEFAULT_BLOCK_SIZES

@@ -33,8 +33,8 @@ def _tighter(a: int | None, b: int | None, pick) -> int | None:
     return b if a is None else a if b is None else pick(a, b)
 
 
-def kernel_mask(mask: Mask | None, B: int, T: int, S: int, block_q: int = 1,
-                block_kv: int = 1) -> dict:
+def kernel_mask(mask: Mask | None, B: int, T: int, S: int, block_q: int,
+                block_kv: int) -> dict:
     """The kernels' elementwise mask arguments for ``mask`` over a [B, *, T, S] pattern, for
     tiles of ``block_q`` x ``block_kv``.
 
@@ -47,7 +47,7 @@ def kernel_mask(mask: Mask | None, B: int, T: int, S: int, block_q: int = 1,
     ``dense_mask`` [Bm, Nm, T, S].
 
     >>> m = _masks.causal() & _masks.local_window(3, 0) & _masks.lengths(kv_lengths=[5])
-    >>> args = kernel_mask(m, 1, 8, 8)
+    >>> args = kernel_mask(m, 1, 8, 8, 16, 16)
     >>> args["lo"], args["hi"], args["kv_lengths"].tolist()
     (-3, 0, [5])
     """

@@ -132,6 +132,11 @@ class Mask:
     def check(self, T: int, S: int, name: str) -> None:
         """Raise ValueError (naming ``name``) if the mask cannot describe a [T, S] pattern."""
 
+    def tiles(self) -> tuple[int, int] | None:
+        """The (query, key) block sizes the mask is made of, when it has them (a block
+        selection); blocked implementations then tile at them. None otherwise."""
+        return None
+
     def key_extent(self) -> int | None:
         """A static bound on how far apart two keys one query may see can lie (the span of
         its allowed key positions, first to last, inclusive), or None when unbounded or
@@ -163,7 +168,7 @@ class Mask:
     def is_static(self) -> bool:
         """True for a mask of positions only (no arrays), which a kernel can evaluate in a
         tile from its positions alone (:meth:`allows`)."""
-        return False
+        return not jax.tree_util.tree_leaves(self)
 
     def conjuncts(self) -> list[Mask]:
         """The masks this one is the ``&`` of, in order: ``a & (b & c)`` gives [a, b, c]; a
@@ -234,7 +239,6 @@ class Band(Mask):
             return None
         return max(self.hi - self.lo + 1, 0)
 
-    is_static = True
 
     def allows(self, q_pos, kv_pos, xp=jnp):
         d = kv_pos - q_pos
@@ -453,7 +457,6 @@ class Neighborhood(Mask):
     stride: tuple[int, ...]
     global_keys: bool = False
 
-    is_static = True
 
     @property
     def length(self) -> int:
@@ -577,6 +580,9 @@ class BlockSelection(Mask):
     def rows(self, batch, heads):
         return BlockSelection(_row(self.indices, batch, heads), self.block_q, self.block_kv)
 
+    def tiles(self):
+        return (self.block_q, self.block_kv)
+
     def evaluate(self, q_pos, kv_pos):
         rows = jnp.minimum(q_pos // self.block_q, self.indices.shape[2] - 1)
         chosen = jnp.take(self.indices, rows, axis=2)  # [Bm, Nm, tq, k]
@@ -623,10 +629,6 @@ class _Binary(Mask):
     def sparse_rows(self):
         return self.a.sparse_rows or self.b.sparse_rows
 
-    @property
-    def is_static(self):
-        return self.a.is_static and self.b.is_static
-
     def allows(self, q_pos, kv_pos, xp=jnp):
         return self.values(self.a.allows(q_pos, kv_pos, xp), self.b.allows(q_pos, kv_pos, xp))
 
@@ -654,6 +656,9 @@ class And(_Binary):
         known = [e for e in (self.a.key_extent(), self.b.key_extent()) if e is not None]
         return min(known) if known else None
 
+    def tiles(self):
+        return self.a.tiles() or self.b.tiles()
+
     def conjuncts(self) -> list[Mask]:
         return self.a.conjuncts() + self.b.conjuncts()
 
@@ -671,10 +676,6 @@ class Not(Mask):
     @property
     def sparse_rows(self):
         return self.a.sparse_rows
-
-    @property
-    def is_static(self):
-        return self.a.is_static
 
     def allows(self, q_pos, kv_pos, xp=jnp):
         return ~self.a.allows(q_pos, kv_pos, xp)

@@ -39,7 +39,6 @@ class Converted:
     q_index, kv_index, *consts)``. Hashable by identity (a custom_vjp's static argument)."""
 
     fn: Callable
-    num_consts: int
 
 
 def check(score_mod) -> None:
@@ -63,7 +62,7 @@ def convert(score_mod: ScoreModFn, dtype) -> tuple[Converted, tuple[Array, ...]]
         raise TypeError(f"score_mod: must return one floating scalar for scalar inputs "
                         f"(score, batch, head, q_index, kv_index), got {out}")
     fn, consts = jax.closure_convert(score_mod, *example)
-    return Converted(fn, len(consts)), tuple(consts)
+    return Converted(fn), tuple(consts)
 
 
 def apply(fn: Callable, score: Array, indices: Sequence[Array], consts=()) -> Array:

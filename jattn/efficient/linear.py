@@ -646,15 +646,10 @@ def _global(phi, params, q, k, v, kv0, z0, normalize, eps):
     return _divide(num, den, normalize, eps, log_scale), (kv, z)
 
 
-def _moveaxis_heads(x: Array) -> Array:
-    """[B', T, K, G] -> [B', K, G, T]."""
-    return jnp.moveaxis(x, 1, -1)
-
-
 def _pair_weights(A: Array, doc: Array | None) -> Array:
     """[B', K, G, T, T]: exp(A_i - A_j) where j <= i in the same document, else 0 (no
     inf * 0 anywhere). A [B', T, K, G]: cumulative log factors; doc [B, T] or None."""
-    At = _moveaxis_heads(A)
+    At = jnp.moveaxis(A, 1, -1)  # [B', K, G, T]
     T = At.shape[-1]
     ok = jnp.tril(jnp.ones((T, T), bool))
     if doc is not None:

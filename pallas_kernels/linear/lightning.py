@@ -32,6 +32,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.flash.common import DTypeError
+
 __all__ = ["lightning_attention"]
 
 
@@ -95,11 +97,17 @@ def lightning_attention(q_features, k_features, value, initial_state, log_factor
     Returns:
         (sums [B, T, K, G, Hv]: sum_s w_ts (phi(q_t) . phi(k_s)) v_s plus the state's part,
         final state [B, K, G, F, Hv]), in that dtype.
+
+    Raises:
+        ValueError: shapes that disagree (naming the argument), a chunk size that is not a
+            positive int.
+        DTypeError: inputs not of one floating dtype, a non-integer ``document``.
     """
+    _check(q_features, k_features, value, initial_state, log_factor, document, chunk_size)
     B, T, K, G, F = q_features.shape
     dtype = q_features.dtype
     Hv = value.shape[-1]
-    C = int(chunk_size)
+    C = chunk_size
     n_chunks = -(-T // C)
     pad = n_chunks * C - T
     Tp = T + pad
@@ -137,3 +145,28 @@ def lightning_attention(q_features, k_features, value, initial_state, log_factor
         interpret=interpret,
     )(q, k, v, a, doc, initial_state)
     return jnp.moveaxis(out, 3, 1)[:, :T], state
+
+
+def _check(q, k, v, s0, a, doc, chunk_size) -> None:
+    if jnp.ndim(q) != 5:
+        raise ValueError(f"q_features: expected [B, T, K, G, F], got shape {jnp.shape(q)}")
+    B, T, K, G, F = q.shape
+    Hv = jnp.shape(v)[-1] if jnp.ndim(v) == 4 else None
+    expected = {"k_features": (k, (B, T, K, F)), "value": (v, (B, T, K, Hv)),
+                "initial_state": (s0, (B, K, G, F, Hv)), "log_factor": (a, (B, T, K, G))}
+    for name, (x, shape) in expected.items():
+        if tuple(jnp.shape(x)) != shape:
+            raise ValueError(f"{name}: expected shape {shape} (from q_features {q.shape} and "
+                             f"value's last axis), got {tuple(jnp.shape(x))}")
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype != q.dtype:
+            raise DTypeError(f"{name}: expected q_features' floating dtype {q.dtype}, got "
+                             f"{x.dtype}")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise DTypeError(f"q_features: expected a floating dtype, got {q.dtype}")
+    if doc is not None:
+        if tuple(jnp.shape(doc)) != (B, T):
+            raise ValueError(f"document: expected shape {(B, T)}, got {tuple(jnp.shape(doc))}")
+        if not jnp.issubdtype(doc.dtype, jnp.integer):
+            raise DTypeError(f"document: expected an integer dtype, got {doc.dtype}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")

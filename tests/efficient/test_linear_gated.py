@@ -134,3 +134,24 @@ def test_kernel_equals_the_chunked_form(feature_map, dtype):
     want = linear_attention(q, k, v, form="chunked", **kw)
     assert got.dtype == dtype
     assert normalised_error(got, want) < (1e-5 if dtype == jnp.float32 else 1e-2)
+
+
+def test_kernel_interface_rejects_bad_input():
+    from pallas_kernels.linear.lightning import lightning_attention
+
+    B_, T_, K_, G_, F_, V_ = 1, 8, 2, 2, 3, 4
+    z = jnp.zeros
+    good = dict(q_features=z((B_, T_, K_, G_, F_)), k_features=z((B_, T_, K_, F_)),
+                value=z((B_, T_, K_, V_)), initial_state=z((B_, K_, G_, F_, V_)),
+                log_factor=z((B_, T_, K_, G_)))
+    with pytest.raises(ValueError, match="k_features"):
+        lightning_attention(**{**good, "k_features": z((B_, T_, K_, F_ + 1))}, interpret=True)
+    with pytest.raises(ValueError, match="log_factor"):
+        lightning_attention(**{**good, "log_factor": z((B_, T_, K_))}, interpret=True)
+    with pytest.raises(TypeError, match="value"):
+        lightning_attention(**{**good, "value": z((B_, T_, K_, V_), jnp.bfloat16)},
+                            interpret=True)
+    with pytest.raises(TypeError, match="document"):
+        lightning_attention(**good, document=z((B_, T_)), interpret=True)
+    with pytest.raises(ValueError, match="chunk_size"):
+        lightning_attention(**good, chunk_size=0, interpret=True)
