@@ -91,7 +91,9 @@ class Config:
         "tests/core/test_attention.py::-k::pallas_gpu",
         "tests/core/test_block_selection.py::-k::gpu",  # in-tile masks from the block map
         "tests/efficient/test_neighborhood.py::-k::pallas_gpu",  # static in-tile masks
-        "tests/efficient/test_linear_gated.py::-k::kernel",  # the Lightning kernel
+        "tests/efficient/test_linear_gated.py::-k::kernel or gradients",  # Lightning kernels
+        "tests/core/test_score_mod.py::-k::pallas_gpu",  # score_mod inside the kernels
+        "tests/efficient/test_local.py::-k::pallas_gpu",  # windows and halos as masks
     )  # "path" or "path::-k::expression"
 
 

@@ -169,7 +169,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
             and before the soft cap. ALiBi, T5 buckets, relative-position tables and
             per-head re-weighting this way never form a [T, S] array ("xla" does form its
             [B, N, T, S] logits anyway). Gradients reach the arrays it closes over. Supported
-            by "xla" and "chunked" (:mod:`jattn.core.score_mod`).
+            by "xla", "chunked" and the Pallas kernels (:mod:`jattn.core.score_mod`).
         return_lse: also return the log-sum-exp of the masked logits, [B, N, T] (or [N, T]),
             float32; -inf for rows with nothing to attend to. Differentiable.
         implementation: None (the best available here), a name from ``implementations()``,

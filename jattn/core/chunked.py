@@ -33,7 +33,12 @@ from jattn.core.shapes import (
     check_floating,
     check_rank,
 )
-from pallas_kernels.flash.common import BlockSizes, mark_padded_keys
+from pallas_kernels.flash.common import (
+    BlockSizes,
+    mark_padded_keys,
+    modified_scores,
+    zero_cotangents,
+)
 
 DEFAULT_BLOCK_SIZES = BlockSizes(512, 512, block_q_bwd=256, block_kv_bwd=512)
 """The chunked path's tiles, chosen on a 2-core x86 CPU at T = 8k, H = 64
@@ -367,26 +372,16 @@ def _tile_logits(q_blk, k_blk, bias, mask, consts, origin, qb, kb, masked: bool,
         s = s + b.astype(acc)
     q_pos = qb * tl.bq + jnp.arange(tl.bq, dtype=jnp.int32)
     kv_pos = kb * tl.bk + jnp.arange(tl.bk, dtype=jnp.int32)
-    mod_vjp = None
+    mod_back = None
     if st.mod is not None:
         # Padded rows and columns read the last real index (their values are discarded).
         idx = (origin[0] + jnp.arange(B, dtype=jnp.int32).reshape(B, 1, 1, 1, 1),
                origin[1] + jnp.arange(K * G, dtype=jnp.int32).reshape(1, K, G, 1, 1),
                jnp.minimum(q_pos, tl.T - 1).reshape(1, 1, 1, -1, 1),
                jnp.minimum(kv_pos, tl.S - 1).reshape(1, 1, 1, 1, -1))
-
-        if pullback:  # differentiate with respect to the floating arrays only
-            where = _floating(consts)
-
-            def modify(s, floats):
-                args = list(consts)
-                for i, c in zip(where, floats, strict=True):
-                    args[i] = c
-                return _score_mod.apply(st.mod.fn, s, idx, args)
-
-            s, mod_vjp = jax.vjp(modify, s, tuple(consts[i] for i in where))
-        else:
-            s = _score_mod.apply(st.mod.fn, s, idx, consts)
+        s = modified_scores(st.mod, s, idx, consts, pullback=pullback)
+        if pullback:
+            s, mod_back = s
     t = None
     if st.soft_cap is not None:
         t = jnp.tanh(s / st.soft_cap)
@@ -404,9 +399,7 @@ def _tile_logits(q_blk, k_blk, bias, mask, consts, origin, qb, kb, masked: bool,
     def back(ds):
         if t is not None:
             ds = ds * (1 - t * t)
-        if mod_vjp is None:
-            return ds, None
-        return mod_vjp(ds)
+        return (ds, ()) if mod_back is None else mod_back(ds)
 
     return s, back
 
@@ -525,8 +518,7 @@ def _attention_bwd(st, residuals, cotangents):
             p = jnp.exp(s - lse_blk[..., None])
             dp = jnp.einsum("bkgqh,bksh->bkgqs", do_blk, v_blk, preferred_element_type=acc_t)
             ds, dc = back(p * (dp + row_blk[..., None]))
-            if dc is not None:
-                dconsts = jax.tree.map(jnp.add, dconsts, dc)
+            dconsts = jax.tree.map(jnp.add, dconsts, dc)
             if dbias is not None:
                 dbias = _add_bias_tile(dbias, ds, qb, kb, tl)
             ds_q = (ds * st.scale).astype(query.dtype)
@@ -550,11 +542,10 @@ def _attention_bwd(st, residuals, cotangents):
 
     # The score_mod's floating closed-over arrays get cotangents (integer ones, such as
     # index tables, are not differentiable and get None).
-    where = _floating(consts)
     grads = (jnp.zeros((B, Tp, K, G, H), query.dtype), jnp.zeros((B, Sp, K, H), acc_t),
              jnp.zeros((B, Sp, K, Hv), acc_t),
              None if bias is None else jnp.zeros(padded_bias.shape, acc_t),
-             tuple(jnp.zeros_like(consts[i]) for i in where))
+             zero_cotangents(consts))
     # The loop index is int64 under jax_enable_x64; slices want one index dtype.
     dq, dk, dv, dbias, dconsts = lax.fori_loop(
         0, tl.nq, lambda i, g: one_query_block(i.astype(jnp.int32), g), grads)
@@ -564,14 +555,7 @@ def _attention_bwd(st, residuals, cotangents):
     dv = dv[:, : tl.S].astype(value.dtype)
     if dbias is not None:
         dbias = dbias[:, :, : bias.shape[2], : bias.shape[3]].astype(bias.dtype)
-    by_index = dict(zip(where, dconsts, strict=True))
-    return (dq, dk, dv, dbias, None, tuple(by_index.get(i) for i in range(len(consts))),
-            None, None)
-
-
-def _floating(consts) -> list[int]:
-    """Indices of the floating arrays among a score_mod's closed-over arrays."""
-    return [i for i, c in enumerate(consts) if jnp.issubdtype(c.dtype, jnp.inexact)]
+    return dq, dk, dv, dbias, None, dconsts, None, None
 
 
 def _add_slice(x: Array, update: Array, start, axis: int) -> Array:

@@ -9,9 +9,11 @@
 
 A :class:`jattn.masks.Mask` reaches a kernel in two forms: its block map at the kernel's
 tile sizes (EMPTY tiles are skipped, FULL tiles need no mask arithmetic) and the elementwise
-pieces the kernels evaluate inside a tile (:func:`kernel_mask`). The kernels have no bias
-and no dropout, and want as many value heads as key heads: such calls raise
-NotImplementedError, and the dispatcher moves on.
+pieces the kernels evaluate inside a tile (:func:`kernel_mask`). A ``score_mod`` is
+converted (:func:`jattn.core.score_mod.convert`) and evaluated in each tile, its closed-over
+arrays passed whole to every program. The kernels have no bias and no dropout, and want as
+many value heads as key heads: such calls raise NotImplementedError, and the dispatcher
+moves on.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn.core import masks as _masks
+from jattn.core import score_mod as _score_mod
 from jattn.core.masks import Mask
 from jattn.core.shapes import Array
 from pallas_kernels.flash import gpu as _gpu
@@ -82,9 +85,7 @@ def kernel_mask(mask: Mask | None, B: int, T: int, S: int, block_q: int,
     return args
 
 
-def _check_supported(query, key, value, bias, dropout, score_mod) -> None:
-    if score_mod is not None:
-        raise NotImplementedError("the Pallas kernels take no score_mod yet")
+def _check_supported(query, key, value, bias, dropout) -> None:
     if bias is not None:
         raise NotImplementedError("the Pallas kernels take no bias")
     if dropout is not None:
@@ -104,7 +105,11 @@ def flash_implementation(platform: str, query, key, value, bias, mask, *, scale,
                          ) -> tuple[Array, Array]:
     """The registry's call of the ``platform`` ("gpu" or "tpu") kernel, at ``block_sizes``
     (default: the kernel's ``default_block_sizes``); interpret mode off that platform."""
-    _check_supported(query, key, value, bias, dropout, score_mod)
+    _check_supported(query, key, value, bias, dropout)
+    mod = {}
+    if score_mod is not None:
+        fn, args = _score_mod.convert(score_mod, jnp.float32)
+        mod = {"score_mod": fn, "score_mod_args": args}
     kernel = _KERNELS[platform]
     B, T, _, H = query.shape
     S = key.shape[1]
@@ -113,7 +118,7 @@ def flash_implementation(platform: str, query, key, value, bias, mask, *, scale,
                                                          blocks.block_kv)
     return kernel.flash_attention(
         query, key, value, scale=scale, logits_soft_cap=logits_soft_cap, block_map=block_map,
-        block_sizes=blocks, interpret=jax.default_backend() != platform,
+        block_sizes=blocks, interpret=jax.default_backend() != platform, **mod,
         **kernel_mask(mask, B, T, S, blocks.block_q, blocks.block_kv))
 
 

@@ -429,9 +429,54 @@ class Dense(Mask):
         return jnp.broadcast_to(kind, (*kind.shape[:2], nq, nk))
 
 
+class _GridMask(Mask):
+    """A mask of positions only on a row-major flattened grid of ``spatial`` positions
+    (1 to 3 axes), defined by :meth:`allows` and bounded by :meth:`key_range`; its block map
+    is exact, computed with NumPy from the static shapes once per tiling
+    (:func:`_grid_block_map`), visiting only the key tiles between the lowest and highest
+    flat key of each query tile."""
+
+    spatial: tuple[int, ...]
+    global_keys = False  # keys past the grid are allowed for every query (Neighborhood)
+
+    @property
+    def length(self) -> int:
+        return math.prod(self.spatial)
+
+    def check(self, T, S, name):
+        if T != self.length or S < self.length:
+            raise ValueError(f"{name}: a {type(self).__name__} mask over {self.spatial} needs "
+                             f"T = {self.length} queries and at least as many keys, got "
+                             f"T={T}, S={S}")
+
+    def evaluate(self, q_pos, kv_pos):
+        return self.allows(q_pos[:, None], kv_pos[None, :])[None, None]
+
+    def block_map(self, T, S, block_q, block_kv):
+        return jnp.asarray(_grid_block_map(self, T, S, block_q, block_kv))[None, None]
+
+    def key_extent(self):
+        lo, hi = self.key_range()
+        return int((hi - lo).max()) + 1
+
+    def key_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """Lowest and highest flat key each query may see on the grid, int64 [L] each."""
+        raise NotImplementedError
+
+    def _coordinates(self, pos, xp):
+        """Per axis: (length, row-major step, coordinate) of the flat positions ``pos``
+        (positions past the grid give garbage; callers mask them)."""
+        for axis, n in enumerate(self.spatial):
+            step = math.prod(self.spatial[axis + 1:])
+            c = pos if step == 1 else pos // step
+            if axis:  # the first axis needs no wrap inside the grid
+                c = c % n
+            yield n, step, c
+
+
 @_pytree(data=(), meta=("spatial", "kernel_size", "dilation", "is_causal", "stride",
                         "global_keys"))
-class Neighborhood(Mask):
+class Neighborhood(_GridMask):
     """NATTEN neighbourhoods (P72) on a row-major flattened grid of ``spatial`` positions.
 
     Along an axis of length n with kernel k, dilation d and stride s, position c lies in
@@ -446,8 +491,7 @@ class Neighborhood(Mask):
     flat positions >= prod(spatial) (extra keys appended after the grid) are allowed for
     every query when ``global_keys``, never otherwise.
 
-    The block map is exact: computed with NumPy from the static shapes, once per tiling,
-    visiting only key tiles between the lowest and highest flat key of each query tile.
+    The block map is exact (:class:`_GridMask`).
     """
 
     spatial: tuple[int, ...]
@@ -457,31 +501,14 @@ class Neighborhood(Mask):
     stride: tuple[int, ...]
     global_keys: bool = False
 
-
-    @property
-    def length(self) -> int:
-        return math.prod(self.spatial)
-
-    def check(self, T, S, name):
-        if T != self.length or S < self.length:
-            raise ValueError(f"{name}: a neighbourhood over {self.spatial} needs "
-                             f"T = {self.length} queries and at least as many keys, got "
-                             f"T={T}, S={S}")
-
-    def _axes(self):
-        strides = [math.prod(self.spatial[a + 1:]) for a in range(len(self.spatial))]
-        return zip(self.spatial, strides, self.kernel_size, self.dilation, self.is_causal,
-                   self.stride, strict=True)
-
     def _windows(self, xp, pos):
         """Per axis: (group, rank, first allowed rank, last allowed rank) of the flat
         positions ``pos`` (NumPy or jnp, via ``xp``). Positions past the grid give garbage
         (callers mask them); operations a unit dilation or stride makes trivial are skipped,
         since a tile evaluates this for every row and column."""
-        for axis, (n, step, k, d, causal, s) in enumerate(self._axes()):
-            c = pos if step == 1 else pos // step
-            if axis:  # the first axis needs no wrap inside the grid
-                c = c % n
+        for (n, _, c), k, d, causal, s in zip(self._coordinates(pos, xp), self.kernel_size,
+                                              self.dilation, self.is_causal, self.stride,
+                                              strict=True):
             g, r = (0, c) if d == 1 else (c % d, c // d)
             group_len = n if d == 1 else (n - g + d - 1) // d
             leader = r
@@ -508,31 +535,66 @@ class Neighborhood(Mask):
             ok = ok | ((q_pos < self.length) & (kv_pos >= self.length))
         return ok
 
-    def evaluate(self, q_pos, kv_pos):
-        return self.allows(q_pos[:, None], kv_pos[None, :])[None, None]
-
-    def block_map(self, T, S, block_q, block_kv):
-        return jnp.asarray(_neighborhood_block_map(self, T, S, block_q, block_kv))[None, None]
-
-    def key_extent(self):
-        lo, hi = self.key_range()
-        return int((hi - lo).max()) + 1
-
-    def key_range(self) -> tuple[np.ndarray, np.ndarray]:
-        """Lowest and highest flat key each query may see, int64 [L] each (NumPy)."""
+    def key_range(self):
         pos = np.arange(self.length)
         lo = np.zeros(self.length, np.int64)
         hi = np.zeros(self.length, np.int64)
-        for (_, step, _, d, _, _), (g, _, first, last) in zip(
-                self._axes(), self._windows(np, pos), strict=True):
+        for (_, step, _), d, (g, _, first, last) in zip(
+                self._coordinates(pos, np), self.dilation, self._windows(np, pos),
+                strict=True):
             lo += step * (g + d * first)
             hi += step * (g + d * last)
         return lo, hi
 
 
+@_pytree(data=(), meta=("spatial", "block_size", "halo", "shift"))
+class BlockWindow(_GridMask):
+    """Non-overlapping blocks of a row-major flattened grid, each seeing its own block
+    widened by a halo: Swin windows (halo 0), Swin's shifted windows (``shift``) and
+    HaloNet blocks (P09, P64, P53).
+
+    Along an axis of length n with block b, halo h and shift s, position c lies in block
+    i = floor((c - s) / b) (blocks start at s + i b; with 0 < s the positions before s form
+    a block of their own, as Swin's rolled grid and shift mask make them). A query of block
+    i sees the keys c' with s + i b - h <= c' < s + (i + 1) b + h on every axis (clipped to
+    the grid). Keys past the grid are never allowed. The block map is exact
+    (:class:`_GridMask`).
+    """
+
+    spatial: tuple[int, ...]
+    block_size: tuple[int, ...]
+    halo: tuple[int, ...]
+    shift: tuple[int, ...]
+
+    def _spans(self, xp, pos):
+        """Per axis: (coordinate, first and last key coordinate a query there sees)."""
+        for (n, _, c), b, h, s in zip(self._coordinates(pos, xp), self.block_size,
+                                      self.halo, self.shift, strict=True):
+            start = (c - s) // b * b + s
+            first, last = start - h, start + b - 1 + h
+            yield c, xp.maximum(first, 0), xp.minimum(last, n - 1)
+
+    def allows(self, q_pos, kv_pos, xp=jnp):
+        ok = (q_pos < self.length) & (kv_pos < self.length)
+        for (_, first, last), (ck, _, _) in zip(self._spans(xp, q_pos),
+                                                self._spans(xp, kv_pos), strict=True):
+            ok = ok & (ck >= first) & (ck <= last)
+        return ok
+
+    def key_range(self):
+        pos = np.arange(self.length)
+        lo = np.zeros(self.length, np.int64)
+        hi = np.zeros(self.length, np.int64)
+        for (_, step, _), (_, first, last) in zip(self._coordinates(pos, np),
+                                                  self._spans(np, pos), strict=True):
+            lo += step * first
+            hi += step * last
+        return lo, hi
+
+
 @functools.lru_cache(maxsize=64)
-def _neighborhood_block_map(mask: Neighborhood, T: int, S: int, block_q: int,
-                            block_kv: int) -> np.ndarray:
+def _grid_block_map(mask: _GridMask, T: int, S: int, block_q: int,
+                    block_kv: int) -> np.ndarray:
     nq, nk = -(-T // block_q), -(-S // block_kv)
     kinds = np.full((nq, nk), EMPTY, np.int8)
     lo, hi = mask.key_range()
@@ -918,6 +980,41 @@ def neighborhood(spatial: Sequence[int], kernel_size, dilation=1, is_causal=Fals
         if s > k:
             raise ValueError(f"stride: at most kernel_size ({k}) along axis {axis}, got {s}")
     return Neighborhood(spatial, kernel_size, dilation, is_causal, stride, bool(global_keys))
+
+
+def block_window(spatial: Sequence[int], block_size, halo=0, shift=0) -> Mask:
+    """Blocks of a grid that see their own block widened by a halo (see
+    :class:`BlockWindow`): Swin's window attention is ``block_window(spatial, w)``, its
+    shifted window ``block_window(spatial, w, shift=w // 2)`` (the rolled grid and shift
+    mask, written in the original positions), HaloNet's ``block_window(spatial, b,
+    halo=h)``; ``& causal()`` for causal 1-D blocks.
+
+    Args:
+        spatial: the grid's shape (1 to 3 axes); queries and keys are its row-major flat
+            positions, keys past it are never allowed.
+        block_size: an int or one per axis, 1 <= block <= the axis length.
+        halo: an int or one per axis, >= 0.
+        shift: an int or one per axis, 0 <= shift < block.
+
+    >>> m = block_window((6,), 3, shift=1).materialize(6, 6)[0, 0].tolist()
+    >>> ["".join("x" if a else "." for a in row) for row in m]
+    ['x.....', '.xxx..', '.xxx..', '.xxx..', '....xx', '....xx']
+    """
+    spatial = tuple(check_int("spatial", n) for n in spatial)
+    if not 1 <= len(spatial) <= 3:
+        raise ValueError(f"spatial: expected 1 to 3 axes, got {spatial}")
+    n = len(spatial)
+    block = check_per_axis("block_size", block_size, n, minimum=1)
+    halo = check_per_axis("halo", halo, n, minimum=0)
+    shift = check_per_axis("shift", shift, n, minimum=0)
+    for axis, (length, b, s) in enumerate(zip(spatial, block, shift, strict=True)):
+        if b > length:
+            raise ValueError(f"block_size: at most the axis length {length} along axis "
+                             f"{axis}, got {b} (spatial shape {spatial})")
+        if s >= b:
+            raise ValueError(f"shift: expected 0 <= shift < block_size ({b}) along axis "
+                             f"{axis}, got {s}")
+    return BlockWindow(spatial, block, halo, shift)
 
 
 def block_selection(indices, block_q: int, block_kv: int) -> Mask:

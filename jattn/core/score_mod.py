@@ -13,10 +13,11 @@ input) value ``scale * q . k + bias``; ``batch``, ``head`` (the query head), ``q
 relative-position table) are its parameters: gradients reach them through every
 implementation.
 
-Inside a ``custom_vjp`` the closed-over arrays must be explicit arguments:
-:func:`convert` hoists the traced ones with ``jax.closure_convert``, and :func:`apply`
-evaluates the converted function on a tile by nested ``vmap`` over the tile's axes (an axis
-of size 1 in an index array is not mapped, so no index is broadcast to the tile's size).
+Inside a ``custom_vjp`` (the chunked path's, the kernels') the closed-over arrays must be
+explicit arguments: :func:`convert` hoists them all from the function's jaxpr, and
+:func:`apply` evaluates the converted function on a tile by nested ``vmap`` over the tile's
+axes (an axis of size 1 in an index array is not mapped, so no index is broadcast to the
+tile's size).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 
 from jattn.core.shapes import Array
 
@@ -36,9 +38,18 @@ ScoreModFn = Callable[[Array, Array, Array, Array, Array], Array]
 @dataclasses.dataclass(frozen=True, eq=False)
 class Converted:
     """A score_mod with its traced closed-over arrays hoisted: ``fn(score, batch, head,
-    q_index, kv_index, *consts)``. Hashable by identity (a custom_vjp's static argument)."""
+    q_index, kv_index, *consts)`` for scalars. Hashable by identity (a custom_vjp's static
+    argument).
+
+    Calling it applies ``fn`` elementwise to a tile (:func:`apply`): ``converted(score,
+    batch, head, q_index, kv_index, *consts)`` with index arrays of the score's rank, the
+    vectorised form that ``pallas_kernels.flash.common.modified_scores`` and the kernels
+    take."""
 
     fn: Callable
+
+    def __call__(self, score: Array, batch, head, q_index, kv_index, *consts) -> Array:
+        return apply(self.fn, score, (batch, head, q_index, kv_index), consts)
 
 
 def check(score_mod) -> None:
@@ -49,7 +60,9 @@ def check(score_mod) -> None:
 
 
 def convert(score_mod: ScoreModFn, dtype) -> tuple[Converted, tuple[Array, ...]]:
-    """Hoist the traced arrays ``score_mod`` closes over (for a score of ``dtype``).
+    """Hoist every array ``score_mod`` closes over (for a score of ``dtype``): traced ones
+    (parameters to differentiate) and concrete ones (index tables) alike, since a Pallas
+    kernel may capture no constant.
 
     Raises:
         TypeError: the function does not map a scalar score to one scalar of that dtype.
@@ -61,8 +74,14 @@ def convert(score_mod: ScoreModFn, dtype) -> tuple[Converted, tuple[Array, ...]]
                                                                           jnp.floating)):
         raise TypeError(f"score_mod: must return one floating scalar for scalar inputs "
                         f"(score, batch, head, q_index, kv_index), got {out}")
-    fn, consts = jax.closure_convert(score_mod, *example)
-    return Converted(fn), tuple(consts)
+    closed = jax.make_jaxpr(score_mod)(*example)
+    jaxpr = closed.jaxpr
+
+    def fn(*args):  # (score, batch, head, q_index, kv_index, *consts)
+        xs, consts = args[:len(example)], args[len(example):]
+        return jax_core.jaxpr_as_fun(jax_core.ClosedJaxpr(jaxpr, list(consts)))(*xs)[0]
+
+    return Converted(fn), tuple(jnp.asarray(c) for c in closed.consts)
 
 
 def apply(fn: Callable, score: Array, indices: Sequence[Array], consts=()) -> Array:

@@ -762,40 +762,9 @@ def _pallas(phi, params, q, k, v, kv0, z0, a, doc, normalize, eps, C):
     pq, log_scale = _features(phi, params, q, jnp.arange(T)[:, None, None], True)
     pk, _ = _features(phi, params, k, jnp.arange(T)[:, None], False)
     ones = jnp.ones((*v.shape[:-1], 1), v.dtype)
-    sums, state = _lightning(pq, pk, jnp.concatenate([v, ones], -1),
-                             jnp.concatenate([kv0, z0[..., None]], -1),
-                             jnp.broadcast_to(a, (B, *a.shape[1:])), doc, C)
+    sums, state = lightning.lightning_attention(
+        pq, pk, jnp.concatenate([v, ones], -1), jnp.concatenate([kv0, z0[..., None]], -1),
+        jnp.broadcast_to(a, (B, *a.shape[1:])), doc, chunk_size=C,
+        interpret=jax.default_backend() not in ("gpu", "tpu"))
     num, den = sums[..., :-1], sums[..., -1]
     return _divide(num, den, normalize, eps, log_scale), (state[..., :-1], state[..., -1])
-
-
-def _identity(x: Array) -> Array:
-    return x
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _lightning(pq, pk, v, s0, a, doc, C):
-    """The kernel's sums and final state; its backward pass is that of the chunked form on
-    the same features (recomputed, O(T / C) states)."""
-    return lightning.lightning_attention(pq, pk, v, s0, a, doc, chunk_size=C,
-                                         interpret=jax.default_backend() not in ("gpu", "tpu"))
-
-
-def _lightning_twin(pq, pk, v, s0, a, doc, C):
-    """The same sums in plain JAX: the chunked form with identity features, unnormalised."""
-    z0 = jnp.zeros(s0.shape[:-1], s0.dtype)
-    sums, (state, _) = _chunked(_identity, (), pq, pk, v, s0, z0, a, doc, False, 0.0, C)
-    return sums, state
-
-
-def _lightning_fwd(pq, pk, v, s0, a, doc, C):
-    return _lightning(pq, pk, v, s0, a, doc, C), (pq, pk, v, s0, a, doc)
-
-
-def _lightning_bwd(C, residuals, cotangents):
-    pq, pk, v, s0, a, doc = residuals
-    _, pullback = jax.vjp(lambda *x: _lightning_twin(*x, doc, C), pq, pk, v, s0, a)
-    return (*pullback(cotangents), None)
-
-
-_lightning.defvjp(_lightning_fwd, _lightning_bwd)

@@ -11,11 +11,17 @@
   non-overlapping blocks; each block attends to its own block of keys extended by a halo of
   ``halo_size`` positions on every side (clipped at the borders), optionally causal (1-D).
 
-Both work blockwise: windows and blocks are reshaped (and the halo gathered) so that the
-cost is O(L * window) and no L x L mask is ever built. Spatial sizes that are not a multiple
-of the window or block are padded up to one and the padded keys are masked out (they are
-never attended); the padded queries are dropped from the output. The dense, loop-built
-references are ``jattn.reference.window_attention`` and ``jattn.reference.halo_attention``.
+Both work blockwise by default (``implementation="blocked"``): windows and blocks are
+reshaped (and the halo gathered) so that the cost is O(L * window) and no L x L mask is ever
+built. Spatial sizes that are not a multiple of the window or block are padded up to one and
+the padded keys are masked out (they are never attended); the padded queries are dropped
+from the output. Any other ``implementation`` (an implementation of
+:func:`jattn.dot_product_attention`: "chunked", the Pallas kernels) runs the same pattern
+as one softmax under :func:`jattn.masks.block_window` on the flattened grid (the relative
+position bias as a ``score_mod``): the way to the GPU and TPU kernels. On the CPU the
+blocked form is the faster one: it computes exactly the window's logits, while 1-D tiles of
+a flattened 2-D grid cut across windows. The dense, loop-built references are
+``jattn.reference.window_attention`` and ``jattn.reference.halo_attention``.
 
 References:
     P09 Attention Swin U-Net, "Attention Swin U-Net: Cross-Contextual Attention Mechanism
@@ -35,7 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.core.attention import masked_softmax
+from jattn.core import masks
+from jattn.core.attention import dot_product_attention, masked_softmax
 from jattn.core.shapes import (
     Array,
     accumulation_dtype,
@@ -142,7 +149,8 @@ def relative_position_index(window_size: Sequence[int]) -> np.ndarray:
 
 def window_attention(query: Array, key: Array, value: Array, *, window_size,
                      shift=0, relative_position_bias: Array | None = None,
-                     scale: float | None = None, is_causal: bool = False) -> Array:
+                     scale: float | None = None, is_causal: bool = False,
+                     implementation: str | None = "blocked") -> Array:
     r"""Swin (shifted) window attention: softmax attention inside non-overlapping windows.
 
     With the grid rolled by -shift (positions p -> r = (p - shift) mod L_pad per axis), query
@@ -181,6 +189,9 @@ def window_attention(query: Array, key: Array, value: Array, *, window_size,
             positions i, j).
         scale: logits scale; default 1 / sqrt(H).
         is_causal: must be False.
+        implementation: "blocked" (windows reshaped into a batch, exact work) or an
+            implementation of :func:`jattn.dot_product_attention` run under
+            ``masks.block_window(spatial, w, shift=shift)`` (see the module docstring).
 
     Returns:
         [B, *spatial, N, Hv] in the query's dtype.
@@ -225,6 +236,12 @@ def window_attention(query: Array, key: Array, value: Array, *, window_size,
                              f"{relative_position_bias.shape}")
         check_floating("relative_position_bias", relative_position_bias)
     scale = dims.H ** -0.5 if scale is None else scale
+    if implementation != "blocked":
+        score_mod = None
+        if relative_position_bias is not None:
+            score_mod = _relative_bias_mod(relative_position_bias, spatial, window)
+        return _on_mask(query, key, value, masks.block_window(spatial, window, shift=shifts),
+                        scale, score_mod, implementation)
 
     counts = tuple(-(-n // w) for n, w in zip(spatial, window, strict=True))
     padded = tuple(c * w for c, w in zip(counts, window, strict=True))
@@ -267,8 +284,40 @@ def window_attention(query: Array, key: Array, value: Array, *, window_size,
     return out[(slice(None), *(slice(0, n) for n in spatial))]
 
 
+def _relative_bias_mod(table: Array, spatial, window):
+    """Swin's relative position bias as a score_mod on flat grid positions: inside one
+    (shifted) window the offset of two positions' window coordinates is the offset of their
+    grid coordinates, so entry ``relative_position_index`` of that offset is added (pairs
+    of different windows are masked; their index is clipped into the table)."""
+    sides = [2 * w - 1 for w in window]
+
+    def mod(score, batch, head, q_index, kv_index):
+        index, step = 0, 1
+        for axis in reversed(range(len(spatial))):
+            n, w = spatial[axis], window[axis]
+            offset = (q_index // step) % n - (kv_index // step) % n + (w - 1)
+            index = index + jnp.clip(offset, 0, sides[axis] - 1) * math.prod(
+                sides[axis + 1:])
+            step *= n
+        return score + table[head, index].astype(score.dtype)
+
+    return mod
+
+
+def _on_mask(query, key, value, mask, scale, score_mod, implementation) -> Array:
+    """Attention of the flattened grid under ``mask`` through dot_product_attention."""
+    B, *spatial, N, H = query.shape
+    L = math.prod(spatial)
+    out = dot_product_attention(
+        query.reshape(B, L, N, H), key.reshape(B, L, *key.shape[-2:]),
+        value.reshape(B, L, *value.shape[-2:]), mask=mask, scale=scale, score_mod=score_mod,
+        implementation=implementation)
+    return out.reshape(B, *spatial, N, -1)
+
+
 def halo_attention(query: Array, key: Array, value: Array, *, block_size, halo_size,
-                   is_causal: bool = False, scale: float | None = None) -> Array:
+                   is_causal: bool = False, scale: float | None = None,
+                   implementation: str | None = "blocked") -> Array:
     r"""HaloNet blocked local attention: each query block attends to its key block plus a halo.
 
     Per axis, query position p lies in block i = floor(p / b); it attends to key p' iff
@@ -298,6 +347,9 @@ def halo_attention(query: Array, key: Array, value: Array, *, block_size, halo_s
         halo_size: h >= 0, an int or one per spatial axis.
         is_causal: query p sees only keys p' <= p (1-D only).
         scale: logits scale; default 1 / sqrt(H).
+        implementation: "blocked" (blocks reshaped into a batch, halos gathered) or an
+            implementation of :func:`jattn.dot_product_attention` run under
+            ``masks.block_window(spatial, b, halo=h)`` (``& masks.causal()``).
 
     Returns:
         [B, *spatial, N, Hv] in the query's dtype.
@@ -329,6 +381,10 @@ def halo_attention(query: Array, key: Array, value: Array, *, block_size, halo_s
                          f"axis, got {block} (query {query.shape})")
     halo = check_per_axis("halo_size", halo_size, ndim, minimum=0)
     scale = dims.H ** -0.5 if scale is None else scale
+    if implementation != "blocked":
+        mask = masks.block_window(spatial, block, halo=halo)
+        return _on_mask(query, key, value, mask & masks.causal() if is_causal else mask,
+                        scale, None, implementation)
 
     counts = tuple(-(-n // b) for n, b in zip(spatial, block, strict=True))
     # A halo wider than (blocks - 1) * b reaches past both borders from every block: the

@@ -20,6 +20,10 @@ entries say whether a tile is EMPTY (skipped entirely), FULL (no mask arithmetic
 true of the elementwise mask. Keys past S (padding to a whole block) are masked in any case:
 the last key tile of such a call is never FULL (:func:`mark_padded_keys`).
 
+A score modifier (``score_mod`` and the arrays it reads) may change every tile's logits
+before the soft cap and the mask (:func:`modified_scores`); the kernels differentiate it
+in the tile, w.r.t. the logits and those arrays.
+
 This module imports jax only.
 """
 
@@ -182,6 +186,72 @@ def tile_allowed(q_pos: jax.Array, kv_pos: jax.Array, *, kv_limit: int,
     if static is not None:
         ok &= static.allows(q_pos, kv_pos)
     return ok
+
+
+def floating_args(args) -> list[int]:
+    """Indices of the floating arrays in ``args`` (the differentiable ones)."""
+    return [i for i, a in enumerate(args) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
+
+
+def modified_scores(score_mod, score: jax.Array, indices, args=(), *, pullback: bool = False):
+    """A tile's logits after a score modifier: ``score_mod(score, *indices, *args)``.
+
+    ``score_mod`` is vectorised: it takes the tile's float32 logits and the (batch, head,
+    q_index, kv_index) int32 arrays, all of the score's rank and broadcastable to it, then
+    the arrays it reads (a bias table, per-head slopes), and returns the modified logits
+    (``jattn.core.score_mod`` builds one from a scalar FlexAttention-style function).
+
+    With ``pullback`` also returns ``back(d_score) -> (d_raw, d_args)``: the cotangent of the
+    modified logits taken back to the unmodified ones and to ``args`` (one entry per arg,
+    None for an integer one, such as an index table).
+
+    >>> alibi = lambda s, b, h, q, k, slope: s - slope * jnp.abs(k - q)
+    >>> q, k = jnp.arange(3)[:, None], jnp.arange(3)[None, :]
+    >>> s, back = modified_scores(alibi, jnp.zeros((3, 3)), (0, 0, q, k), (jnp.float32(0.5),),
+    ...                           pullback=True)
+    >>> s[0].tolist()
+    [0.0, -0.5, -1.0]
+    >>> d_raw, (d_slope,) = back(jnp.ones((3, 3)))
+    >>> float(d_slope)  # minus the sum of |k - q|
+    -8.0
+    """
+    if not pullback:
+        return score_mod(score, *indices, *args)
+    where = floating_args(args)
+
+    def modify(s, floats):
+        full = list(args)
+        for i, a in zip(where, floats, strict=True):
+            full[i] = a
+        return score_mod(s, *indices, *full)
+
+    out, vjp = jax.vjp(modify, score, tuple(args[i] for i in where))
+
+    def back(d_score):
+        d_raw, d_floats = vjp(d_score)
+        by_index = dict(zip(where, d_floats, strict=True))
+        return d_raw, tuple(by_index.get(i) for i in range(len(args)))
+
+    return out, back
+
+
+def leading_index_map(lead: int, whole: int):
+    """A BlockSpec index map that keeps the first ``lead`` grid indices and covers the
+    ``whole`` trailing axes with one block (the score_mod's arguments and their per-program
+    cotangents).
+
+    >>> leading_index_map(2, 3)(4, 5, 6)
+    (4, 5, 0, 0, 0)
+    """
+    return lambda *ids: (*ids[:lead], *(0,) * whole)
+
+
+def zero_cotangents(args) -> tuple:
+    """Zeros for the floating ``args`` and None for the integer ones: the start of a
+    ``modified_scores`` pullback's accumulated ``d_args``."""
+    where = floating_args(args)
+    return tuple(jnp.zeros(jnp.shape(a), jnp.result_type(a)) if i in where else None
+                 for i, a in enumerate(args))
 
 
 # --------------------------------------------------------------------------------------------

@@ -115,6 +115,8 @@ class _Config:
     kv_lengths: bool
     dense: tuple[int, int] | None  # (Bm, Nm) of the dense mask
     static: Any  # the static mask (an object with allows(q_pos, kv_pos)) or None
+    mod: Any  # the vectorised score_mod (common.modified_scores) or None
+    mod_shapes: tuple[tuple[int, ...], ...]  # shapes of its array arguments
     block_map: tuple[int, int] | None  # (Bm, Nm) of the block map
     num_warps: int | None
     num_stages: int | None
@@ -184,16 +186,51 @@ def _precision(dtype):
     return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def _logits(q, k, cfg: _Config):
-    """Logits of a tile in base-2 units, [bq, bk] float32, and tanh of the soft cap (or None).
+def _logits(q, k, cfg: _Config, mod=None, pullback: bool = False):
+    """Logits of a tile in base-2 units, [bq, bk] float32; tanh of the soft cap (or None);
+    with ``pullback``, the score_mod's ``back`` (``common.modified_scores``; None without).
 
-    Base 2: ``s2 = log2(e) * logits`` so that ``exp(logits - m) = exp2(s2 - m2)``.
+    Base 2: ``s2 = log2(e) * logits`` so that ``exp(logits - m) = exp2(s2 - m2)``. ``mod`` is
+    the tile's (indices, args) for ``cfg.mod``.
     """
     qk = _dot(q, k, contract=(1, 1), precision=_precision(q.dtype))
+    back = None
+    if cfg.mod is None:
+        if cfg.cap is None:
+            return qk * (cfg.scale * _LOG2E), None, None
+        t = jnp.tanh(qk * (cfg.scale / cfg.cap))
+        return t * (cfg.cap * _LOG2E), t, None
+    s = common.modified_scores(cfg.mod, qk * cfg.scale, *mod, pullback=pullback)
+    if pullback:
+        s, back = s
     if cfg.cap is None:
-        return qk * (cfg.scale * _LOG2E), None
-    t = jnp.tanh(qk * (cfg.scale / cfg.cap))
-    return t * (cfg.cap * _LOG2E), t
+        return s * _LOG2E, None, back
+    t = jnp.tanh(s / cfg.cap)
+    return t * (cfg.cap * _LOG2E), t, back
+
+
+def _mod_args(r, cfg: _Config) -> tuple:
+    """The score_mod's array arguments, read whole (stored at least 1-d)."""
+    return tuple(r[f"mod{i}"][...].reshape(shape) for i, shape in enumerate(cfg.mod_shapes))
+
+
+def _mod_indices(cfg: _Config, b, head, q_pos, kv_pos):
+    """The score_mod's (batch, head, q_index, kv_index) of a [bq, bk] tile (rows: q_pos,
+    columns: kv_pos); padded rows and columns read the last real index."""
+    one = (1, 1)
+    return (jnp.broadcast_to(b, one), jnp.broadcast_to(head, one),
+            jnp.minimum(q_pos, cfg.T - 1)[:, None], jnp.minimum(kv_pos, cfg.S - 1)[None, :])
+
+
+def _mod_of(cfg: _Config, r, b, head, q_pos):
+    """``mod(col)``: the (indices, args) of query tile ``q_pos`` against key tile ``col``,
+    for ``_logits`` (None without a score_mod)."""
+    if cfg.mod is None:
+        return lambda col: None
+    args = _mod_args(r, cfg)
+    return lambda col: (_mod_indices(cfg, b, head, q_pos,
+                                     col * cfg.block_kv + lax.iota(jnp.int32, cfg.block_kv)),
+                        args)
 
 
 def _walk(schedule: Callable[[Any], jax.Array] | None, num: int, step, carry):
@@ -278,17 +315,18 @@ def _spec(block_shape, index_map) -> pl.BlockSpec:
 
 def _forward_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
     r = _unpack(names, refs)
-    b, _, i = _ids()
+    b, n, i = _ids()
     bq, bk = cfg.block_q, cfg.block_kv
     q = r["q"][...]
     mask = _query_tile_mask(r, cfg, b, i)
+    mod = _mod_of(cfg, r, b, n, i * bq + lax.iota(jnp.int32, bq))
 
     def step(col, is_full, carry):
         acc, m, l = carry
         start = col * bk
         k = r["k"][pl.ds(start, bk), :]
         v = r["v"][pl.ds(start, bk), :]
-        s, _ = _logits(q, k, cfg)
+        s, _, _ = _logits(q, k, cfg, mod(col))
         s = _masked(s, is_full, lambda: mask(col))
         m_new = jnp.maximum(m, s.max(axis=-1))
         # A row with nothing allowed so far keeps m = -inf: subtract 0 instead (no inf - inf).
@@ -314,25 +352,28 @@ def _forward_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
 
 def _dq_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
     r = _unpack(names, refs)
-    b, _, i = _ids()
+    b, n, i = _ids()
     bq, bk = cfg.block_q, cfg.block_kv
     q = r["q"][...]
     do = r["do"][...]
     lse2 = r["lse"][...]  # base 2, +inf for rows with nothing allowed
     delta = r["delta"][...]
     mask = _query_tile_mask(r, cfg, b, i)
+    mod = _mod_of(cfg, r, b, n, i * bq + lax.iota(jnp.int32, bq))
 
     def step(col, is_full, dq):
         start = col * bk
         k = r["k"][pl.ds(start, bk), :]
         v = r["v"][pl.ds(start, bk), :]
-        s, t = _logits(q, k, cfg)
+        s, t, back = _logits(q, k, cfg, mod(col), pullback=True)
         s = _masked(s, is_full, lambda: mask(col))
         p = jnp.exp2(s - lse2[:, None])
         dp = _dot(do, v, contract=(1, 1), precision=_precision(do.dtype))
         ds = p * (dp - delta[:, None])
         if t is not None:
             ds = ds * (1.0 - t * t)
+        if back is not None:
+            ds, _ = back(ds)
         return dq + _dot(ds.astype(k.dtype), k, contract=(1, 0), precision=_precision(k.dtype))
 
     rows = r.get("rows")
@@ -343,11 +384,12 @@ def _dq_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
 
 def _dkv_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
     r = _unpack(names, refs)
-    b, _, c = _ids()
+    b, h, c = _ids()
     bq, bk = cfg.block_q, cfg.block_kv
     k = r["k"][...]
     v = r["v"][...]
     kv_pos = c * bk + lax.iota(jnp.int32, bk)
+    args = _mod_args(r, cfg)
     kv_seg = r["kv_seg"][...] if cfg.segments else None
     q_len = _scalar_or_none(r, "q_len", b)
     kv_len = _scalar_or_none(r, "kv_len", b)
@@ -369,13 +411,16 @@ def _dkv_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
                 static=cfg.static)
 
         def step(row, is_full, carry):
-            dk, dv = carry
+            dk, dv, d_args = carry
             rows = pl.ds(row * bq, bq)
             q = r["q"][rows, g, :]
             do = r["do"][rows, g, :]
             lse2 = r["lse"][g, rows]
             delta = r["delta"][g, rows]
-            s, t = _logits(q, k, cfg)
+            mod = None if cfg.mod is None else (
+                _mod_indices(cfg, b, h * cfg.G + g, row * bq + lax.iota(jnp.int32, bq),
+                             kv_pos), args)
+            s, t, back = _logits(q, k, cfg, mod, pullback=True)
             s = _masked(s, is_full, lambda: mask(row))
             p = jnp.exp2(s - lse2[:, None])
             dv = dv + _dot(p.astype(do.dtype), do, contract=(0, 0),
@@ -384,8 +429,11 @@ def _dkv_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
             ds = p * (dp - delta[:, None])
             if t is not None:
                 ds = ds * (1.0 - t * t)
+            if back is not None:
+                ds, d = back(ds)
+                d_args = jax.tree.map(jnp.add, d_args, d)
             dk = dk + _dot(ds.astype(q.dtype), q, contract=(0, 0), precision=_precision(q.dtype))
-            return dk, dv
+            return dk, dv, d_args
 
         cols = r.get("cols")
         if cols is None:
@@ -398,10 +446,14 @@ def _dkv_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
                 return cols[j]
         return _walk(schedule, cfg.nq, step, carry)
 
-    init = (jnp.zeros((bk, cfg.H), jnp.float32), jnp.zeros((bk, cfg.Hv), jnp.float32))
-    dk, dv = lax.fori_loop(0, cfg.G, head, init)
+    init = (jnp.zeros((bk, cfg.H), jnp.float32), jnp.zeros((bk, cfg.Hv), jnp.float32),
+            common.zero_cotangents(args))
+    dk, dv, d_args = lax.fori_loop(0, cfg.G, head, init)
     r["dk"][...] = (dk * cfg.scale).astype(r["dk"].dtype)
     r["dv"][...] = dv.astype(r["dv"].dtype)
+    for i, d in enumerate(d_args):
+        if d is not None:  # this program's share of the argument's cotangent
+            r[f"dmod{i}"][...] = d.reshape(r[f"dmod{i}"].shape).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------- pallas calls
@@ -463,11 +515,22 @@ def _mask_operands(cfg: _Config, masks: _Masks, *, by_kv: bool):
     return names, specs, arrays
 
 
+def _mod_inputs(mod_args) -> dict:
+    """The score_mod's arguments as whole-array inputs ({name: (array, spec)}), at least
+    1-d."""
+    inputs = {}
+    for i, a in enumerate(mod_args):
+        a = jnp.atleast_1d(a)
+        inputs[f"mod{i}"] = (a, _spec(a.shape, common.leading_index_map(0, a.ndim)))
+    return inputs
+
+
 def _call(cfg: _Config, kernel, name: str, *, grid, inputs: dict, outputs: tuple[str, ...],
-          out_specs, out_shape, masks: _Masks, by_kv: bool, backward: bool):
-    """``pallas_call`` of ``kernel`` on the named ``inputs`` ({name: (array, spec)}) and the
-    mask operands, writing the named ``outputs``."""
+          out_specs, out_shape, masks: _Masks, mod_args: tuple, by_kv: bool, backward: bool):
+    """``pallas_call`` of ``kernel`` on the named ``inputs`` ({name: (array, spec)}), the
+    mask operands and the score_mod's arguments, writing the named ``outputs``."""
     m_names, m_specs, m_arrays = _mask_operands(cfg, masks, by_kv=by_kv)
+    inputs = inputs | _mod_inputs(mod_args)
     names = (*inputs, *m_names, *outputs)
     return pl.pallas_call(
         functools.partial(kernel, cfg=cfg, names=names),
@@ -491,7 +554,7 @@ def _query_tile_inputs(cfg: _Config, q, k, v) -> dict:
     }
 
 
-def _forward_call(cfg: _Config, q, k, v, masks: _Masks):
+def _forward_call(cfg: _Config, q, k, v, masks: _Masks, mod_args: tuple):
     bq = cfg.block_q
     return _call(
         cfg, _forward_kernel, "flash_forward", grid=_grid(cfg.B, cfg.N, cfg.nq),
@@ -500,10 +563,10 @@ def _forward_call(cfg: _Config, q, k, v, masks: _Masks):
                    _spec((None, None, bq), lambda b, n, i: (b, n, i))],
         out_shape=[jax.ShapeDtypeStruct((cfg.B, cfg.Tp, cfg.N, cfg.Hv), q.dtype),
                    jax.ShapeDtypeStruct((cfg.B, cfg.N, cfg.Tp), jnp.float32)],
-        masks=masks, by_kv=False, backward=False)
+        masks=masks, mod_args=mod_args, by_kv=False, backward=False)
 
 
-def _dq_call(cfg: _Config, q, k, v, do, lse2, delta, masks: _Masks):
+def _dq_call(cfg: _Config, q, k, v, do, lse2, delta, masks: _Masks, mod_args: tuple):
     bq = cfg.block_q
     row = _spec((None, None, bq), lambda b, n, i: (b, n, i))
     inputs = _query_tile_inputs(cfg, q, k, v) | {
@@ -512,11 +575,13 @@ def _dq_call(cfg: _Config, q, k, v, do, lse2, delta, masks: _Masks):
     return _call(
         cfg, _dq_kernel, "flash_backward_dq", grid=_grid(cfg.B, cfg.N, cfg.nq), inputs=inputs,
         outputs=("dq",), out_specs=_spec((None, bq, None, cfg.H), lambda b, n, i: (b, i, n, 0)),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), masks=masks, by_kv=False,
-        backward=True)
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), masks=masks, mod_args=mod_args,
+        by_kv=False, backward=True)
 
 
-def _dkv_call(cfg: _Config, q, k, v, do, lse2, delta, masks: _Masks):
+def _dkv_call(cfg: _Config, q, k, v, do, lse2, delta, masks: _Masks, mod_args: tuple):
+    """dK, dV and, per program, its share of the cotangent of each floating score_mod
+    argument (float32 [B, K, nk, *shape], summed by the caller; None for the others)."""
     bk, G = cfg.block_kv, cfg.G
     k_spec = _spec((None, bk, None, cfg.H), lambda b, h, c: (b, c, h, 0))
     v_spec = _spec((None, bk, None, cfg.Hv), lambda b, h, c: (b, c, h, 0))
@@ -526,28 +591,40 @@ def _dkv_call(cfg: _Config, q, k, v, do, lse2, delta, masks: _Masks):
         "k": (k, k_spec), "v": (v, v_spec),
         "do": (do, _spec((None, cfg.Tp, G, cfg.Hv), lambda b, h, c: (b, 0, h, 0))),
         "lse": (lse2, rows), "delta": (delta, rows)}
-    return _call(
+    outputs, out_specs = ["dk", "dv"], [k_spec, v_spec]
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    for i in common.floating_args(mod_args):
+        shape = jnp.atleast_1d(mod_args[i]).shape
+        outputs.append(f"dmod{i}")
+        out_specs.append(_spec((None, None, None, *shape),
+                               common.leading_index_map(3, len(shape))))
+        out_shape.append(jax.ShapeDtypeStruct((cfg.B, cfg.K, cfg.nk, *shape), jnp.float32))
+    dk, dv, *shares = _call(
         cfg, _dkv_kernel, "flash_backward_dkv", grid=_grid(cfg.B, cfg.K, cfg.nk),
-        inputs=inputs, outputs=("dk", "dv"), out_specs=[k_spec, v_spec],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        masks=masks, by_kv=True, backward=True)
+        inputs=inputs, outputs=tuple(outputs), out_specs=out_specs, out_shape=out_shape,
+        masks=masks, mod_args=mod_args, by_kv=True, backward=True)
+    shares = iter(shares)
+    d_args = tuple(
+        next(shares).sum((0, 1, 2)).reshape(jnp.shape(a)).astype(jnp.result_type(a))
+        if i in common.floating_args(mod_args) else None for i, a in enumerate(mod_args))
+    return dk, dv, d_args
 
 
 # ----------------------------------------------------------------------------- custom_vjp
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: _Config, q, k, v, masks: _Masks):
-    return _forward_call(cfg, q, k, v, masks)
+def _flash(cfg: _Config, q, k, v, masks: _Masks, mod_args: tuple):
+    return _forward_call(cfg, q, k, v, masks, mod_args)
 
 
-def _flash_fwd(cfg: _Config, q, k, v, masks: _Masks):
-    out, lse = _forward_call(cfg, q, k, v, masks)
-    return (out, lse), (q, k, v, masks, out, lse)
+def _flash_fwd(cfg: _Config, q, k, v, masks: _Masks, mod_args: tuple):
+    out, lse = _forward_call(cfg, q, k, v, masks, mod_args)
+    return (out, lse), (q, k, v, masks, mod_args, out, lse)
 
 
 def _flash_bwd(cfg: _Config, residuals, cotangents):
-    q, k, v, masks, out, lse = residuals
+    q, k, v, masks, mod_args, out, lse = residuals
     do, dlse = cotangents
     do = do.astype(q.dtype)
     # delta_i = rowsum(dO_i * O_i) - dlse_i; padded rows have dO = 0 and dlse = 0.
@@ -555,9 +632,9 @@ def _flash_bwd(cfg: _Config, residuals, cotangents):
                        precision=lax.Precision.HIGHEST) - dlse.astype(jnp.float32)
     # Base-2 log-sum-exp; rows with nothing allowed get +inf so that exp2(s - lse) = 0.
     lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * _LOG2E)
-    dq = _dq_call(cfg, q, k, v, do, lse2, delta, masks)
-    dk, dv = _dkv_call(cfg, q, k, v, do, lse2, delta, masks)
-    return dq, dk, dv, jax.tree.map(lambda _: None, masks)
+    dq = _dq_call(cfg, q, k, v, do, lse2, delta, masks, mod_args)
+    dk, dv, d_args = _dkv_call(cfg, q, k, v, do, lse2, delta, masks, mod_args)
+    return dq, dk, dv, jax.tree.map(lambda _: None, masks), d_args
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -577,8 +654,9 @@ def _pad_axis(x, axis: int, size: int, value=0):
 def flash_attention(query, key, value, *, scale: float | None = None, lo: int | None = None,
                     hi: int | None = None, q_segment_ids=None, kv_segment_ids=None,
                     q_lengths=None, kv_lengths=None, dense_mask=None, static_mask=None,
-                    block_map=None, logits_soft_cap: float | None = None,
-                    block_sizes: BlockSizes | None = None, interpret: bool = False):
+                    block_map=None, logits_soft_cap: float | None = None, score_mod=None,
+                    score_mod_args=(), block_sizes: BlockSizes | None = None,
+                    interpret: bool = False):
     r"""Fused softmax attention on NVIDIA GPUs (Pallas, Triton lowering), with its log-sum-exp.
 
     .. math::
@@ -611,6 +689,12 @@ def flash_attention(query, key, value, *, scale: float | None = None, lo: int | 
             ``common.EMPTY / PARTIAL / FULL`` (a promise: EMPTY tiles are skipped, FULL tiles
             are not masked); None treats every tile as PARTIAL.
         logits_soft_cap: None or a positive float c.
+        score_mod: None or a hashable vectorised modifier of the logits, applied before the
+            soft cap: ``score_mod(score, batch, head, q_index, kv_index, *score_mod_args)``
+            on a tile's float32 logits and int32 index arrays of the same rank
+            (``common.modified_scores``; ``jattn`` builds one from a scalar function).
+            Differentiated inside the kernels; gradients reach the floating arguments.
+        score_mod_args: the arrays ``score_mod`` reads (whole, in every program).
         block_sizes: ``common.BlockSizes``; block_q and block_kv powers of two >= 16; default
             ``default_block_sizes(T, S, H, dtype)``.
         interpret: run the kernels in the Pallas interpreter (any backend, e.g. CPU); ignored
@@ -673,6 +757,7 @@ def flash_attention(query, key, value, *, scale: float | None = None, lo: int | 
         B=B, T=T, S=S, N=N, K=K, H=Hp, Hv=Hvp, block_q=bq, block_kv=bk, scale=scale, lo=lo,
         hi=hi, cap=logits_soft_cap, segments=q_seg is not None, q_lengths=q_len is not None,
         kv_lengths=kv_len is not None, dense=dense_shape, static=static_mask,
+        mod=score_mod, mod_shapes=tuple(jnp.shape(a) for a in score_mod_args),
         block_map=map_shape,
         num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages,
         interpret=bool(interpret) and not _compiled_only)
@@ -680,5 +765,5 @@ def flash_attention(query, key, value, *, scale: float | None = None, lo: int | 
     k = _pad_axis(_pad_axis(key, 1, Sp), 3, Hp)
     v = _pad_axis(_pad_axis(value, 1, Sp), 3, Hvp)
     masks = _Masks(q_seg, kv_seg, q_len, kv_len, dense, rows, cols)
-    out, lse = _flash(cfg, q, k, v, masks)
+    out, lse = _flash(cfg, q, k, v, masks, tuple(score_mod_args))
     return out[:, :T, :, :Hv], lse[:, :, :T]

@@ -132,6 +132,9 @@ class _Config:
     kv_len: bool
     dense: bool
     static: object  # the static mask (an object with allows(q_pos, kv_pos)) or None
+    mod: object  # the vectorised score_mod (common.modified_scores) or None
+    mod_shapes: tuple  # shapes of its array arguments
+    mod_floating: tuple  # indices of the floating ones (they get cotangents)
     exact: bool  # float32 matmuls at full precision
     interpret: bool
 
@@ -258,21 +261,54 @@ def _tile_mask(cfg, r, b, q_tile, kv_tile, shape, transposed):
                                kv_length=kv_len, dense=dense, static=cfg.static)
 
 
-def _logits(cfg: _Config, a, b):
-    """scale * a @ b.T in float32, soft-capped; also tanh(.) for the backward (or None)."""
+def _logits(cfg: _Config, a, b, mod=None, pullback: bool = False):
+    """scale * a @ b.T in float32, modified by the score_mod (``mod``: the tile's (indices,
+    args), see :func:`_mod`), soft-capped; also tanh(.) for the backward (or None) and, with
+    ``pullback``, the score_mod's ``back`` (None without one)."""
     s = lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32,
                         precision=cfg.precision) * cfg.scale
+    back = None
+    if cfg.mod is not None:
+        s = common.modified_scores(cfg.mod, s, *mod, pullback=pullback)
+        if pullback:
+            s, back = s
     if cfg.cap is None:
-        return s, None
+        return s, None, back
     t = jnp.tanh(s / cfg.cap)
-    return cfg.cap * t, t
+    return cfg.cap * t, t, back
+
+
+def _mod(cfg: _Config, r, b, head, q_tile, kv_tile, shape, transposed):
+    """The score_mod's (indices, args) for the current tile (as ``_tile_mask``), or None.
+    Padded rows and columns read the last real index."""
+    if cfg.mod is None:
+        return None
+    q_axis, kv_axis = (1, 0) if transposed else (0, 1)
+    q_pos = q_tile * cfg.bq + lax.broadcasted_iota(jnp.int32, shape, q_axis)
+    kv_pos = kv_tile * cfg.bk + lax.broadcasted_iota(jnp.int32, shape, kv_axis)
+    one = (1, 1)
+    indices = (jnp.broadcast_to(b, one), jnp.broadcast_to(head, one),
+               jnp.minimum(q_pos, cfg.T - 1), jnp.minimum(kv_pos, cfg.S - 1))
+    args = tuple(getattr(r, f"mod{i}")[...].reshape(arg_shape)
+                 for i, arg_shape in enumerate(cfg.mod_shapes))
+    return indices, args
+
+
+def _mod_inputs(cfg: _Config) -> list[str]:
+    return [f"mod{i}" for i in range(len(cfg.mod_shapes))]
+
+
+def _mod_specs(mod_args) -> list:
+    """Whole-array specs of the score_mod's arguments (stored at least 1-d)."""
+    return [pl.BlockSpec(jnp.shape(a), common.leading_index_map(0, jnp.ndim(a)))
+            for a in mod_args]
 
 
 # --------------------------------------------------------------------------------- kernels
 
 
 def _forward_kernel(cfg: _Config, *refs):
-    r = _Refs(cfg, refs, ["q", "k", "v", *_mask_inputs(cfg)],
+    r = _Refs(cfg, refs, ["q", "k", "v", *_mask_inputs(cfg), *_mod_inputs(cfg)],
               ["o", "lse"], ["m", "l", "acc"])
     b, n, i, j = (pl.program_id(a) for a in range(4))
     row = cfg.map_row(b, n, i, cfg.nq)
@@ -287,7 +323,8 @@ def _forward_kernel(cfg: _Config, *refs):
         r.acc[...] = jnp.zeros(r.acc.shape, jnp.float32)
 
     def step(masked):
-        s, _ = _logits(cfg, r.q[...], r.k[...])
+        shape = (cfg.bq, cfg.bk)
+        s, _, _ = _logits(cfg, r.q[...], r.k[...], _mod(cfg, r, b, n, i, kv_tile, shape, False))
         if masked:
             ok = _tile_mask(cfg, r, b, i, kv_tile, s.shape, False)
             s = jnp.where(ok, s, _NEG_INF)
@@ -317,8 +354,8 @@ def _forward_kernel(cfg: _Config, *refs):
 
 
 def _dq_kernel(cfg: _Config, *refs):
-    r = _Refs(cfg, refs, ["q", "k", "v", "do", "lse", "delta", *_mask_inputs(cfg)],
-              ["dq"], ["acc"])
+    r = _Refs(cfg, refs, ["q", "k", "v", "do", "lse", "delta", *_mask_inputs(cfg),
+                          *_mod_inputs(cfg)], ["dq"], ["acc"])
     b, n, i, j = (pl.program_id(a) for a in range(4))
     row = cfg.map_row(b, n, i, cfg.nq)
     entry = row * cfg.nk + j
@@ -331,7 +368,9 @@ def _dq_kernel(cfg: _Config, *refs):
 
     def step(masked):
         k = r.k[...]
-        s, t = _logits(cfg, r.q[...], k)
+        s, t, back = _logits(cfg, r.q[...], k,
+                             _mod(cfg, r, b, n, i, kv_tile, (cfg.bq, cfg.bk), False),
+                             pullback=True)
         if masked:
             ok = _tile_mask(cfg, r, b, i, kv_tile, s.shape, False)
             s = jnp.where(ok, s, _NEG_INF)
@@ -341,6 +380,8 @@ def _dq_kernel(cfg: _Config, *refs):
         ds = p * (dp - _lanes(r.delta[...], cfg.bk))
         if t is not None:
             ds = ds * (1.0 - t * t)
+        if back is not None:
+            ds, _ = back(ds)
         r.acc[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32,
                               precision=cfg.precision)
 
@@ -352,8 +393,9 @@ def _dq_kernel(cfg: _Config, *refs):
 
 
 def _dkv_kernel(cfg: _Config, *refs):
-    r = _Refs(cfg, refs, ["q", "k", "v", "do", "lse", "delta", *_mask_inputs(cfg)],
-              ["dk", "dv"], ["dk_acc", "dv_acc"])
+    d_mod = [f"dmod{i}" for i in cfg.mod_floating]
+    r = _Refs(cfg, refs, ["q", "k", "v", "do", "lse", "delta", *_mask_inputs(cfg),
+                          *_mod_inputs(cfg)], ["dk", "dv", *d_mod], ["dk_acc", "dv_acc"])
     b, kh, j, t_step = (pl.program_id(a) for a in range(4))
     n = kh * cfg.G + _div(t_step, cfg.nq)
     u = _rem(t_step, cfg.nq)
@@ -366,11 +408,16 @@ def _dkv_kernel(cfg: _Config, *refs):
     def _init():
         r.dk_acc[...] = jnp.zeros(r.dk_acc.shape, jnp.float32)
         r.dv_acc[...] = jnp.zeros(r.dv_acc.shape, jnp.float32)
+        for name in d_mod:  # this kv tile's share of the argument's cotangent
+            ref = getattr(r, name)
+            ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
     def step(masked):
         # Transposed tile: kv rows, query columns; lse and delta are lane rows [1, bq].
         q = r.q[...]
-        s, t = _logits(cfg, r.k[...], q)
+        s, t, back = _logits(cfg, r.k[...], q,
+                             _mod(cfg, r, b, n, q_tile, j, (cfg.bk, cfg.bq), True),
+                             pullback=True)
         if masked:
             ok = _tile_mask(cfg, r, b, q_tile, j, s.shape, True)
             s = jnp.where(ok, s, _NEG_INF)
@@ -383,6 +430,11 @@ def _dkv_kernel(cfg: _Config, *refs):
         ds = p * (dp - r.delta[...])
         if t is not None:
             ds = ds * (1.0 - t * t)
+        if back is not None:
+            ds, d_args = back(ds)
+            for i in cfg.mod_floating:
+                ref = getattr(r, f"dmod{i}")
+                ref[...] += d_args[i].reshape(ref.shape).astype(jnp.float32)
         r.dk_acc[...] += lax.dot(ds.astype(q.dtype), q, preferred_element_type=jnp.float32,
                                  precision=cfg.precision)
 
@@ -440,14 +492,14 @@ def _row_specs(cfg: _Config, aux) -> tuple:
     return q_map, kv_map, specs, ops
 
 
-def _forward_call(cfg: _Config, q, k, v, aux):
+def _forward_call(cfg: _Config, q, k, v, aux, mod_args):
     sched = aux["fwd"]
     q_map, kv_map, mask_specs, mask_ops = _row_specs(cfg, aux)
     in_specs = [
         pl.BlockSpec((None, None, cfg.bq, cfg.Hp), q_map),
         pl.BlockSpec((None, None, cfg.bk, cfg.Hp), kv_map),
         pl.BlockSpec((None, None, cfg.bk, cfg.Hvp), kv_map),
-        *mask_specs,
+        *mask_specs, *_mod_specs(mod_args),
     ]
     out_specs = [
         pl.BlockSpec((None, None, cfg.bq, cfg.Hvp), q_map),
@@ -466,10 +518,10 @@ def _forward_call(cfg: _Config, q, k, v, aux):
                    jax.ShapeDtypeStruct((cfg.B, cfg.N, cfg.Tp, LANES), jnp.float32)],
         compiler_params=_compiler_params(), interpret=cfg.pallas_interpret,
         name="flash_attention_forward",
-    )(*prefetch, q, k, v, *mask_ops)
+    )(*prefetch, q, k, v, *mask_ops, *mod_args)
 
 
-def _dq_call(cfg: _Config, q, k, v, do, lse_col, delta_col, aux):
+def _dq_call(cfg: _Config, q, k, v, do, lse_col, delta_col, aux, mod_args):
     sched = aux["fwd"]
     q_map, kv_map, mask_specs, mask_ops = _row_specs(cfg, aux)
     in_specs = [
@@ -479,7 +531,7 @@ def _dq_call(cfg: _Config, q, k, v, do, lse_col, delta_col, aux):
         pl.BlockSpec((None, None, cfg.bq, cfg.Hvp), q_map),
         pl.BlockSpec((None, None, cfg.bq, LANES), q_map),
         pl.BlockSpec((None, None, cfg.bq, LANES), q_map),
-        *mask_specs,
+        *mask_specs, *_mod_specs(mod_args),
     ]
     prefetch = _prefetch(cfg, sched, aux)
     grid_spec = pltpu.PrefetchScalarGridSpec(
@@ -492,10 +544,12 @@ def _dq_call(cfg: _Config, q, k, v, do, lse_col, delta_col, aux):
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_compiler_params(), interpret=cfg.pallas_interpret,
         name="flash_attention_dq",
-    )(*prefetch, q, k, v, do, lse_col, delta_col, *mask_ops)
+    )(*prefetch, q, k, v, do, lse_col, delta_col, *mask_ops, *mod_args)
 
 
-def _dkv_call(cfg: _Config, q, k, v, do, lse_row, delta_row, aux):
+def _dkv_call(cfg: _Config, q, k, v, do, lse_row, delta_row, aux, mod_args):
+    """dK, dV and, per kv tile, its share of the cotangent of each floating score_mod
+    argument (float32 [B, K, nk, *shape]; summed by the caller)."""
     sched = aux["bwd"]
 
     def head(kh, t):
@@ -534,39 +588,48 @@ def _dkv_call(cfg: _Config, q, k, v, do, lse_row, delta_row, aux):
             (None, None, cfg.bk, cfg.bq), lambda b, kh, j, t, tiles, *_: (
                 *cfg.dense_index(b, head(kh, t)), j, q_tile(b, kh, j, t, tiles))))
         mask_ops.append(aux["dense_t"])
+    in_specs += _mod_specs(mod_args)
+    out_specs = [pl.BlockSpec((None, None, cfg.bk, cfg.Hp), kv_map),
+                 pl.BlockSpec((None, None, cfg.bk, cfg.Hvp), kv_map)]
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    for i in cfg.mod_floating:
+        shape = jnp.shape(mod_args[i])
+        out_specs.append(pl.BlockSpec((None, None, None, *shape),
+                                      common.leading_index_map(3, len(shape))))
+        out_shape.append(jax.ShapeDtypeStruct((cfg.B, cfg.K, cfg.nk, *shape), jnp.float32))
     prefetch = _prefetch(cfg, sched, aux)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=len(prefetch), grid=(cfg.B, cfg.K, cfg.nk, cfg.G * cfg.nq),
-        in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, None, cfg.bk, cfg.Hp), kv_map),
-                   pl.BlockSpec((None, None, cfg.bk, cfg.Hvp), kv_map)],
+        in_specs=in_specs, out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((cfg.bk, cfg.Hp), jnp.float32),
                         pltpu.VMEM((cfg.bk, cfg.Hvp), jnp.float32)])
-    return pl.pallas_call(
-        functools.partial(_dkv_kernel, cfg), grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    dk, dv, *shares = pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg), grid_spec=grid_spec, out_shape=out_shape,
         compiler_params=_compiler_params(), interpret=cfg.pallas_interpret,
         name="flash_attention_dkv",
-    )(*prefetch, q, k, v, do, lse_row, delta_row, *mask_ops)
+    )(*prefetch, q, k, v, do, lse_row, delta_row, *mask_ops, *mod_args)
+    by_index = dict(zip(cfg.mod_floating, shares, strict=True))
+    return dk, dv, tuple(
+        by_index[i].sum((0, 1, 2)).astype(a.dtype) if i in by_index else None
+        for i, a in enumerate(mod_args))
 
 
 # ------------------------------------------------------------------------------ custom_vjp
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg: _Config, q, k, v, aux):
-    out, lse = _forward_call(cfg, q, k, v, aux)
+def _attention(cfg: _Config, q, k, v, aux, mod_args):
+    out, lse = _forward_call(cfg, q, k, v, aux, mod_args)
     return out, lse[..., 0]
 
 
-def _attention_fwd(cfg: _Config, q, k, v, aux):
-    out, lse = _forward_call(cfg, q, k, v, aux)
-    return (out, lse[..., 0]), (q, k, v, aux, out, lse)
+def _attention_fwd(cfg: _Config, q, k, v, aux, mod_args):
+    out, lse = _forward_call(cfg, q, k, v, aux, mod_args)
+    return (out, lse[..., 0]), (q, k, v, aux, mod_args, out, lse)
 
 
 def _attention_bwd(cfg: _Config, residuals, cotangents):
-    q, k, v, aux, out, lse = residuals
+    q, k, v, aux, mod_args, out, lse = residuals
     d_out, d_lse = cotangents
     d_out = d_out.astype(out.dtype)
     # delta_i = rowsum(dO_i * O_i) - dlse_i: the lse cotangent folds into the softmax one.
@@ -577,9 +640,9 @@ def _attention_bwd(cfg: _Config, residuals, cotangents):
     lse_row = lse_col[..., 0][:, :, None, :]
     delta_col = jnp.broadcast_to(delta[..., None], lse.shape)
     delta_row = delta[:, :, None, :]
-    dq = _dq_call(cfg, q, k, v, d_out, lse_col, delta_col, aux)
-    dk, dv = _dkv_call(cfg, q, k, v, d_out, lse_row, delta_row, aux)
-    return dq, dk, dv, None
+    dq = _dq_call(cfg, q, k, v, d_out, lse_col, delta_col, aux, mod_args)
+    dk, dv, d_args = _dkv_call(cfg, q, k, v, d_out, lse_row, delta_row, aux, mod_args)
+    return dq, dk, dv, None, d_args
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -617,6 +680,8 @@ def flash_attention(
     static_mask=None,
     block_map: jax.Array | None = None,
     logits_soft_cap: float | None = None,
+    score_mod=None,
+    score_mod_args=(),
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
@@ -648,6 +713,12 @@ def flash_attention(
         block_map: int8 [Bm, Nm, ceil(T / block_q), ceil(S / block_kv)] of EMPTY / PARTIAL /
             FULL (``pallas_kernels.flash.common``); None: every tile PARTIAL.
         logits_soft_cap: None or a positive float.
+        score_mod: None or a hashable vectorised modifier of the logits, applied before the
+            soft cap: ``score_mod(score, batch, head, q_index, kv_index, *score_mod_args)``
+            on a tile's float32 logits and int32 index arrays of the same rank
+            (``common.modified_scores``; ``jattn`` builds one from a scalar function).
+            Differentiated inside the kernels; gradients reach the floating arguments.
+        score_mod_args: the arrays ``score_mod`` reads (whole, in every program).
         block_sizes: ``BlockSizes``; default ``default_block_sizes(T, S, H, dtype)``. On a
             real TPU each block must be a multiple of 128 or one block covering its padded
             length (see the module docstring); any size in interpret mode.
@@ -713,6 +784,8 @@ def flash_attention(
         cap=None if logits_soft_cap is None else float(logits_soft_cap), lo=lo, hi=hi,
         segments=q_segment_ids is not None, q_len=q_lengths is not None,
         kv_len=kv_lengths is not None, dense=dense_mask is not None, static=static_mask,
+        mod=score_mod, mod_shapes=tuple(jnp.shape(a) for a in score_mod_args),
+        mod_floating=tuple(common.floating_args(score_mod_args)),
         exact=compute == jnp.float32, interpret=bool(interpret))
 
     aux: dict[str, object] = {
@@ -742,6 +815,7 @@ def flash_attention(
     q = to_kernel(query, Tp, N, Hp)
     k = to_kernel(key, Sp, K, Hp)
     v = to_kernel(value, Sp, K, Hvp)
-    out, lse = _attention(cfg, q, k, v, aux)
+    mod_args = tuple(jnp.atleast_1d(a) for a in score_mod_args)
+    out, lse = _attention(cfg, q, k, v, aux, mod_args)
     out = jnp.swapaxes(out[:, :, :T, :Hv], 1, 2).astype(dtype)
     return out, lse[:, :, :T]

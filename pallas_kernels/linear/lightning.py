@@ -8,6 +8,9 @@ C tokens at a time, carrying the running state S [F, Hv] in registers/VMEM:
 * across chunks, the state: phi(Q) S scaled by exp(A_i) for the queries of the state's
   document, and S <- exp(A_end) S + (phi(K) * exp(A_end - A))^T V.
 
+The backward kernel walks the chunks in reverse, from the state entering each chunk (saved
+by the forward pass when differentiated), carrying the state's cotangent.
+
 A per-position log factor ``a`` <= 0 covers both a constant per-head decay (log gamma at
 every position) and a data-dependent one (gated linear attention, Mamba-2); document ids
 reset the state where they change (packed variable-length batches). Cumulative sums are a
@@ -26,6 +29,7 @@ This module imports jax only.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,47 +41,188 @@ from pallas_kernels.flash.common import DTypeError
 __all__ = ["lightning_attention"]
 
 
-def _kernel(q_ref, k_ref, v_ref, a_ref, doc_ref, s0_ref, out_ref, s_ref, *, C: int,
-            n_chunks: int, has_doc: bool):
-    acc = s_ref.dtype  # float32, or float64 for float64 inputs
+def _chunk_terms(a, doc, C: int, acc, has_doc: bool):
+    """The decay and document terms of one chunk from its log factors ``a`` [C] and the ids
+    ``doc`` [C + 1] (the one before the chunk first): (W [C, C], from [C], to [C], carried)
+    as in the module docstring (zeros across documents)."""
     i = lax.broadcasted_iota(jnp.int32, (C, C), 0)
     j = lax.broadcasted_iota(jnp.int32, (C, C), 1)
     lower = i >= j
-    ones_lower = lower.astype(acc)
+    A = jnp.dot(lower.astype(acc), a[:, None], preferred_element_type=acc)[:, 0]
+    A_end = jnp.sum(a)
+    same = lower
+    from_ok = to_ok = jnp.ones((C,), bool)
+    carry_ok = jnp.bool_(True)
+    if has_doc:
+        rel = doc[1:] - doc[0]  # 0: the state's document (the one before the chunk)
+        last = rel[C - 1]
+        same = same & (rel[:, None] == rel[None, :])
+        from_ok, to_ok, carry_ok = rel == 0, rel == last, last == 0
+    weight = jnp.where(same, jnp.exp(jnp.where(same, A[:, None] - A[None, :], 0.0)), 0.0)
+    from_state = jnp.where(from_ok, jnp.exp(A), 0.0)
+    to_state = jnp.where(to_ok, jnp.exp(A_end - A), 0.0)
+    carried = jnp.where(carry_ok, jnp.exp(A_end), 0.0)
+    return weight, from_state, to_state, carried
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, a_ref, doc_ref, s0_ref, out_ref, s_ref, *saved,
+                    C: int, n_chunks: int, has_doc: bool):
+    acc = s_ref.dtype  # float32, or float64 for float64 inputs
 
     def chunk(c, state):
-        start = c * C
-        rows = pl.ds(start, C)
+        rows = pl.ds(c * C, C)
         q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]  # [C, F], [C, F], [C, Hv]
-        a = a_ref[rows]  # [C]
-        A = jnp.dot(ones_lower, a[:, None], preferred_element_type=acc)[:, 0]
-        A_end = jnp.sum(a)
-        same = lower
-        from_ok = jnp.ones((C,), bool)
-        to_ok = jnp.ones((C,), bool)
-        carry_ok = jnp.bool_(True)
-        if has_doc:
-            doc = doc_ref[pl.ds(start + 1, C)] - doc_ref[start]  # 0: the state's document
-            last = doc[C - 1]
-            same = same & (doc[:, None] == doc[None, :])
-            from_ok, to_ok, carry_ok = doc == 0, doc == last, last == 0
-        weight = jnp.where(same, jnp.exp(jnp.where(same, A[:, None] - A[None, :], 0.0)), 0.0)
+        weight, from_state, to_state, carried = _chunk_terms(
+            a_ref[rows], doc_ref[pl.ds(c * C, C + 1)], C, acc, has_doc)
+        if saved:  # the state entering each chunk, for the backward kernel
+            saved[0][c] = state
         scores = jnp.dot(q, k.T, preferred_element_type=acc) * weight
-        from_state = jnp.where(from_ok, jnp.exp(A), 0.0)
-        out = (jnp.dot(scores, v, preferred_element_type=acc)
-               + jnp.dot(q, state, preferred_element_type=acc) * from_state[:, None])
-        out_ref[rows, :] = out
-        to_state = jnp.where(to_ok, jnp.exp(A_end - A), 0.0)
-        carried = jnp.where(carry_ok, jnp.exp(A_end), 0.0)
+        out_ref[rows, :] = (jnp.dot(scores, v, preferred_element_type=acc)
+                            + jnp.dot(q, state, preferred_element_type=acc)
+                            * from_state[:, None])
         return carried * state + jnp.dot((k * to_state[:, None]).T, v,
                                          preferred_element_type=acc)
 
     s_ref[...] = lax.fori_loop(0, n_chunks, chunk, s0_ref[...])
 
 
+def _backward_kernel(q_ref, k_ref, v_ref, a_ref, doc_ref, states_ref, dout_ref, ds_ref,
+                     dq_ref, dk_ref, dv_ref, da_ref, ds0_ref, *, C: int, n_chunks: int,
+                     has_doc: bool):
+    """The chunks in reverse, carrying dS (the cotangent of the state leaving the chunk).
+    Per chunk, with P = (q k^T) * W and dP = dout v^T:
+    dv = P^T dout + diag(to) k dS, dq = (dP * W) k + diag(from) dout S^T,
+    dk = (dP * W)^T q + diag(to) v dS^T, dS_in = carried dS + q^T diag(from) dout, and the
+    log factors through A (W_ij = exp(A_i - A_j), from = exp(A), to = exp(A_end - A),
+    carried = exp(A_end)): da_m = sum_{i >= m} dA_i + dA_end."""
+    acc = ds_ref.dtype
+    i = lax.broadcasted_iota(jnp.int32, (C, C), 0)
+    j = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+    upper = (i <= j).astype(acc)  # da = upper @ dA: the reverse cumulative sum
+
+    def chunk(step, d_state):
+        c = n_chunks - 1 - step
+        rows = pl.ds(c * C, C)
+        q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
+        dout = dout_ref[rows, :]
+        state = states_ref[c]
+        weight, from_state, to_state, carried = _chunk_terms(
+            a_ref[rows], doc_ref[pl.ds(c * C, C + 1)], C, acc, has_doc)
+        qk = jnp.dot(q, k.T, preferred_element_type=acc)
+        scores = qk * weight
+        d_scores = jnp.dot(dout, v.T, preferred_element_type=acc)  # dP
+        d_qk = d_scores * weight
+        k_ds = jnp.dot(k, d_state, preferred_element_type=acc)  # [C, Hv]
+        dv_ref[rows, :] = (jnp.dot(scores.T, dout, preferred_element_type=acc)
+                           + k_ds * to_state[:, None])
+        dq_ref[rows, :] = (jnp.dot(d_qk, k, preferred_element_type=acc)
+                           + jnp.dot(dout, state.T, preferred_element_type=acc)
+                           * from_state[:, None])
+        dk_ref[rows, :] = (jnp.dot(d_qk.T, q, preferred_element_type=acc)
+                           + jnp.dot(v, d_state.T, preferred_element_type=acc)
+                           * to_state[:, None])
+        # Cotangents of the log factors, through A and A_end.
+        g = d_scores * scores  # dW * W
+        d_from = jnp.sum(dout * jnp.dot(q, state, preferred_element_type=acc), axis=1)
+        d_to = jnp.sum(k_ds * v, axis=1)
+        d_A = (g.sum(axis=1) - g.sum(axis=0) + d_from * from_state - d_to * to_state)
+        d_end = jnp.sum(d_to * to_state) + carried * jnp.sum(state * d_state)
+        da_ref[rows] = jnp.dot(upper, d_A[:, None], preferred_element_type=acc)[:, 0] + d_end
+        return carried * d_state + jnp.dot((q * from_state[:, None]).T, dout,
+                                           preferred_element_type=acc)
+
+    ds0_ref[...] = lax.fori_loop(0, n_chunks, chunk, ds_ref[...])
+
+
+class _Shape(NamedTuple):
+    B: int
+    K: int
+    G: int
+    F: int
+    Hv: int
+    C: int
+    n_chunks: int
+    T: int
+
+    @property
+    def Tp(self) -> int:
+        return self.n_chunks * self.C
+
+
+def _specs(sh: _Shape, *layouts: str) -> list[pl.BlockSpec]:
+    """Whole-sequence blocks of one (b, h, g) program for each named layout."""
+    F, Hv, n, Tp = sh.F, sh.Hv, sh.n_chunks, sh.Tp
+    table = {
+        "q": ((None, None, None, Tp, F), lambda b, h, g: (b, h, g, 0, 0)),
+        "k": ((None, None, Tp, F), lambda b, h, g: (b, h, 0, 0)),
+        "v": ((None, None, Tp, Hv), lambda b, h, g: (b, h, 0, 0)),
+        "a": ((None, None, None, Tp), lambda b, h, g: (b, h, g, 0)),
+        "doc": ((None, Tp + 1), lambda b, h, g: (b, 0)),
+        "state": ((None, None, None, F, Hv), lambda b, h, g: (b, h, g, 0, 0)),
+        "states": ((None, None, None, n, F, Hv), lambda b, h, g: (b, h, g, 0, 0, 0)),
+        "per_head_v": ((None, None, None, Tp, Hv), lambda b, h, g: (b, h, g, 0, 0)),
+        "per_head_k": ((None, None, None, Tp, F), lambda b, h, g: (b, h, g, 0, 0)),
+    }
+    return [pl.BlockSpec(*table[name]) for name in layouts]
+
+
+def _forward(sh: _Shape, q, k, v, a, doc, s0, has_doc: bool, interpret: bool, save: bool):
+    dtype = q.dtype
+    B, K, G, F, Hv, C, n, _ = sh
+    out_shape = [jax.ShapeDtypeStruct((B, K, G, sh.Tp, Hv), dtype),
+                 jax.ShapeDtypeStruct((B, K, G, F, Hv), dtype)]
+    outs = ["per_head_v", "state"]
+    if save:
+        out_shape.append(jax.ShapeDtypeStruct((B, K, G, n, F, Hv), dtype))
+        outs.append("states")
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, C=C, n_chunks=n, has_doc=has_doc),
+        grid=(B, K, G), in_specs=_specs(sh, "q", "k", "v", "a", "doc", "state"),
+        out_specs=_specs(sh, *outs), out_shape=out_shape, interpret=interpret,
+        name="lightning_forward",
+    )(q, k, v, a, doc, s0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 7, 8))
+def _lightning(sh: _Shape, q, k, v, a, doc, s0, has_doc: bool, interpret: bool):
+    out, state = _forward(sh, q, k, v, a, doc, s0, has_doc, interpret, save=False)
+    return out, state
+
+
+def _lightning_fwd(sh, q, k, v, a, doc, s0, has_doc, interpret):
+    out, state, states = _forward(sh, q, k, v, a, doc, s0, has_doc, interpret, save=True)
+    return (out, state), (q, k, v, a, doc, states)
+
+
+def _lightning_bwd(sh, has_doc, interpret, residuals, cotangents):
+    q, k, v, a, doc, states = residuals
+    d_out, d_state = cotangents
+    B, K, G, F, Hv, C, n, _ = sh
+    dtype = q.dtype
+    dq, dk, dv, da, ds0 = pl.pallas_call(
+        functools.partial(_backward_kernel, C=C, n_chunks=n, has_doc=has_doc),
+        grid=(B, K, G),
+        in_specs=_specs(sh, "q", "k", "v", "a", "doc", "states", "per_head_v", "state"),
+        out_specs=_specs(sh, "q", "per_head_k", "per_head_v", "a", "state"),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, dtype),
+                   jax.ShapeDtypeStruct((B, K, G, sh.Tp, F), dtype),
+                   jax.ShapeDtypeStruct((B, K, G, sh.Tp, Hv), dtype),
+                   jax.ShapeDtypeStruct(a.shape, dtype),
+                   jax.ShapeDtypeStruct((B, K, G, F, Hv), dtype)],
+        interpret=interpret, name="lightning_backward",
+    )(q, k, v, a, doc, states, d_out.astype(dtype), d_state.astype(dtype))
+    # The G query heads of a kv head share its keys and values: their shares add up.
+    return dq, dk.sum(2), dv.sum(2), da, None, ds0
+
+
+_lightning.defvjp(_lightning_fwd, _lightning_bwd)
+
+
 def lightning_attention(q_features, k_features, value, initial_state, log_factor,
                         document=None, *, chunk_size: int = 64, interpret: bool = False):
-    """Causal linear attention sums, chunk by chunk, in one kernel.
+    """Causal linear attention sums, chunk by chunk, in one kernel; differentiable (a
+    backward kernel walks the chunks in reverse from the states the forward saved, one per
+    chunk, O(T / C) of them), w.r.t. every floating input.
 
     Args:
         q_features: phi(q) [B, T, K, G, F] (query head n = (n // G, n % G)).
@@ -105,12 +250,10 @@ def lightning_attention(q_features, k_features, value, initial_state, log_factor
     """
     _check(q_features, k_features, value, initial_state, log_factor, document, chunk_size)
     B, T, K, G, F = q_features.shape
-    dtype = q_features.dtype
-    Hv = value.shape[-1]
     C = chunk_size
     n_chunks = -(-T // C)
-    pad = n_chunks * C - T
-    Tp = T + pad
+    sh = _Shape(B, K, G, F, value.shape[-1], C, n_chunks, T)
+    pad = sh.Tp - T
 
     def padded(x):
         return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
@@ -123,27 +266,8 @@ def lightning_attention(q_features, k_features, value, initial_state, log_factor
     if has_doc:  # a leading copy of the first id: doc[start] precedes each chunk
         doc = jnp.pad(document.astype(jnp.int32), [(0, 0), (1, pad)], mode="edge")
     else:
-        doc = jnp.zeros((B, Tp + 1), jnp.int32)
-    kernel = functools.partial(_kernel, C=C, n_chunks=n_chunks, has_doc=has_doc)
-    out, state = pl.pallas_call(
-        kernel,
-        grid=(B, K, G),
-        in_specs=[
-            pl.BlockSpec((None, None, None, Tp, F), lambda b, h, g: (b, h, g, 0, 0)),
-            pl.BlockSpec((None, None, Tp, F), lambda b, h, g: (b, h, 0, 0)),
-            pl.BlockSpec((None, None, Tp, Hv), lambda b, h, g: (b, h, 0, 0)),
-            pl.BlockSpec((None, None, None, Tp), lambda b, h, g: (b, h, g, 0)),
-            pl.BlockSpec((None, Tp + 1), lambda b, h, g: (b, 0)),
-            pl.BlockSpec((None, None, None, F, Hv), lambda b, h, g: (b, h, g, 0, 0)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, Tp, Hv), lambda b, h, g: (b, h, g, 0, 0)),
-            pl.BlockSpec((None, None, None, F, Hv), lambda b, h, g: (b, h, g, 0, 0)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct((B, K, G, Tp, Hv), dtype),
-                   jax.ShapeDtypeStruct((B, K, G, F, Hv), dtype)],
-        interpret=interpret,
-    )(q, k, v, a, doc, initial_state)
+        doc = jnp.zeros((B, sh.Tp + 1), jnp.int32)
+    out, state = _lightning(sh, q, k, v, a, doc, initial_state, has_doc, bool(interpret))
     return jnp.moveaxis(out, 3, 1)[:, :T], state
 
 

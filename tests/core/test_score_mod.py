@@ -1,6 +1,6 @@
 """score_mod: every modifier equals the same bias materialised, forward and gradients (with
 respect to q, k, v and to the arrays the modifier closes over), on every implementation that
-takes one."""
+takes one: xla, chunked and both Pallas kernels (interpreted)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import jattn
 from jattn import reference
 from tests.conftest import as_implementation, check_against_reference, normal, qkv
 
-IMPLEMENTATIONS = ["xla", "chunked", "chunked_small_blocks"]
+IMPLEMENTATIONS = ["xla", "chunked", "chunked_small_blocks", "pallas_gpu_small_blocks",
+                   "pallas_tpu_small_blocks"]
 B, T, S, N, K = 2, 37, 45, 4, 2
 
 
@@ -76,8 +77,14 @@ def _reference(q, k, v, table, case, **kw):
     return reference.dot_product_attention(q, k, v, bias=make_bias(table), **kw)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("case", CASES)
+# The TPU interpreter is slow: it runs the table and the (batch, head) cases; the GPU
+# kernel runs every case through the same tile code (common.modified_scores).
+BIAS_CASES = [(case, implementation) for implementation in IMPLEMENTATIONS for case in CASES
+              if implementation != "pallas_tpu_small_blocks"
+              or case in ("relative_table", "per_batch_and_head_weight")]
+
+
+@pytest.mark.parametrize("case,implementation", BIAS_CASES)
 def test_score_mod_equals_the_materialised_bias(case, implementation):
     make_mod, _, table = CASES[case]
     q, k, v = qkv(B=B, T=T, S=S, N=N, K=K)
@@ -148,23 +155,38 @@ def test_chunked_memory_does_not_grow_with_a_bias():
     assert alibi < 8 * T * T * 4 / 4  # far below a quarter of the [N, T, S] bias
 
 
-def test_integer_tables_and_validation():
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_integer_tables_segments_and_window(implementation):
+    """An integer bucket table (no gradient, no error) next to a learned float table, under
+    segment ids, a window and GQA: the materialised bias, forward and gradients (the float
+    table's included)."""
+    q, k, v = qkv(B=B, T=T, S=T, N=N, K=K)
+    buckets = jnp.arange(2 * T - 1, dtype=jnp.int32) // 5
+    weights = jnp.asarray(normal(3, (N, int(buckets[-1]) + 1)), jnp.float32)
+    segments = jnp.asarray(np.repeat([[0, 1, 2], [0, 0, 1]], [12, 13, 12], axis=1), jnp.int32)
+    window = (11, 4)
+
+    def fn(q, k, v, w):
+        def mod(s, b, h, i, j):
+            return s + w[h, buckets[j - i + T - 1]]
+
+        return jattn.dot_product_attention(
+            q, k, v, score_mod=mod, local_window_size=window, query_segment_ids=segments,
+            kv_segment_ids=segments, implementation=as_implementation(implementation))
+
+    def ref(q, k, v, w):
+        rel = np.arange(T)[None, :] - np.arange(T)[:, None] + T - 1
+        return reference.dot_product_attention(
+            q, k, v, bias=w[:, np.asarray(buckets)[rel]][None], local_window_size=window,
+            query_segment_ids=segments, kv_segment_ids=segments)
+
+    check_against_reference(fn, ref, (q, k, v, weights))
+
+
+def test_validation():
     q, k, v = qkv(B=1, T=9, S=9, N=2, K=2)
-    buckets = jnp.arange(17, dtype=jnp.int32) // 3  # an integer table: no gradient, no error
-    weights = jnp.ones((6,), jnp.float32) * 0.1
-
-    def f(q, w):
-        mod = lambda s, b, h, i, j: s + w[buckets[j - i + 8]]  # noqa: E731
-        return jattn.dot_product_attention(q, k, v, score_mod=mod,
-                                           implementation="chunked").sum()
-
-    g = jax.grad(f, argnums=(0, 1))(q, weights)
-    assert all(np.isfinite(np.asarray(x)).all() for x in g)
     with pytest.raises(TypeError, match="score_mod"):
         jattn.dot_product_attention(q, k, v, score_mod="alibi")
     with pytest.raises(TypeError, match="score_mod"):
         jattn.dot_product_attention(q, k, v, score_mod=lambda s, b, h, i, j: jnp.stack([s, s]),
                                     implementation="chunked")
-    with pytest.raises(NotImplementedError, match="score_mod"):
-        jattn.dot_product_attention(q, k, v, score_mod=lambda s, *_: s,
-                                    implementation="pallas_gpu")

@@ -13,10 +13,21 @@ import pytest
 from flax import nnx
 
 import jattn
-from jattn import reference
+from jattn import masks, reference
 from jattn.efficient.local import halo_attention, relative_position_index, window_attention
 from jattn.nn.efficient.local import HaloAttention, WindowAttention
-from tests.conftest import assert_close, normal, normalised_error, output_and_vjp, to64
+from tests.conftest import (
+    EMPTY,
+    FULL,
+    PARTIAL,
+    as_implementation,
+    assert_close,
+    check_against_reference,
+    normal,
+    normalised_error,
+    output_and_vjp,
+    to64,
+)
 
 
 def _qkv(spatial, dtype=jnp.float32, B=2, N=4, K=2, H=8, Hv=6, seed=0):
@@ -179,6 +190,7 @@ def test_shift_mask_matches_swin_construction(spatial, window, shift):
     dense = _attended(jax.jit(functools.partial(reference.window_attention,
                                                 window_size=window, shift=shift)), spatial)
     assert dense == want
+    assert _mask_pairs(masks.block_window(spatial, window, shift=shift), spatial) == want
     if any(shift):  # the shift changes which positions meet
         assert want != _swin_pairs(spatial, window, (0,) * len(spatial))
 
@@ -204,6 +216,55 @@ def test_halo_neighbourhoods_by_brute_force(spatial, block, halo, is_causal):
     got = _attended(jax.jit(functools.partial(halo_attention, block_size=block,
                                               halo_size=halo, is_causal=is_causal)), spatial)
     assert got == want
+    mask = masks.block_window(spatial, block, halo=halo)
+    assert _mask_pairs(mask & masks.causal() if is_causal else mask, spatial) == want
+
+
+def _mask_pairs(mask, spatial):
+    L = math.prod(spatial)
+    rows, cols = np.nonzero(np.asarray(mask.materialize(L, L))[0, 0])
+    return set(zip(rows.tolist(), cols.tolist(), strict=True))
+
+
+# --- the mask form (masks.block_window) on the other implementations ----------------------
+
+MASK_IMPLEMENTATIONS = ["xla", "chunked_small_blocks", "pallas_gpu_small_blocks",
+                        "pallas_tpu_small_blocks"]
+
+
+# The slow TPU interpreter runs the halo cases (its score_mod path: tests/core/test_score_mod).
+@pytest.mark.parametrize("implementation", MASK_IMPLEMENTATIONS[:-1])
+def test_window_on_the_block_window_mask(implementation):
+    """Shifted 2-D windows with a padded axis and Swin's bias table (as a score_mod): the
+    dense reference, forward and gradients (the table's included)."""
+    fn = functools.partial(window_attention, implementation=as_implementation(implementation))
+    check_against_reference(_window_fn(fn, (3, 4), (1, 2)),
+                            _window_fn(reference.window_attention, (3, 4), (1, 2)),
+                            (*_qkv((8, 11), B=1), _table((3, 4))))
+
+
+@pytest.mark.parametrize("implementation", MASK_IMPLEMENTATIONS)
+@pytest.mark.parametrize("spatial,block,halo,is_causal", [HALO_CASES[1], HALO_CASES[2]])
+def test_halo_on_the_block_window_mask(implementation, spatial, block, halo, is_causal):
+    fn = functools.partial(halo_attention, implementation=as_implementation(implementation))
+    check_against_reference(_halo_fn(fn, block, halo, is_causal),
+                            _halo_fn(reference.halo_attention, block, halo, is_causal),
+                            _qkv(spatial, B=1))
+
+
+def test_block_window_block_map_is_exact():
+    """Every tile the block map calls EMPTY or FULL is so in the dense pattern, and every
+    other tile is mixed (the map is exact, not only sound)."""
+    mask = masks.block_window((9, 13), (3, 4), halo=(1, 2), shift=(0, 2))
+    L, bq, bk = 9 * 13, 16, 8
+    dense = np.asarray(mask.materialize(L, L))[0, 0]
+    kinds = np.asarray(mask.block_map(L, L, bq, bk))[0, 0]
+    for i in range(kinds.shape[0]):
+        for j in range(kinds.shape[1]):
+            tile = dense[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
+            want = FULL if tile.all() else EMPTY if not tile.any() else PARTIAL
+            assert kinds[i, j] == want, (i, j)
+    assert (kinds == EMPTY).any() and (kinds == PARTIAL).any()
 
 
 # --- special cases that must reduce to known attention ------------------------------------
