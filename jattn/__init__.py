@@ -3,7 +3,7 @@
 The public API; this file only re-exports.
 """
 
-from jattn import memory, reference
+from jattn import memory, parallel, reference
 from jattn.analysis import rf_lens
 from jattn.analysis.rollout import attention_rollout
 from jattn.applications.channel import (
@@ -187,6 +187,7 @@ __all__ = [
     "pair_inputs",
     "pair_mask",
     "pairwise_cross_attention",
+    "parallel",
     "pointer_distribution",
     "pool_agents",
     "position_attention",

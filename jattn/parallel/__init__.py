@@ -1,0 +1,10 @@
+"""Context parallelism: softmax attention over a sequence sharded along a mesh axis."""
+
+from jattn.parallel.context import (
+    STRATEGIES,
+    context_parallel_attention,
+    ring_work,
+    zigzag_order,
+)
+
+__all__ = ["STRATEGIES", "context_parallel_attention", "ring_work", "zigzag_order"]

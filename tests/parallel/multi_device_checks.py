@@ -1,0 +1,85 @@
+"""Context-parallel attention on 8 simulated CPU devices against single-device float64
+attention, forward and gradients. Run by tests/parallel/test_context.py in a subprocess
+(the device count is fixed when JAX starts):
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.parallel.multi_device_checks
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jattn import reference
+from jattn.parallel import context_parallel_attention
+from tests.conftest import check_against_reference, normal
+
+
+def _inputs(B, T, S, N, K, H=8, Hv=6, segments=False):
+    q, k, v = normal(0, (B, T, N, H)), normal(1, (B, S, K, H)), normal(2, (B, S, K, Hv))
+    if not segments:
+        return (q, k, v), {}
+    ids = jnp.asarray(np.sort(np.random.default_rng(3).integers(0, 4, (B, T))), jnp.int32)
+    return (q, k, v), {"query_segment_ids": ids}
+
+
+def check(name, mesh, *, T=64, S=None, N=4, K=2, B=2, segments=False, **kw):
+    S = T if S is None else S
+    args, ids = _inputs(B, T, S, N, K, segments=segments)
+    options = {k: v for k, v in kw.items()
+               if k in ("is_causal", "logits_soft_cap", "local_window_size")}
+
+    def fn(q, k, v):
+        return context_parallel_attention(q, k, v, mesh=mesh, return_lse=True, **ids, **kw)
+
+    def ref(q, k, v):
+        return reference.dot_product_attention(q, k, v, return_lse=True, **ids, **options)
+
+    check_against_reference(fn, ref, args)
+    print("ok", name, flush=True)
+
+
+def main() -> int:
+    assert jax.device_count() == 8, jax.devices()
+    devices = np.asarray(jax.devices())
+    ring8 = Mesh(devices, ("seq",))
+    grid = Mesh(devices.reshape(2, 4), ("data", "seq"))
+    check("ring causal zig-zag, segments, GQA", ring8, strategy="ring", is_causal=True,
+          segments=True)
+    check("ring causal natural order, soft cap", ring8, strategy="ring", is_causal=True,
+          load_balance=False, logits_soft_cap=3.0)
+    check("ring cross attention (S != T)", ring8, strategy="ring", S=32)
+    check("ring on a (data, seq) mesh, batch sharded", grid, strategy="ring",
+          batch_axis="data", is_causal=True, segments=True)
+    check("all-to-all causal, segments, GQA", grid, strategy="all_to_all", N=8, K=4,
+          batch_axis="data", is_causal=True, segments=True)
+    check("all-to-all with a window (auto picks it)", ring8, N=8, K=8, strategy="auto",
+          is_causal=True, local_window_size=(5, 0))
+
+    # Sharded in, sharded out under jit: the output keeps the sequence sharding.
+    q, k, v = _inputs(2, 64, 64, 4, 2)[0]
+    sharding = NamedSharding(ring8, P(None, "seq"))
+    q, k, v = (jax.device_put(x, sharding) for x in (q, k, v))
+    out = jax.jit(functools.partial(context_parallel_attention, mesh=ring8, strategy="ring",
+                                    is_causal=True))(q, k, v)
+    assert out.sharding.spec == P(None, "seq"), out.sharding
+    print("ok sharded in, sharded out", flush=True)
+
+    # The ring's memory is O(T / D): the same tokens per device on 2 and 8 devices compile
+    # to the same per-device memory (the benchmark's measurement, at a small size).
+    from experiments.benchmarks.context_parallel import compiled_memory
+
+    memory = [compiled_memory(d, d * 512, "ring") for d in (2, 8)]
+    assert max(memory) <= 1.02 * min(memory), memory
+    print("ok ring memory per device independent of the device count", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
