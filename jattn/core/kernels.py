@@ -101,10 +101,11 @@ def _check_supported(query, key, value, bias, dropout) -> None:
 
 
 def flash_implementation(platform: str, query, key, value, bias, mask, *, scale,
-                         logits_soft_cap, dropout, score_mod=None, block_sizes=None
-                         ) -> tuple[Array, Array]:
+                         logits_soft_cap, dropout, score_mod=None, block_sizes=None,
+                         interpret=None) -> tuple[Array, Array]:
     """The registry's call of the ``platform`` ("gpu" or "tpu") kernel, at ``block_sizes``
-    (default: the kernel's ``default_block_sizes``); interpret mode off that platform."""
+    (default: the kernel's ``default_block_sizes``); ``interpret``: the kernel's argument
+    (default: interpret mode off that platform)."""
     _check_supported(query, key, value, bias, dropout)
     mod = {}
     if score_mod is not None:
@@ -118,7 +119,8 @@ def flash_implementation(platform: str, query, key, value, bias, mask, *, scale,
                                                          blocks.block_kv)
     return kernel.flash_attention(
         query, key, value, scale=scale, logits_soft_cap=logits_soft_cap, block_map=block_map,
-        block_sizes=blocks, interpret=jax.default_backend() != platform, **mod,
+        block_sizes=blocks, **mod,
+        interpret=jax.default_backend() != platform if interpret is None else interpret,
         **kernel_mask(mask, B, T, S, blocks.block_q, blocks.block_kv))
 
 

@@ -104,6 +104,12 @@ def _forced_interpret() -> bool:
         return False
 
 
+def _check_interpret(interpret) -> bool | str:
+    if interpret in (False, True, "tpu", "hlo"):
+        return "tpu" if interpret is True else interpret
+    raise ValueError(f"interpret: expected False, True, 'tpu' or 'hlo', got {interpret!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Config:
     """Static description of one call (hashable: the custom_vjp's non-diff argument)."""
@@ -136,7 +142,7 @@ class _Config:
     mod_shapes: tuple  # shapes of its array arguments
     mod_floating: tuple  # indices of the floating ones (they get cotangents)
     exact: bool  # float32 matmuls at full precision
-    interpret: bool
+    interpret: bool | str  # False, True / "tpu" or "hlo" (see flash_attention)
 
     @property
     def G(self) -> int:
@@ -169,6 +175,8 @@ class _Config:
 
     @property
     def pallas_interpret(self):
+        if self.interpret == "hlo":
+            return True  # Pallas's generic interpreter
         return pltpu.InterpretParams() if self.interpret else False
 
 
@@ -683,7 +691,7 @@ def flash_attention(
     score_mod=None,
     score_mod_args=(),
     block_sizes: BlockSizes | None = None,
-    interpret: bool = False,
+    interpret: bool | str = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Block-sparse flash attention on TPU (Pallas Mosaic), with its log-sum-exp.
 
@@ -722,7 +730,10 @@ def flash_attention(
         block_sizes: ``BlockSizes``; default ``default_block_sizes(T, S, H, dtype)``. On a
             real TPU each block must be a multiple of 128 or one block covering its padded
             length (see the module docstring); any size in interpret mode.
-        interpret: run in TPU interpret mode (on CPU), ``interpret=pltpu.InterpretParams()``.
+        interpret: False (compile for the TPU); True or "tpu": TPU interpret mode on any
+            backend (``pltpu.InterpretParams()``: TPU memory spaces and DMAs simulated, the
+            faithful check); "hlo": Pallas's generic interpreter (the kernel discharged
+            into plain JAX ops, about 3x faster on CPU; the shared test suites use it).
 
     Returns:
         ``(out, lse)``: out [B, T, N, Hv] in the input dtype (zeros for a query with nothing
@@ -786,7 +797,7 @@ def flash_attention(
         kv_len=kv_lengths is not None, dense=dense_mask is not None, static=static_mask,
         mod=score_mod, mod_shapes=tuple(jnp.shape(a) for a in score_mod_args),
         mod_floating=tuple(common.floating_args(score_mod_args)),
-        exact=compute == jnp.float32, interpret=bool(interpret))
+        exact=compute == jnp.float32, interpret=_check_interpret(interpret))
 
     aux: dict[str, object] = {
         "fwd": _flat_schedule(block_map),

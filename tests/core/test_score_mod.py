@@ -77,14 +77,8 @@ def _reference(q, k, v, table, case, **kw):
     return reference.dot_product_attention(q, k, v, bias=make_bias(table), **kw)
 
 
-# The TPU interpreter is slow: it runs the table and the (batch, head) cases; the GPU
-# kernel runs every case through the same tile code (common.modified_scores).
-BIAS_CASES = [(case, implementation) for implementation in IMPLEMENTATIONS for case in CASES
-              if implementation != "pallas_tpu_small_blocks"
-              or case in ("relative_table", "per_batch_and_head_weight")]
-
-
-@pytest.mark.parametrize("case,implementation", BIAS_CASES)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", CASES)
 def test_score_mod_equals_the_materialised_bias(case, implementation):
     make_mod, _, table = CASES[case]
     q, k, v = qkv(B=B, T=T, S=S, N=N, K=K)

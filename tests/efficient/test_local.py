@@ -232,8 +232,7 @@ MASK_IMPLEMENTATIONS = ["xla", "chunked_small_blocks", "pallas_gpu_small_blocks"
                         "pallas_tpu_small_blocks"]
 
 
-# The slow TPU interpreter runs the halo cases (its score_mod path: tests/core/test_score_mod).
-@pytest.mark.parametrize("implementation", MASK_IMPLEMENTATIONS[:-1])
+@pytest.mark.parametrize("implementation", MASK_IMPLEMENTATIONS)
 def test_window_on_the_block_window_mask(implementation):
     """Shifted 2-D windows with a padded axis and Swin's bias table (as a score_mod): the
     dense reference, forward and gradients (the table's included)."""

@@ -50,25 +50,26 @@ def main() -> int:
     devices = np.asarray(jax.devices())
     ring8 = Mesh(devices, ("seq",))
     grid = Mesh(devices.reshape(2, 4), ("data", "seq"))
-    check("ring causal zig-zag, segments, GQA", ring8, strategy="ring", is_causal=True,
-          segments=True)
+    check("ring causal zig-zag, segments, GQA, on a (data, seq) mesh, batch sharded", grid,
+          strategy="ring", batch_axis="data", is_causal=True, segments=True)
     check("ring causal natural order, soft cap", ring8, strategy="ring", is_causal=True,
           load_balance=False, logits_soft_cap=3.0)
     check("ring cross attention (S != T)", ring8, strategy="ring", S=32)
-    check("ring on a (data, seq) mesh, batch sharded", grid, strategy="ring",
-          batch_axis="data", is_causal=True, segments=True)
     check("all-to-all causal, segments, GQA", grid, strategy="all_to_all", N=8, K=4,
           batch_axis="data", is_causal=True, segments=True)
     check("all-to-all with a window (auto picks it)", ring8, N=8, K=8, strategy="auto",
           is_causal=True, local_window_size=(5, 0))
 
-    # Sharded in, sharded out under jit: the output keeps the sequence sharding.
+    # Zig-zag on all 8 devices, sharded in and out under jit: the value, and the output
+    # keeps the sequence sharding.
     q, k, v = _inputs(2, 64, 64, 4, 2)[0]
     sharding = NamedSharding(ring8, P(None, "seq"))
     q, k, v = (jax.device_put(x, sharding) for x in (q, k, v))
     out = jax.jit(functools.partial(context_parallel_attention, mesh=ring8, strategy="ring",
                                     is_causal=True))(q, k, v)
     assert out.sharding.spec == P(None, "seq"), out.sharding
+    want = reference.dot_product_attention(q, k, v, is_causal=True)
+    np.testing.assert_allclose(out, want, atol=2e-5)
     print("ok sharded in, sharded out", flush=True)
 
     # The ring's memory is O(T / D): the same tokens per device on 2 and 8 devices compile
