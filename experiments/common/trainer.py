@@ -85,14 +85,29 @@ class TrainResult:
 def initialize_distributed() -> None:
     """``jax.distributed.initialize()`` when launched as one of several processes.
 
-    Detects the launchers that set a coordinator (JAX_COORDINATOR_ADDRESS), SLURM with more
-    than one task, and multi-host TPU slices; on a single process it does nothing.
+    Detects SLURM with more than one task, multi-host TPU slices, and a launch by hand:
+    JAX_COORDINATOR_ADDRESS (host:port of process 0) with JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID. CPU processes exchange collectives through gloo. On a single process it
+    does nothing. Call it before anything else touches JAX.
     """
     multi = ("JAX_COORDINATOR_ADDRESS" in os.environ
              or int(os.environ.get("SLURM_NTASKS", "1")) > 1
              or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
-    if multi and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    if not multi or jax.distributed.is_initialized():
+        return
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    by_hand = {}
+    if "JAX_NUM_PROCESSES" in os.environ:
+        by_hand = {"num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
+                   "process_id": int(os.environ["JAX_PROCESS_ID"])}
+    jax.distributed.initialize(**by_hand)
+
+
+def is_primary() -> bool:
+    """True in process 0, the one that writes logs and results (every process writes its
+    share of a checkpoint)."""
+    return jax.process_index() == 0
 
 
 def data_mesh() -> Mesh:
@@ -150,7 +165,9 @@ class _Log:
     """metrics.jsonl, cut back to ``step`` on resume so a resumed log reads as one run."""
 
     def __init__(self, path: Path, resume_step: int):
-        self.path = path
+        self.path = path if is_primary() else None  # other processes log nothing
+        if self.path is None:
+            return
         kept = []
         if path.exists():
             kept = [line for line in path.read_text().splitlines()
@@ -158,8 +175,9 @@ class _Log:
         path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 def fit(params, *, loss_fn: LossFn, eval_fn: EvalFn, train: Mapping[str, np.ndarray],
@@ -212,7 +230,8 @@ def fit(params, *, loss_fn: LossFn, eval_fn: EvalFn, train: Mapping[str, np.ndar
     if result_path.exists():
         manager.close()
         return state["params"], TrainResult(**json.loads(result_path.read_text()))
-    (workdir / "train_config.json").write_text(json.dumps(asdict(config), indent=1))
+    if is_primary():
+        (workdir / "train_config.json").write_text(json.dumps(asdict(config), indent=1))
     log = _Log(workdir / "metrics.jsonl", step)
 
     train_step = jax.jit(make_train_step(loss_fn, tx, config.seed))
@@ -235,7 +254,8 @@ def fit(params, *, loss_fn: LossFn, eval_fn: EvalFn, train: Mapping[str, np.ndar
         manager.save(int(state["step"]), args=ocp.args.StandardSave(state), force=force)
 
     started = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=step, disable=not config.progress, unit="step",
+    bar = tqdm(total=total_steps, initial=step, disable=not (config.progress and is_primary()),
+               unit="step",
                dynamic_ncols=True, desc=workdir.name)
     result = None
     done = bool(state["done"])  # host copies: syncing on the device state each step would
@@ -273,8 +293,11 @@ def fit(params, *, loss_fn: LossFn, eval_fn: EvalFn, train: Mapping[str, np.ndar
                     and metrics.get(config.early_stop_metric, -math.inf)
                     > config.early_stop_threshold)
             done = stop or step == total_steps
-            state = {**state, "loss_sum": jnp.float32(0), "loss_count": jnp.float32(0),
-                     "done": jnp.bool_(done)}
+            # Replicated over the mesh like the rest of the state (a multi-process
+            # checkpoint takes global arrays only).
+            state = {**state, **jax.device_put(
+                {"loss_sum": np.float32(0), "loss_count": np.float32(0),
+                 "done": np.bool_(done)}, replicated)}
             if done:
                 result = TrainResult(step=step, epoch=epoch + 1, stopped_early=stop,
                                      metrics=metrics, train_loss=train_loss,
@@ -291,7 +314,8 @@ def fit(params, *, loss_fn: LossFn, eval_fn: EvalFn, train: Mapping[str, np.ndar
                              train_loss=math.nan, seconds=0.0)
     manager.wait_until_finished()
     manager.close()
-    result_path.write_text(json.dumps(asdict(result), indent=1))
+    if is_primary():
+        result_path.write_text(json.dumps(asdict(result), indent=1))
     return state["params"], result
 
 

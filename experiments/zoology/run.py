@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from experiments.common.lm import task_functions as lm_task_functions
-from experiments.common.trainer import TrainConfig, TrainResult, fit
+from experiments.common.trainer import TrainConfig, TrainResult, fit, is_primary
 from experiments.tasks import mqar
 from experiments.tasks.labels import label_positions
 from experiments.zoology.model import LanguageModel
@@ -120,7 +120,8 @@ def train_run(config: RunConfig, workdir: Path, *, prepared=None,
     Returns the trained parameters and the result (None if stopped by ``stop_after_steps``).
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
+    if is_primary():
+        (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
     train, test = prepared if prepared is not None else make_data(config)
     params, loss_fn, eval_fn = task_functions(build_model(config))
     return fit(params, loss_fn=loss_fn, eval_fn=eval_fn, train=train, valid=test,

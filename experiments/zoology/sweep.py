@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from experiments.common.plots import panels, save
+from experiments.common.trainer import is_primary
 from experiments.zoology.model import FIGURE2
 from experiments.zoology.run import RunConfig, RunSettings, make_data, train_run
 
@@ -71,7 +72,9 @@ def sweep(config: SweepConfig) -> list[dict]:
     """Train every run of the grid that has not finished; write the tables and the figure."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
+    if is_primary():
+        (out / "sweep_config.json").write_text(json.dumps(dataclasses.asdict(config),
+                                                          indent=1))
     runs = config.runs()
     data_cache: dict[int, tuple] = {}
     for i, run in enumerate(runs):
@@ -109,7 +112,11 @@ def best_over_learning_rates(records: Sequence[dict]) -> dict[tuple[str, int, in
 
 
 def write_outputs(out: Path, runs: Sequence[RunConfig]) -> list[dict]:
+    """results.jsonl, summary.md and the figures of the finished runs (written by process 0
+    of a multi-process run)."""
     records = collect(out, runs)
+    if not is_primary():
+        return records
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     best = best_over_learning_rates(records)
     (out / "summary.md").write_text(summary_table(best, runs))

@@ -142,3 +142,77 @@ def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path):
     for a, b in zip(_saved(workdir), _saved(tmp_path / "reference"), strict=True):
         np.testing.assert_array_equal(a, b)
     assert _log_without_times(workdir) == _log_without_times(tmp_path / "reference")
+
+
+# One of several processes (jax.distributed over 127.0.0.1, CPU collectives through gloo):
+# argv = config JSON, workdir, and optionally a step at which this process kills itself.
+PROCESS_SCRIPT = """
+import json, os, signal, sys
+from pathlib import Path
+from experiments.common.trainer import initialize_distributed
+initialize_distributed()
+import jax
+from experiments.zoology.run import RunConfig, train_run
+stop = int(sys.argv[3]) if len(sys.argv) > 3 else None
+_, result = train_run(RunConfig.from_dict(json.loads(sys.argv[1])), Path(sys.argv[2]),
+                      stop_after_steps=stop)
+if result is None:  # killed at `stop`, before anything else is saved
+    os.kill(os.getpid(), signal.SIGKILL)
+print("processes", jax.process_count(), "devices", jax.device_count(), flush=True)
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_processes(config: RunConfig, workdir: Path, kill_at: dict[int, int] | None = None):
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(rank))
+        env.pop("XLA_FLAGS", None)  # one CPU device per process
+        args = [sys.executable, "-c", PROCESS_SCRIPT, json.dumps(dataclasses.asdict(config)),
+                str(workdir)]
+        if kill_at and rank in kill_at:
+            args.append(str(kill_at[rank]))
+        procs.append(subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def test_two_processes_train_like_one_and_resume_after_one_is_killed(tmp_path):
+    """Two processes on this machine (one CPU device each, jax.distributed + gloo) train as
+    one process does; process 1 killed mid-run, then both restarted, resume from the last
+    checkpoint (orbax, multi-process save) and end with the same log as one process."""
+    config = _with_training(TINY, log_every=1)
+    workdir = tmp_path / "two"
+    first, second = _run_processes(config, workdir, kill_at={1: 13})
+    _, err = second.communicate(timeout=300)
+    assert second.returncode == -signal.SIGKILL, err[-3000:]
+    first.kill()  # left waiting for its peer in the next step's collective
+    first.communicate()
+    assert not (workdir / "result.json").exists()
+    last = max(_checkpoint_steps(workdir))
+    assert last in (5, 10), _checkpoint_steps(workdir)
+    restarted = _run_processes(config, workdir)
+    for proc in restarted:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        assert "processes 2 devices 2" in out
+        assert f"resuming at step {last}" in err
+    _, reference = train_run(config, tmp_path / "one")  # this process, one device
+    two = json.loads((workdir / "result.json").read_text())
+    assert two["step"] == reference.step == 24
+    np.testing.assert_allclose(two["train_loss"], reference.train_loss, rtol=1e-5)
+    got, want = _log_without_times(workdir), _log_without_times(tmp_path / "one")
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        for key in a.keys() - {"step", "epoch", "lr"}:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
