@@ -46,7 +46,8 @@ from jattn.core import masks
 from jattn.core.attention import dot_product_attention
 from jattn.core.shapes import Array
 
-__all__ = ["STRATEGIES", "context_parallel_attention", "ring_work", "zigzag_order"]
+__all__ = ["STRATEGIES", "context_parallel", "context_parallel_attention", "ring_work",
+           "zigzag_order"]
 
 STRATEGIES = ("ring", "all_to_all", "auto")
 
@@ -339,7 +340,8 @@ def context_parallel_attention(query: Array, key: Array, value: Array, *, mesh: 
 
     if strategy == "all_to_all":
         body = functools.partial(
-            _all_to_all, axis=axis_name, segments=segments, is_causal=is_causal, scale=scale,
+            _all_to_all, axis=axis_name, batch_axis=batch_axis, segments=segments,
+            is_causal=is_causal, scale=scale,
             logits_soft_cap=logits_soft_cap, implementation=implementation, kwargs=kwargs)
     else:
         ring = _Ring(axis=axis_name, devices=D, is_causal=is_causal, balanced=balanced,
@@ -354,6 +356,71 @@ def context_parallel_attention(query: Array, key: Array, value: Array, *, mesh: 
         out_specs=(seq, P(batch_axis, None, axis_name)), check_vma=False,
     )(query, key, value, *ids)
     return (out, lse) if return_lse else out
+
+
+def context_parallel(mesh: Mesh, axis_name: str = "seq", *, batch_axis: str | None = None,
+                     strategy: str = "auto", load_balance: bool = True,
+                     implementation: str | None = "chunked"):
+    """:func:`context_parallel_attention` as an implementation of
+    :func:`jattn.dot_product_attention`: pass it as ``implementation=`` (to the function,
+    or to ``jattn.nn.MultiHeadAttention`` and the models built on it) and every call runs
+    sharded over ``axis_name``. The call's mask must be what the strategy takes: causal and
+    segment ids (and, all-to-all, windows); no bias, no dropout (NotImplementedError).
+
+    >>> import jax, numpy as np, jattn
+    >>> from jax.sharding import Mesh
+    >>> impl = context_parallel(Mesh(np.asarray(jax.devices()[:1]), ("seq",)))
+    >>> x = jax.random.normal(jax.random.key(0), (1, 8, 2, 4))
+    >>> out = jattn.dot_product_attention(x, x, x, is_causal=True, implementation=impl)
+    >>> bool(jnp.allclose(out, jattn.dot_product_attention(x, x, x, is_causal=True),
+    ...                   atol=1e-6))
+    True
+    """
+    def context_parallel_implementation(query, key, value, bias, mask, *, scale,
+                                        logits_soft_cap, dropout, score_mod=None):
+        if bias is not None or dropout is not None:
+            raise NotImplementedError("context parallelism takes no bias and no dropout")
+        options = _native_options(mask, query.shape[0])
+        if score_mod is not None:
+            options["score_mod"] = score_mod
+        return context_parallel_attention(
+            query, key, value, mesh=mesh, axis_name=axis_name, strategy=strategy,
+            batch_axis=batch_axis, scale=scale, logits_soft_cap=logits_soft_cap,
+            load_balance=load_balance, return_lse=True, implementation=implementation,
+            **options)
+
+    return context_parallel_implementation
+
+
+def _native_options(mask, batch: int) -> dict:
+    """The keyword arguments of :func:`context_parallel_attention` for a normalised Mask
+    (bands and segment ids); NotImplementedError for anything else."""
+    options: dict = {}
+    if mask is None:
+        return options
+    lo = hi = None
+    for leaf in mask.conjuncts():
+        if isinstance(leaf, masks.Band):
+            lo = leaf.lo if lo is None else max(lo, leaf.lo) if leaf.lo is not None else lo
+            hi = leaf.hi if hi is None else min(hi, leaf.hi) if leaf.hi is not None else hi
+        elif isinstance(leaf, masks.Segments) and "query_segment_ids" not in options:
+            options["query_segment_ids"] = jnp.broadcast_to(leaf.q_ids, (batch,
+                                                                          leaf.q_ids.shape[1]))
+            options["kv_segment_ids"] = jnp.broadcast_to(leaf.kv_ids, (batch,
+                                                                        leaf.kv_ids.shape[1]))
+        else:
+            raise NotImplementedError(f"context parallelism takes causal, window and segment "
+                                      f"masks, got {type(leaf).__name__}")
+    if hi == 0:
+        options["is_causal"] = True
+    elif hi is not None:
+        raise NotImplementedError(f"context parallelism: a band up to kv - q <= {hi}; only "
+                                  f"causal (0) or none")
+    if lo is not None:
+        if hi != 0:
+            raise NotImplementedError("context parallelism: windows only with causal masks")
+        options["local_window_size"] = (-lo, 0)
+    return options
 
 
 def _zigzag_permutations(devices: int) -> tuple[list, list]:
@@ -391,11 +458,23 @@ def _zigzag(body, q, k, v, q_seg, kv_seg, *, axis: str, devices: int):
     return from_zigzag(out, 1), from_zigzag(lse, 2)
 
 
-def _all_to_all(q, k, v, q_seg, kv_seg, *, axis, segments, is_causal, scale,
+def _all_to_all(q, k, v, q_seg, kv_seg, *, axis, batch_axis, segments, is_causal, scale,
                 logits_soft_cap, implementation, kwargs):
-    """Ulysses: sequence shards -> head shards over the whole sequence, attention, back."""
+    """Ulysses: sequence shards -> head shards over the whole sequence, attention, back. A
+    score_mod sees the global batch row and head (the local ones are offset)."""
     def to_heads(x):  # [B, T / D, heads, H] -> [B, T, heads / D, H]
         return lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
+
+    if kwargs.get("score_mod") is not None:
+        mod = kwargs["score_mod"]
+        heads = q.shape[2] // lax.axis_size(axis)
+        head0 = lax.axis_index(axis) * heads
+        row0 = 0 if batch_axis is None else lax.axis_index(batch_axis) * q.shape[0]
+
+        def shifted(score, b, h, i, j):
+            return mod(score, b + row0, h + head0, i, j)
+
+        kwargs = {**kwargs, "score_mod": shifted}
 
     if segments:
         kwargs = {**kwargs, "query_segment_ids": lax.all_gather(q_seg, axis, axis=1,

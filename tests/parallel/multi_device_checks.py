@@ -13,11 +13,13 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jattn import reference
-from jattn.parallel import context_parallel_attention
+from jattn.nn import MultiHeadAttention
+from jattn.parallel import context_parallel, context_parallel_attention
 from tests.conftest import check_against_reference, normal
 
 
@@ -59,6 +61,38 @@ def main() -> int:
           batch_axis="data", is_causal=True, segments=True)
     check("all-to-all with a window (auto picks it)", ring8, N=8, K=8, strategy="auto",
           is_causal=True, local_window_size=(5, 0))
+
+    # ALiBi through a score_mod on the all-to-all: each device sees the global head index.
+    slopes = 2.0 ** -jnp.arange(1.0, 9.0)
+    args = _inputs(2, 64, 64, 8, 8)[0]
+    rel = jnp.arange(64)[None, :] - jnp.arange(64)[:, None]
+    check_against_reference(
+        lambda q, k, v: context_parallel_attention(
+            q, k, v, mesh=grid, batch_axis="data", strategy="all_to_all", is_causal=True,
+            score_mod=lambda s, b, h, i, j: s + slopes[h] * (j - i)),
+        lambda q, k, v: reference.dot_product_attention(
+            q, k, v, bias=(slopes[:, None, None] * rel)[None], is_causal=True), args)
+    print("ok all-to-all with ALiBi as a score_mod", flush=True)
+
+    # As an implementation: a causal sliding-window layer (all-to-all) and a causal one
+    # (ring) of jattn.nn.MultiHeadAttention, parameters and input gradients included.
+    for name, options in (("ring", dict(window=None)), ("all_to_all", dict(window=9))):
+        impl = context_parallel(grid, batch_axis="data", strategy=name)
+        plain = nnx.split(MultiHeadAttention(16, 4, rngs=nnx.Rngs(0), **options))
+        sharded = nnx.split(MultiHeadAttention(16, 4, rngs=nnx.Rngs(0), implementation=impl,
+                                               **options))
+        x = normal(4, (2, 64, 16))
+
+        def loss(state, x, graph):
+            return (nnx.merge(graph, state)(x) ** 2).sum()
+
+        run = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+        want = run(plain[1], x, plain[0])
+        got = run(sharded[1], x, sharded[0])
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+        print(f"ok MultiHeadAttention(implementation=context_parallel(..., {name!r}))",
+              flush=True)
 
     # Zig-zag on all 8 devices, sharded in and out under jit: the value, and the output
     # keeps the sequence sharding.
