@@ -69,7 +69,7 @@ def compiled_memory(devices: int, length: int, strategy: str | None) -> int:
             return jattn.dot_product_attention(q, k, v, is_causal=True,
                                                implementation="chunked").sum()
         out = context_parallel_attention(q, k, v, mesh=mesh, strategy=strategy,
-                                         is_causal=True)
+                                         is_causal=True, implementation="chunked")
         return out.sum()
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))

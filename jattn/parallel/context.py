@@ -119,10 +119,14 @@ class _Ring:
     scale: float | None
     cap: float | None
     implementation: str | None
+    dropout_rate: float
+    batch_axis: str | None
 
-    def attend(self, q, k, v, q_seg, kv_seg, q_chunks, kv_chunks):
+    def attend(self, q, k, v, q_seg, kv_seg, rng, q_chunks, kv_chunks):
         """Partial attention of the local query chunks against one K/V shard: (out float32
-        [B, Tl, N, Hv], lse [B, N, Tl]); chunk pairs that see nothing give lse = -inf."""
+        [B, Tl, N, Hv], lse [B, N, Tl]); chunk pairs that see nothing give lse = -inf.
+        Dropout of a (query chunk, key chunk) pair draws from ``rng`` folded with both chunk
+        indices (and the batch shard): the same mask in the forward and backward rings."""
         nq, nk = len(q_chunks), len(kv_chunks)
         qs = jnp.split(q, nq, axis=1)
         ks, vs = jnp.split(k, nk, axis=1), jnp.split(v, nk, axis=1)
@@ -132,19 +136,27 @@ class _Ring:
         for qa, qi, qsa in zip(qs, q_chunks, q_segs, strict=True):
             acc = None
             for kb, vb, kj, ksb in zip(ks, vs, kv_chunks, kv_segs, strict=True):
-                part = self._pair(qa, kb, vb, qsa, ksb, _case(qi, kj, self.is_causal))
+                key = None
+                if self.dropout_rate:
+                    key = jax.random.fold_in(jax.random.fold_in(rng, qi), kj)
+                    if self.batch_axis is not None:
+                        key = jax.random.fold_in(key, lax.axis_index(self.batch_axis))
+                part = self._pair(qa, kb, vb, qsa, ksb, key, _case(qi, kj, self.is_causal))
                 acc = part if acc is None else _merge(*acc, *part)
             outs.append(acc[0])
             lses.append(acc[1])
         return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
 
-    def _pair(self, q, k, v, q_seg, kv_seg, case):
+    def _pair(self, q, k, v, q_seg, kv_seg, key, case):
         seg = masks.segments(q_seg, kv_seg) if self.segments else None
 
         def run(mask):
+            # Dropout scales each kept probability of the pair by 1 / (1 - rate); its lse is
+            # that of the logits, so the merge still normalises over every key.
             out, lse = dot_product_attention(
                 q, k, v, mask=mask, scale=self.scale, logits_soft_cap=self.cap,
-                return_lse=True, implementation=self.implementation)
+                dropout_rate=self.dropout_rate, dropout_rng=key, return_lse=True,
+                implementation=self.implementation)
             return out.astype(jnp.float32), lse
 
         def skip():
@@ -185,36 +197,36 @@ def _chunk_ids(device, ring: _Ring):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring_attention(ring: _Ring, q, k, v, q_seg, kv_seg):
-    return _ring_forward(ring, q, k, v, q_seg, kv_seg)
+def _ring_attention(ring: _Ring, q, k, v, q_seg, kv_seg, rng):
+    return _ring_forward(ring, q, k, v, q_seg, kv_seg, rng)
 
 
-def _ring_forward(ring: _Ring, q, k, v, q_seg, kv_seg):
+def _ring_forward(ring: _Ring, q, k, v, q_seg, kv_seg, rng):
     me = lax.axis_index(ring.axis)
     mine = _chunk_ids(me, ring)
 
     def step(s, carry):  # receive the previous device's shard, attend to it
         out, lse, k, v, kv_seg = carry
         k, v, kv_seg = _rotate((k, v, kv_seg), ring)
-        part = ring.attend(q, k, v, q_seg, kv_seg, mine,
+        part = ring.attend(q, k, v, q_seg, kv_seg, rng, mine,
                            _chunk_ids((me - s) % ring.devices, ring))
         return (*_merge(out, lse, *part), k, v, kv_seg)
 
-    out, lse = ring.attend(q, k, v, q_seg, kv_seg, mine, mine)  # the resident shard
+    out, lse = ring.attend(q, k, v, q_seg, kv_seg, rng, mine, mine)  # the resident shard
     out, lse, *_ = lax.fori_loop(1, ring.devices, step, (out, lse, k, v, kv_seg))
     return out.astype(q.dtype), lse
 
 
-def _ring_fwd(ring: _Ring, q, k, v, q_seg, kv_seg):
-    out, lse = _ring_forward(ring, q, k, v, q_seg, kv_seg)
-    return (out, lse), (q, k, v, q_seg, kv_seg, out, lse)
+def _ring_fwd(ring: _Ring, q, k, v, q_seg, kv_seg, rng):
+    out, lse = _ring_forward(ring, q, k, v, q_seg, kv_seg, rng)
+    return (out, lse), (q, k, v, q_seg, kv_seg, rng, out, lse)
 
 
 def _ring_bwd(ring: _Ring, residuals, cotangents):
     """The second ring: each step differentiates the local pair's partial result, whose
     share of the merged output is w = exp(lse_part - lse): d out_part = w d out and
     d lse_part = w (d out . out_part - d out . out + d lse) per query row."""
-    q, k, v, q_seg, kv_seg, out, lse = residuals
+    q, k, v, q_seg, kv_seg, rng, out, lse = residuals
     d_out, d_lse = cotangents
     me = lax.axis_index(ring.axis)
     mine = _chunk_ids(me, ring)
@@ -226,7 +238,7 @@ def _ring_bwd(ring: _Ring, residuals, cotangents):
         dq, k, v, kv_seg, dk, dv = carry
         chunks = _chunk_ids((me - s) % ring.devices, ring)
         (o, l), pullback = jax.vjp(
-            lambda q, k, v: ring.attend(q, k, v, q_seg, kv_seg, mine, chunks), q, k, v)
+            lambda q, k, v: ring.attend(q, k, v, q_seg, kv_seg, rng, mine, chunks), q, k, v)
         w = jnp.where(jnp.isneginf(l), 0.0, jnp.exp(l - safe))  # [B, N, T]
         d_o = d_out * jnp.moveaxis(w, 1, 2)[..., None]
         d_l = w * (jnp.einsum("btnh,btnh->bnt", d_out, o) - row_dot + d_lse)
@@ -238,7 +250,7 @@ def _ring_bwd(ring: _Ring, residuals, cotangents):
     zeros = functools.partial(jnp.zeros_like, dtype=jnp.float32)
     init = (zeros(q), k, v, kv_seg, zeros(k), zeros(v))
     dq, _, _, _, dk, dv = lax.fori_loop(0, ring.devices, step, init)
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None)
 
 
 _ring_attention.defvjp(_ring_fwd, _ring_bwd)
@@ -251,8 +263,9 @@ def context_parallel_attention(query: Array, key: Array, value: Array, *, mesh: 
                                kv_segment_ids: Array | None = None,
                                scale: float | None = None,
                                logits_soft_cap: float | None = None,
+                               dropout_rate: float = 0.0, dropout_rng=None,
                                load_balance: bool = True, return_lse: bool = False,
-                               implementation: str | None = "chunked", **kwargs):
+                               implementation: str | None = None, **kwargs):
     """Softmax attention with the sequence sharded over the mesh axis ``axis_name``.
 
     The arguments and result are global arrays in the natural layout (query [B, T, N, H],
@@ -270,10 +283,13 @@ def context_parallel_attention(query: Array, key: Array, value: Array, *, mesh: 
         batch_axis: an optional mesh axis to shard the batch over (data parallelism).
         is_causal: causal self-attention (T == S).
         query_segment_ids, kv_segment_ids: int [B, T] and [B, S] (kv defaults to query's).
-        scale, logits_soft_cap: as in :func:`jattn.dot_product_attention`.
+        scale, logits_soft_cap, dropout_rate, dropout_rng: as in
+            :func:`jattn.dot_product_attention`. Dropout masks are drawn per device (ring:
+            per pair of chunks), so they differ from a one-device call's.
         load_balance: causal ring only: the zig-zag layout (equal work per device).
         return_lse: also return the log-sum-exp [B, N, T] (float32).
-        implementation: the local step's implementation (default "chunked").
+        implementation: the local step's (None: what :func:`jattn.dot_product_attention`
+            picks for the chunk shapes, "xla" with dropout).
         **kwargs: any other :func:`jattn.dot_product_attention` option (a ``mask``,
             ``score_mod``, ``bias``...): all-to-all only, where each device sees whole
             sequences; "auto" then picks it.
@@ -332,6 +348,9 @@ def context_parallel_attention(query: Array, key: Array, value: Array, *, mesh: 
         raise ValueError(f"strategy='all_to_all': query heads N={N} and kv heads K={K} must "
                          f"be multiples of the {D} devices of axis {axis_name!r}")
 
+    if dropout_rate and dropout_rng is None:
+        raise ValueError(f"dropout_rng: a key is required with dropout_rate={dropout_rate}")
+    rng = jax.random.key(0) if dropout_rng is None else dropout_rng
     seq = P(batch_axis, axis_name)
     segments = query_segment_ids is not None
     ids = (jnp.asarray(query_segment_ids, jnp.int32),
@@ -341,31 +360,33 @@ def context_parallel_attention(query: Array, key: Array, value: Array, *, mesh: 
     if strategy == "all_to_all":
         body = functools.partial(
             _all_to_all, axis=axis_name, batch_axis=batch_axis, segments=segments,
-            is_causal=is_causal, scale=scale,
-            logits_soft_cap=logits_soft_cap, implementation=implementation, kwargs=kwargs)
+            is_causal=is_causal, scale=scale, logits_soft_cap=logits_soft_cap,
+            dropout_rate=dropout_rate, implementation=implementation, kwargs=kwargs)
     else:
         ring = _Ring(axis=axis_name, devices=D, is_causal=is_causal, balanced=balanced,
                      segments=segments, scale=scale,
                      cap=None if logits_soft_cap is None else float(logits_soft_cap),
-                     implementation=implementation)
+                     implementation=implementation, dropout_rate=float(dropout_rate),
+                     batch_axis=batch_axis)
         body = functools.partial(_ring_attention, ring)
     if balanced:
         body = functools.partial(_zigzag, body, axis=axis_name, devices=D)
     out, lse = jax.shard_map(
-        body, mesh=mesh, in_specs=(seq, seq, seq, seq, seq),
+        body, mesh=mesh, in_specs=(seq, seq, seq, seq, seq, P()),
         out_specs=(seq, P(batch_axis, None, axis_name)), check_vma=False,
-    )(query, key, value, *ids)
+    )(query, key, value, *ids, rng)
     return (out, lse) if return_lse else out
 
 
 def context_parallel(mesh: Mesh, axis_name: str = "seq", *, batch_axis: str | None = None,
                      strategy: str = "auto", load_balance: bool = True,
-                     implementation: str | None = "chunked"):
+                     implementation: str | None = None):
     """:func:`context_parallel_attention` as an implementation of
     :func:`jattn.dot_product_attention`: pass it as ``implementation=`` (to the function,
     or to ``jattn.nn.MultiHeadAttention`` and the models built on it) and every call runs
     sharded over ``axis_name``. The call's mask must be what the strategy takes: causal and
-    segment ids (and, all-to-all, windows); no bias, no dropout (NotImplementedError).
+    segment ids (and, all-to-all, windows); no bias (NotImplementedError). Attention
+    dropout works, with masks drawn per device.
 
     >>> import jax, numpy as np, jattn
     >>> from jax.sharding import Mesh
@@ -378,11 +399,13 @@ def context_parallel(mesh: Mesh, axis_name: str = "seq", *, batch_axis: str | No
     """
     def context_parallel_implementation(query, key, value, bias, mask, *, scale,
                                         logits_soft_cap, dropout, score_mod=None):
-        if bias is not None or dropout is not None:
-            raise NotImplementedError("context parallelism takes no bias and no dropout")
+        if bias is not None:
+            raise NotImplementedError("context parallelism takes no bias")
         options = _native_options(mask, query.shape[0])
         if score_mod is not None:
             options["score_mod"] = score_mod
+        if dropout is not None:
+            options.update(dropout_rate=dropout.rate, dropout_rng=dropout.rng)
         return context_parallel_attention(
             query, key, value, mesh=mesh, axis_name=axis_name, strategy=strategy,
             batch_axis=batch_axis, scale=scale, logits_soft_cap=logits_soft_cap,
@@ -434,7 +457,7 @@ def _zigzag_permutations(devices: int) -> tuple[list, list]:
             [(d, owner(2 * d + 1)) for d in range(devices)])
 
 
-def _zigzag(body, q, k, v, q_seg, kv_seg, *, axis: str, devices: int):
+def _zigzag(body, q, k, v, q_seg, kv_seg, rng, *, axis: str, devices: int):
     """``body`` run on the zig-zag layout of natural-order shards: two ``ppermute``s in,
     two out, everything stays sharded. A device d receives chunk d and chunk 2D - 1 - d,
     one of them even (from the first permutation), one odd; d's parity says which comes
@@ -454,12 +477,12 @@ def _zigzag(body, q, k, v, q_seg, kv_seg, *, axis: str, devices: int):
         return jnp.concatenate([lax.ppermute(a, axis, back[0]),
                                 lax.ppermute(b, axis, back[1])], axis=seq)
 
-    out, lse = body(*(to_zigzag(x) for x in (q, k, v, q_seg, kv_seg)))
+    out, lse = body(*(to_zigzag(x) for x in (q, k, v, q_seg, kv_seg)), rng)
     return from_zigzag(out, 1), from_zigzag(lse, 2)
 
 
-def _all_to_all(q, k, v, q_seg, kv_seg, *, axis, batch_axis, segments, is_causal, scale,
-                logits_soft_cap, implementation, kwargs):
+def _all_to_all(q, k, v, q_seg, kv_seg, rng, *, axis, batch_axis, segments, is_causal, scale,
+                logits_soft_cap, dropout_rate, implementation, kwargs):
     """Ulysses: sequence shards -> head shards over the whole sequence, attention, back. A
     score_mod sees the global batch row and head (the local ones are offset)."""
     def to_heads(x):  # [B, T / D, heads, H] -> [B, T, heads / D, H]
@@ -480,6 +503,11 @@ def _all_to_all(q, k, v, q_seg, kv_seg, *, axis, batch_axis, segments, is_causal
         kwargs = {**kwargs, "query_segment_ids": lax.all_gather(q_seg, axis, axis=1,
                                                                 tiled=True),
                   "kv_segment_ids": lax.all_gather(kv_seg, axis, axis=1, tiled=True)}
+    if dropout_rate:  # each device holds other heads (and maybe other rows)
+        rng = jax.random.fold_in(rng, lax.axis_index(axis))
+        if batch_axis is not None:
+            rng = jax.random.fold_in(rng, lax.axis_index(batch_axis))
+        kwargs = {**kwargs, "dropout_rate": dropout_rate, "dropout_rng": rng}
     out, lse = dot_product_attention(
         to_heads(q), to_heads(k), to_heads(v), is_causal=is_causal, scale=scale,
         logits_soft_cap=logits_soft_cap, return_lse=True, implementation=implementation,
