@@ -42,6 +42,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from jattn.parallel import context_parallel
+
 Batch = Mapping[str, Any]
 # loss_fn(params, batch, rng) -> (sum of the loss over the batch's items, number of items).
 # The batch carries "weight" [B]: 1 for real rows, 0 for the padding of a last short batch;
@@ -68,6 +70,7 @@ class TrainConfig:
     log_every: int = 50  # steps
     seed: int = 0
     progress: bool = True
+    mesh: str | None = None  # "data=2,seq=4": axes and sizes (make_mesh); None: data only
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,40 @@ def data_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), ("data",))
 
 
+def make_mesh(spec: str | None) -> Mesh:
+    """The mesh of a ``TrainConfig.mesh`` spec: "data=2,seq=4" puts the devices on a
+    (data, seq) grid (the batch is sharded over "data"; models given the mesh shard their
+    attention over "seq", :func:`jattn.parallel.context_parallel`). The sizes must multiply
+    to the device count; None is :func:`data_mesh`.
+
+    >>> make_mesh(None).axis_names
+    ('data',)
+    """
+    if spec is None:
+        return data_mesh()
+    try:
+        axes = {name.strip(): int(size) for name, size in
+                (part.split("=") for part in spec.split(","))}
+    except ValueError:
+        raise ValueError(f"mesh: expected 'axis=size,...' such as 'data=2,seq=4', got "
+                         f"{spec!r}") from None
+    if "data" not in axes:
+        raise ValueError(f"mesh: needs a 'data' axis, got {spec!r}")
+    if math.prod(axes.values()) != jax.device_count():
+        raise ValueError(f"mesh: {spec!r} has {math.prod(axes.values())} devices, JAX sees "
+                         f"{jax.device_count()}")
+    devices = np.asarray(jax.devices()).reshape(tuple(axes.values()))
+    return Mesh(devices, tuple(axes))
+
+
+def sequence_parallel(mesh: Mesh | None):
+    """The attention implementation for models on ``mesh``: context parallelism over its
+    "seq" axis (batch over "data"), or None (the default) without one."""
+    if mesh is None or mesh.shape.get("seq", 1) == 1:
+        return None
+    return context_parallel(mesh, "seq", batch_axis="data")
+
+
 def cosine_per_epoch(peak: float, steps_per_epoch: int, max_epochs: int) -> optax.Schedule:
     """lr(step) = peak * (1 + cos(pi * epoch / max_epochs)) / 2, epoch = step // steps_per_epoch
     (PyTorch's CosineAnnealingLR stepped once per epoch)."""
@@ -137,10 +174,10 @@ class _Feeder:
     """Host rows -> a global batch sharded over "data" (each process gives its slice)."""
 
     def __init__(self, mesh: Mesh, batch_size: int):
-        devices = mesh.devices.size
+        devices = mesh.shape["data"]
         if batch_size % devices:
-            raise ValueError(f"batch_size: must be a multiple of the {devices} devices, "
-                             f"got {batch_size}")
+            raise ValueError(f"batch_size: must be a multiple of the {devices} devices of "
+                             f"the mesh's data axis, got {batch_size}")
         self.sharding = NamedSharding(mesh, PartitionSpec("data"))
         self.batch_size = batch_size
         per_process = batch_size // jax.process_count()
@@ -192,7 +229,7 @@ def fit(params, *, loss_fn: LossFn, eval_fn: EvalFn, train: Mapping[str, np.ndar
         train, valid: dicts of host arrays with one row per example.
         config: a :class:`TrainConfig`.
         workdir: checkpoints/, metrics.jsonl and result.json go here.
-        mesh: a mesh with a "data" axis; default :func:`data_mesh`.
+        mesh: a mesh with a "data" axis; default ``make_mesh(config.mesh)``.
         stop_after_steps: return (without saving) once this global step is reached, as if the
             process had been killed there; for tests of resumption.
 
@@ -201,7 +238,7 @@ def fit(params, *, loss_fn: LossFn, eval_fn: EvalFn, train: Mapping[str, np.ndar
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    mesh = mesh or data_mesh()
+    mesh = mesh or make_mesh(config.mesh)
     n_train = _num_rows(train, "train")
     _num_rows(valid, "valid")
     for name in ("learning_rate", "batch_size"):

@@ -80,8 +80,10 @@ class Block(nnx.Module):
     """One pre-LayerNorm block: a sequence mixer and (clean variant) a GELU MLP."""
 
     def __init__(self, d_model: int, layer: int, l_max: int, spec: Figure2Mixer, *,
-                 faithful: bool, rngs: nnx.Rngs):
+                 faithful: bool, attention_implementation=None, rngs: nnx.Rngs):
         name, options = spec.layers(layer, l_max)
+        if name == "attention" and attention_implementation is not None:
+            options = {**options, "implementation": attention_implementation}
         self.mixer = MIXERS[name](d_model, num_heads=1, is_causal=True, max_length=l_max,
                                   rngs=rngs, **options)
         self.takes_dropout_rng = spec.takes_dropout_rng
@@ -118,11 +120,14 @@ class LanguageModel(nnx.Module):
         faithful: the original wiring with its residual quirk and identity state mixer
             (True), or the clean pre-LN block with an MLP (False).
         embed_dropout: dropout on the embeddings while training.
+        attention_implementation: the attention mixers' ``implementation`` (e.g.
+            :func:`jattn.parallel.context_parallel` for a sequence-sharded model); None: the
+            default.
     """
 
     def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, max_len: int,
                  mixer: str, faithful: bool = True, embed_dropout: float = 0.1,
-                 rngs: nnx.Rngs):
+                 attention_implementation=None, rngs: nnx.Rngs):
         if mixer not in FIGURE2:
             raise ValueError(f"mixer: expected one of {sorted(FIGURE2)}, got {mixer!r}")
         spec = FIGURE2[mixer]
@@ -130,7 +135,9 @@ class LanguageModel(nnx.Module):
         self.embed_dropout = embed_dropout
         self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
         self.positions = nnx.Embed(max_len, d_model, rngs=rngs) if spec.positions else None
-        self.blocks = nnx.List([Block(d_model, i, max_len, spec, faithful=faithful, rngs=rngs)
+        self.blocks = nnx.List([Block(d_model, i, max_len, spec, faithful=faithful,
+                                      attention_implementation=attention_implementation,
+                                      rngs=rngs)
                                 for i in range(num_layers)])
         self.norm_f = nnx.LayerNorm(d_model, epsilon=LAYER_NORM_EPS, rngs=rngs)
         _reinitialise(self, rngs.params(), num_layers)

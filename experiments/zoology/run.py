@@ -18,7 +18,14 @@ import numpy as np
 from flax import nnx
 
 from experiments.common.lm import task_functions as lm_task_functions
-from experiments.common.trainer import TrainConfig, TrainResult, fit, is_primary
+from experiments.common.trainer import (
+    TrainConfig,
+    TrainResult,
+    fit,
+    is_primary,
+    make_mesh,
+    sequence_parallel,
+)
 from experiments.tasks import mqar
 from experiments.tasks.labels import label_positions
 from experiments.zoology.model import LanguageModel
@@ -95,11 +102,14 @@ def make_data(config: RunConfig) -> tuple[dict[str, np.ndarray], dict[str, np.nd
             {"inputs": x_test} | label_positions(y_test))
 
 
-def build_model(config: RunConfig) -> LanguageModel:
+def build_model(config: RunConfig, mesh=None) -> LanguageModel:
+    """The run's model; on a ``mesh`` with a "seq" axis its attention runs context-parallel
+    over it (:func:`jattn.parallel.context_parallel`; dropout masks then drawn per device)."""
     settings = config.settings
     return LanguageModel(vocab_size=settings.vocab_size, d_model=config.d_model,
                          num_layers=settings.num_layers, max_len=config.seq_len,
                          mixer=config.mixer, faithful=settings.faithful,
+                         attention_implementation=sequence_parallel(mesh),
                          rngs=nnx.Rngs(config.seed))
 
 
@@ -123,7 +133,9 @@ def train_run(config: RunConfig, workdir: Path, *, prepared=None,
     if is_primary():
         (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
     train, test = prepared if prepared is not None else make_data(config)
-    params, loss_fn, eval_fn = task_functions(build_model(config))
+    mesh = make_mesh(config.train.mesh)
+    params, loss_fn, eval_fn = task_functions(build_model(config, mesh))
     return fit(params, loss_fn=loss_fn, eval_fn=eval_fn, train=train, valid=test,
-               config=config.train, workdir=workdir, stop_after_steps=stop_after_steps)
+               config=config.train, workdir=workdir, mesh=mesh,
+               stop_after_steps=stop_after_steps)
 

@@ -8,6 +8,7 @@ attention, forward and gradients. Run by tests/parallel/test_context.py in a sub
 from __future__ import annotations
 
 import functools
+import json
 import sys
 
 import jax
@@ -145,6 +146,38 @@ def main() -> int:
     want = reference.dot_product_attention(q, k, v, is_causal=True)
     np.testing.assert_allclose(out, want, atol=2e-5)
     print("ok sharded in, sharded out", flush=True)
+
+    # The trainer on a (data, seq) mesh: an LM whose attention is context-parallel over
+    # "seq" trains as on a data-only mesh (same log to float32 tolerance).
+    import tempfile
+    from pathlib import Path
+
+    from experiments.common.lm import task_functions
+    from experiments.common.trainer import TrainConfig, fit, make_mesh, sequence_parallel
+    from experiments.zoology.run import RunConfig, RunSettings, make_data
+    from jattn.nn import TransformerLM
+
+    data = make_data(RunConfig(mixer="attention", seq_len=32, num_kv_pairs=4, d_model=16,
+                               learning_rate=3e-3, batch_size=16, settings=RunSettings(
+                                   vocab_size=64, num_train=64, num_test=32)))
+    logs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in ("data=8", "data=2,seq=4"):
+            mesh = make_mesh(spec)
+            impl = sequence_parallel(mesh)
+            model = TransformerLM(64, 16, 2, num_heads=4, max_length=32, rngs=nnx.Rngs(0),
+                                  mixer_options={} if impl is None else {"implementation": impl})
+            params, loss_fn, eval_fn = task_functions(model)
+            config = TrainConfig(learning_rate=3e-3, batch_size=16, max_epochs=2,
+                                 log_every=1, progress=False, mesh=spec)
+            fit(params, loss_fn=loss_fn, eval_fn=eval_fn, train=data[0], valid=data[1],
+                config=config, workdir=Path(tmp) / spec)
+            logs[spec] = [json.loads(line) for line in
+                          (Path(tmp) / spec / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(*logs.values(), strict=True):
+        for key in a.keys() - {"time", "lr"}:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    print("ok the trainer on a (data, seq) mesh", flush=True)
 
     # The ring's memory is O(T / D): the same tokens per device on 2 and 8 devices compile
     # to the same per-device memory (the benchmark's measurement, at a small size).
