@@ -13,10 +13,12 @@ import sys
 
 from experiments.analysis.run import PRESETS, run_analysis
 from experiments.common.config import parse_config, print_summary
+from experiments.common.trainer import use_host_devices
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(PRESETS, argv, description=__doc__)
+    use_host_devices()  # before JAX starts: every core of a CPU (trainer docs)
     run_analysis(config)
     print_summary(config.out)
     return 0

@@ -6,11 +6,15 @@
 One training step = forward, backward and the AdamW update of the trainer
 (:func:`experiments.common.trainer.make_train_step`), on one batch of MQAR rows at L=128,
 kv=8, V=8192, batch 512, float32: compiled ahead of time, then the median of ``repeats``
-timed steps. Two variants run in this process:
+timed steps. Three variants run in this process:
 
-* ``ours``: the LM head only at the supervised positions (exact for loss and accuracy);
+* ``ours``: the LM head only at the supervised positions (exact for loss and accuracy), on
+  unsharded arrays (one device);
+* ``trainer mesh``: the same step as the trainer runs it: the batch sharded over the
+  "data" mesh of the host devices the CLI asks for (:func:`experiments.common.trainer.
+  use_host_devices`: one per core, unless XLA_FLAGS sets a count), the state replicated;
 * ``full head``: the head and softmax at every position with -100 ignored, as the original
-  computes it; the same model otherwise.
+  computes it; the same model otherwise, unsharded.
 
 The original PyTorch implementation is timed side by side when ``--original-python`` (a
 Python with PyTorch, einops, pydantic, torchvision) and ``--original-path`` (a checkout of
@@ -29,13 +33,20 @@ import json
 import subprocess
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from experiments.benchmarks.measure import measure
 from experiments.common.config import parse_config, save_config
-from experiments.common.trainer import initial_state, make_train_step
+from experiments.common.trainer import (
+    data_mesh,
+    initial_state,
+    make_train_step,
+    use_host_devices,
+)
 from experiments.tasks import mqar
 from experiments.tasks.labels import IGNORE, label_positions
 from experiments.zoology.run import RunConfig, RunSettings, build_model, task_functions
@@ -93,6 +104,9 @@ def run(config: Config) -> list[dict]:
              "weight": jnp.ones(config.batch_size)}
     batch |= {k: jnp.asarray(v) for k, v in label_positions(labels).items()}
     tokens = config.batch_size * config.seq_len
+    mesh = data_mesh(config.batch_size)
+    sharded = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+    replicated = NamedSharding(mesh, PartitionSpec())
     rows = []
     cases = [(m, d) for m in config.mixers for d in config.d_models]
     for mixer, d in tqdm(cases, desc="mixers"):
@@ -104,14 +118,18 @@ def run(config: Config) -> list[dict]:
         variants = {"ours": task_functions(model)[:2]}
         if config.full_head:
             variants["full head"] = _full_head_loss(model)
-        row = {"mixer": mixer, "d_model": d}
+        row = {"mixer": mixer, "d_model": d, "devices": mesh.devices.size}
         for name, (params, loss_fn) in variants.items():
             tx = optax.adamw(1e-3, weight_decay=0.1)
-            m = measure(make_train_step(loss_fn, tx, seed=0), initial_state(params, tx), batch,
-                        repeats=config.repeats, single_run_above_s=60.0)
-            row[name] = {"seconds_per_step": m.seconds, "runs": m.runs, "note": m.note,
-                         "tokens_per_second": tokens / m.seconds if m.seconds else None,
-                         "memory_mib": m.memory_bytes / 2**20}
+            step, state = make_train_step(loss_fn, tx, seed=0), initial_state(params, tx)
+            runs = {name: (state, batch)}
+            if name == "ours":
+                runs["trainer mesh"] = (jax.device_put(state, replicated), sharded)
+            for label, args in runs.items():
+                m = measure(step, *args, repeats=config.repeats, single_run_above_s=60.0)
+                row[label] = {"seconds_per_step": m.seconds, "runs": m.runs, "note": m.note,
+                              "tokens_per_second": tokens / m.seconds if m.seconds else None,
+                              "memory_mib": m.memory_bytes / 2**20}
         # The notes' numbers are for the default shape and vocabulary only.
         notes_shape = all(getattr(config, f) == getattr(Config, f)
                           for f in ("seq_len", "num_kv_pairs", "batch_size", "vocab_size"))
@@ -155,15 +173,20 @@ def _tokens(cell: dict) -> str:
 
 
 def markdown(rows: list[dict], config: Config) -> str:
+    devices = rows[0]["devices"] if rows else 1
     lines = [f"MQAR training step, L={config.seq_len}, kv={config.num_kv_pairs}, "
              f"batch {config.batch_size}, V={config.vocab_size}, float32; median of "
-             f"{config.repeats} steps after compilation.", "",
-             "| mixer | d_model | ours s/step | ours tokens/s | full head s/step | "
-             "original s/step | ours vs original |",
-             "|---|---|---|---|---|---|---|"]
+             f"{config.repeats} steps after compilation; the trainer's mesh: the batch over "
+             f"{devices} host device(s).", "",
+             "| mixer | d_model | ours s/step (1 device) | trainer mesh s/step | speed-up | "
+             "ours tokens/s | full head s/step | original s/step | ours vs original |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        one, mesh = r["ours"]["seconds_per_step"], r["trainer mesh"]["seconds_per_step"]
         lines.append(f"| {r['mixer']} | {r['d_model']} | {_seconds(r['ours'])} | "
-                     f"{_tokens(r['ours'])} | {_seconds(r.get('full head'))} | "
+                     f"{_seconds(r['trainer mesh'])} | "
+                     + (f"{one / mesh:.2f}x | " if one and mesh else "— | ")
+                     + f"{_tokens(r['ours'])} | {_seconds(r.get('full head'))} | "
                      + (f"{r['original_seconds_per_step']:.2f} ({r['original_source']}) | "
                         if r["original_seconds_per_step"] else "— | ")
                      + (f"{r['speedup_vs_original']:.1f}x |" if r["speedup_vs_original"]
@@ -180,6 +203,7 @@ def write(rows: list[dict], config: Config, out: Path) -> str:
 
 def main(argv=None) -> None:
     config = parse_config(PRESETS, argv, description=__doc__)
+    use_host_devices()  # before JAX starts: the trainer's mesh as the CLIs run it
     out = Path(config.out)
     save_config(config, out)
     print(write(run(config), config, out))

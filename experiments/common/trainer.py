@@ -107,28 +107,73 @@ def initialize_distributed() -> None:
     jax.distributed.initialize(**by_hand)
 
 
+MAX_HOST_DEVICES = 8
+"""The most host devices :func:`use_host_devices` asks for (per-device batch shards get
+small and per-device overhead grows past a few per core)."""
+
+
+def use_host_devices(count: int | None = None) -> int | None:
+    """Split this CPU into ``count`` host devices (default: the cores this process may use,
+    at most :data:`MAX_HOST_DEVICES`) so the trainer's data mesh runs batch shards in
+    parallel: XLA:CPU runs a batched matmul on one thread, so one device leaves cores idle.
+
+    Sets ``--xla_force_host_platform_device_count`` in XLA_FLAGS, which JAX reads when it
+    starts its backends; call it before anything runs on JAX. It does nothing (and returns
+    None) when XLA_FLAGS already sets a device count (the user's choice), when launched as
+    one of several processes, when JAX has started, or for one core. It affects the CPU
+    backend only: on a GPU or TPU the mesh holds the accelerators as before.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    several = any(name in os.environ for name in ("JAX_COORDINATOR_ADDRESS",
+                                                  "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"))
+    if "xla_force_host_platform_device_count" in flags or several or _backends_started():
+        return None
+    if count is None:
+        count = min(len(os.sched_getaffinity(0)), MAX_HOST_DEVICES)
+    if count <= 1:
+        return None
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    return count
+
+
+def _backends_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+
+        return xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):  # a JAX without it: assume started, change nothing
+        return True
+
+
 def is_primary() -> bool:
     """True in process 0, the one that writes logs and results (every process writes its
     share of a checkpoint)."""
     return jax.process_index() == 0
 
 
-def data_mesh() -> Mesh:
-    """A one-axis mesh "data" over every device of every process."""
-    return Mesh(np.asarray(jax.devices()), ("data",))
+def data_mesh(*batch_sizes: int) -> Mesh:
+    """A one-axis mesh "data" over every device of every process; on one process, over the
+    most devices that divide every batch size given (a batch of 12 on 8 host devices runs
+    on 6 of them)."""
+    devices = jax.devices()
+    if jax.process_count() == 1 and batch_sizes:
+        count = max(n for n in range(1, len(devices) + 1)
+                    if all(b % n == 0 for b in batch_sizes))
+        devices = devices[:count]
+    return Mesh(np.asarray(devices), ("data",))
 
 
-def make_mesh(spec: str | None) -> Mesh:
+def make_mesh(spec: str | None, *batch_sizes: int) -> Mesh:
     """The mesh of a ``TrainConfig.mesh`` spec: "data=2,seq=4" puts the devices on a
     (data, seq) grid (the batch is sharded over "data"; models given the mesh shard their
     attention over "seq", :func:`jattn.parallel.context_parallel`). The sizes must multiply
-    to the device count; None is :func:`data_mesh`.
+    to the device count; None is :func:`data_mesh` (for ``batch_sizes``).
 
     >>> make_mesh(None).axis_names
     ('data',)
     """
     if spec is None:
-        return data_mesh()
+        return data_mesh(*batch_sizes)
     try:
         axes = {name.strip(): int(size) for name, size in
                 (part.split("=") for part in spec.split(","))}
@@ -238,12 +283,13 @@ def fit(params, *, loss_fn: LossFn, eval_fn: EvalFn, train: Mapping[str, np.ndar
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    mesh = mesh or make_mesh(config.mesh)
     n_train = _num_rows(train, "train")
     _num_rows(valid, "valid")
     for name in ("learning_rate", "batch_size"):
         if getattr(config, name) is None:
             raise ValueError(f"config.{name}: needed to train, got None")
+    mesh = mesh or make_mesh(config.mesh, config.batch_size,
+                             config.eval_batch_size or config.batch_size)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     total_steps = steps_per_epoch * config.max_epochs
     feed = _Feeder(mesh, config.batch_size)

@@ -20,6 +20,7 @@ import argparse
 import sys
 
 from experiments.common.config import parse_config, print_summary
+from experiments.common.trainer import use_host_devices
 from experiments.titans import capacity, recall
 
 # name -> (presets, run(config) -> rows)
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     known, rest = chooser.parse_known_args(argv)
     presets, run = EXPERIMENTS[known.experiment]
     config = parse_config(presets, rest, description=__doc__)
+    use_host_devices()  # before JAX starts: every core of a CPU (trainer docs)
     run(config)
     print_summary(config.out)
     return 0

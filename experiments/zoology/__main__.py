@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 
 from experiments.common.config import parse_config
-from experiments.common.trainer import initialize_distributed
+from experiments.common.trainer import initialize_distributed, use_host_devices
 from experiments.zoology.presets import PRESETS
 from experiments.zoology.sweep import sweep
 
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(PRESETS, argv, description=__doc__)
+    use_host_devices()  # before JAX starts: every core of a CPU (trainer docs)
     initialize_distributed()
     sweep(config)
     out = Path(config.out)

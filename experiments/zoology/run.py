@@ -133,7 +133,8 @@ def train_run(config: RunConfig, workdir: Path, *, prepared=None,
     if is_primary():
         (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
     train, test = prepared if prepared is not None else make_data(config)
-    mesh = make_mesh(config.train.mesh)
+    mesh = make_mesh(config.train.mesh, config.batch_size,
+                     config.train.eval_batch_size or config.batch_size)
     params, loss_fn, eval_fn = task_functions(build_model(config, mesh))
     return fit(params, loss_fn=loss_fn, eval_fn=eval_fn, train=train, valid=test,
                config=config.train, workdir=workdir, mesh=mesh,

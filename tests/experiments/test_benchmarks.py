@@ -80,6 +80,7 @@ def test_mqar_throughput_benchmark_smoke(tmp_path):
                           "--repeats", "1", "--out", str(tmp_path)])
     (row,) = json.loads((tmp_path / "results.json").read_text())
     assert row["ours"]["seconds_per_step"] > 0 and row["full head"]["seconds_per_step"] > 0
+    assert row["trainer mesh"]["seconds_per_step"] > 0 and row["devices"] >= 1
     assert row["ours"]["tokens_per_second"] == pytest.approx(
         8 * 16 / row["ours"]["seconds_per_step"])
     assert row["original_seconds_per_step"] is None  # the notes' numbers are for L=128 only

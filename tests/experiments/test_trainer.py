@@ -216,3 +216,31 @@ def test_two_processes_train_like_one_and_resume_after_one_is_killed(tmp_path):
     for a, b in zip(got, want, strict=True):
         for key in a.keys() - {"step", "epoch", "lr"}:
             np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+HOST_DEVICES = """
+from experiments.common.trainer import data_mesh, use_host_devices
+count = use_host_devices(3)
+import jax
+print(count, jax.device_count(), data_mesh(12).devices.size, data_mesh(16, 12).devices.size)
+"""
+
+
+@pytest.mark.parametrize("flags,want", [("", "3 3 3 2"),
+                                        ("--xla_force_host_platform_device_count=8",
+                                         "None 8 6 4")])
+def test_host_devices_unless_xla_flags_choose_and_meshes_that_divide_the_batch(flags, want):
+    """use_host_devices splits the CPU before JAX starts, unless XLA_FLAGS already sets a
+    count; data_mesh takes the most devices that divide every batch size."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+    done = subprocess.run([sys.executable, "-c", HOST_DEVICES], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[-2] == want
+
+
+def test_host_devices_do_nothing_once_jax_has_started():
+    from experiments.common.trainer import use_host_devices
+
+    jax.devices()
+    assert use_host_devices(4) is None
