@@ -235,10 +235,11 @@ def block_map_of(allowed: np.ndarray, bq: int, bk: int) -> np.ndarray:
 
 def check_kernel_against_reference(backend, *, B=2, T=37, S=37, N=4, K=2, H=32, Hv=None,
                                    dtype=jnp.float32, scale=None, logits_soft_cap=None,
-                                   spec=None, with_block_map=True, seed=0):
+                                   spec=None, with_block_map=True, seed=0, interpret=True):
     """The ``backend`` kernel with mask arguments ``spec`` (and the exact block map) against
     the reference given the same mask written out: output, log-sum-exp (of the rows that
-    attend to something) and the gradients of both."""
+    attend to something) and the gradients of both. ``interpret``: the kernel's argument
+    (the TPU kernel: True is TPU interpret mode, "hlo" the generic interpreter)."""
     spec = dict(spec or {})
     Hv = H if Hv is None else Hv
     q = normal(seed, (B, T, N, H), dtype)
@@ -255,7 +256,7 @@ def check_kernel_against_reference(backend, *, B=2, T=37, S=37, N=4, K=2, H=32, 
 
     def kernel(q, k, v):
         out, lse = flash(q, k, v, scale=scale, logits_soft_cap=logits_soft_cap,
-                         block_sizes=KERNEL_BLOCKS, interpret=True, **spec)
+                         block_sizes=KERNEL_BLOCKS, interpret=interpret, **spec)
         return out, jnp.where(rows, lse, 0)
 
     def ref(q, k, v):

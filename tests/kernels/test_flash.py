@@ -57,8 +57,12 @@ def test_schedule_lists_the_nonempty_tiles_of_each_row():
     dict(spec=dict(hi=0), with_block_map=False),
 ], ids=["full", "causal", "window", "cross-lengths", "segments", "dense", "softcap", "mqa-dims",
         "no-block-map"])
-def test_matches_reference_float32(backend, case):
-    check_kernel_against_reference(backend, **case)
+def test_matches_reference_float32(backend, case, request):
+    # The TPU kernel in TPU interpret mode for two cases and in the generic interpreter for
+    # the rest (3x faster; the mask logic is the same in both, test_tpu.py checks the
+    # TPU-specific behaviour in TPU interpret mode).
+    faithful = backend == "gpu" or request.node.callspec.id.endswith(("causal", "segments"))
+    check_kernel_against_reference(backend, interpret=True if faithful else "hlo", **case)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
