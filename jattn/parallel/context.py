@@ -11,7 +11,8 @@ Two strategies, both exact (equal to single-device attention up to float32 round
   full turn, so no device ever holds more than two shards of K/V. Causal load balancing:
   with ``load_balance`` the sequence is cut into 2D chunks and device d holds chunks d and
   2D - 1 - d (zig-zag), so that every device computes the same number of chunk pairs
-  (:func:`ring_work`).
+  (:func:`ring_work`). A ``score_mod`` sees global positions and batch rows (each chunk
+  pair's are offset); gradients reach the arrays it reads (summed over the devices).
 * ``"all_to_all"`` (DeepSpeed-Ulysses): one ``lax.all_to_all`` turns the sequence-sharded
   Q/K/V into head-sharded ones over the whole sequence, attention runs locally on N / D
   heads, and a second all-to-all turns the output back. Everything
@@ -43,6 +44,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jattn.core import masks
+from jattn.core import score_mod as _score_mod
 from jattn.core.attention import dot_product_attention
 from jattn.core.shapes import Array
 
@@ -121,8 +123,9 @@ class _Ring:
     implementation: str | None
     dropout_rate: float
     batch_axis: str | None
+    mod: object = None  # a converted score_mod (jattn.core.score_mod.Converted) or None
 
-    def attend(self, q, k, v, q_seg, kv_seg, rng, q_chunks, kv_chunks):
+    def attend(self, q, k, v, q_seg, kv_seg, rng, mod_args, q_chunks, kv_chunks):
         """Partial attention of the local query chunks against one K/V shard: (out float32
         [B, Tl, N, Hv], lse [B, N, Tl]); chunk pairs that see nothing give lse = -inf.
         Dropout of a (query chunk, key chunk) pair draws from ``rng`` folded with both chunk
@@ -141,13 +144,27 @@ class _Ring:
                     key = jax.random.fold_in(jax.random.fold_in(rng, qi), kj)
                     if self.batch_axis is not None:
                         key = jax.random.fold_in(key, lax.axis_index(self.batch_axis))
-                part = self._pair(qa, kb, vb, qsa, ksb, key, _case(qi, kj, self.is_causal))
+                mod = self._global_mod(mod_args, qi * qa.shape[1], kj * kb.shape[1],
+                                       qa.shape[0])
+                part = self._pair(qa, kb, vb, qsa, ksb, key, mod,
+                                  _case(qi, kj, self.is_causal))
                 acc = part if acc is None else _merge(*acc, *part)
             outs.append(acc[0])
             lses.append(acc[1])
         return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
 
-    def _pair(self, q, k, v, q_seg, kv_seg, key, case):
+    def _global_mod(self, mod_args, q0, kv0, rows):
+        """The score_mod of one chunk pair, at global positions (and batch rows)."""
+        if self.mod is None:
+            return None
+        row0 = 0 if self.batch_axis is None else lax.axis_index(self.batch_axis) * rows
+
+        def mod(score, b, h, i, j):
+            return self.mod.fn(score, b + row0, h, i + q0, j + kv0, *mod_args)
+
+        return mod
+
+    def _pair(self, q, k, v, q_seg, kv_seg, key, mod, case):
         seg = masks.segments(q_seg, kv_seg) if self.segments else None
 
         def run(mask):
@@ -155,8 +172,8 @@ class _Ring:
             # that of the logits, so the merge still normalises over every key.
             out, lse = dot_product_attention(
                 q, k, v, mask=mask, scale=self.scale, logits_soft_cap=self.cap,
-                dropout_rate=self.dropout_rate, dropout_rng=key, return_lse=True,
-                implementation=self.implementation)
+                dropout_rate=self.dropout_rate, dropout_rng=key, score_mod=mod,
+                return_lse=True, implementation=self.implementation)
             return out.astype(jnp.float32), lse
 
         def skip():
@@ -197,36 +214,36 @@ def _chunk_ids(device, ring: _Ring):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring_attention(ring: _Ring, q, k, v, q_seg, kv_seg, rng):
-    return _ring_forward(ring, q, k, v, q_seg, kv_seg, rng)
+def _ring_attention(ring: _Ring, q, k, v, q_seg, kv_seg, rng, mod_args):
+    return _ring_forward(ring, q, k, v, q_seg, kv_seg, rng, mod_args)
 
 
-def _ring_forward(ring: _Ring, q, k, v, q_seg, kv_seg, rng):
+def _ring_forward(ring: _Ring, q, k, v, q_seg, kv_seg, rng, mod_args):
     me = lax.axis_index(ring.axis)
     mine = _chunk_ids(me, ring)
 
     def step(s, carry):  # receive the previous device's shard, attend to it
         out, lse, k, v, kv_seg = carry
         k, v, kv_seg = _rotate((k, v, kv_seg), ring)
-        part = ring.attend(q, k, v, q_seg, kv_seg, rng, mine,
+        part = ring.attend(q, k, v, q_seg, kv_seg, rng, mod_args, mine,
                            _chunk_ids((me - s) % ring.devices, ring))
         return (*_merge(out, lse, *part), k, v, kv_seg)
 
-    out, lse = ring.attend(q, k, v, q_seg, kv_seg, rng, mine, mine)  # the resident shard
+    out, lse = ring.attend(q, k, v, q_seg, kv_seg, rng, mod_args, mine, mine)  # resident
     out, lse, *_ = lax.fori_loop(1, ring.devices, step, (out, lse, k, v, kv_seg))
     return out.astype(q.dtype), lse
 
 
-def _ring_fwd(ring: _Ring, q, k, v, q_seg, kv_seg, rng):
-    out, lse = _ring_forward(ring, q, k, v, q_seg, kv_seg, rng)
-    return (out, lse), (q, k, v, q_seg, kv_seg, rng, out, lse)
+def _ring_fwd(ring: _Ring, q, k, v, q_seg, kv_seg, rng, mod_args):
+    out, lse = _ring_forward(ring, q, k, v, q_seg, kv_seg, rng, mod_args)
+    return (out, lse), (q, k, v, q_seg, kv_seg, rng, mod_args, out, lse)
 
 
 def _ring_bwd(ring: _Ring, residuals, cotangents):
     """The second ring: each step differentiates the local pair's partial result, whose
     share of the merged output is w = exp(lse_part - lse): d out_part = w d out and
     d lse_part = w (d out . out_part - d out . out + d lse) per query row."""
-    q, k, v, q_seg, kv_seg, rng, out, lse = residuals
+    q, k, v, q_seg, kv_seg, rng, mod_args, out, lse = residuals
     d_out, d_lse = cotangents
     me = lax.axis_index(ring.axis)
     mine = _chunk_ids(me, ring)
@@ -234,23 +251,41 @@ def _ring_bwd(ring: _Ring, residuals, cotangents):
     safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
     row_dot = jnp.einsum("btnh,btnh->bnt", d_out, out.astype(jnp.float32))
 
+    floating = [i for i, a in enumerate(mod_args)
+                if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
+
+    def with_floats(floats):
+        args = list(mod_args)
+        for i, a in zip(floating, floats, strict=True):
+            args[i] = a
+        return tuple(args)
+
     def step(s, carry):
-        dq, k, v, kv_seg, dk, dv = carry
+        dq, k, v, kv_seg, dk, dv, d_floats = carry
         chunks = _chunk_ids((me - s) % ring.devices, ring)
         (o, l), pullback = jax.vjp(
-            lambda q, k, v: ring.attend(q, k, v, q_seg, kv_seg, rng, mine, chunks), q, k, v)
+            lambda q, k, v, floats: ring.attend(q, k, v, q_seg, kv_seg, rng,
+                                                with_floats(floats), mine, chunks),
+            q, k, v, tuple(mod_args[i] for i in floating))
         w = jnp.where(jnp.isneginf(l), 0.0, jnp.exp(l - safe))  # [B, N, T]
         d_o = d_out * jnp.moveaxis(w, 1, 2)[..., None]
         d_l = w * (jnp.einsum("btnh,btnh->bnt", d_out, o) - row_dot + d_lse)
-        dq_s, dk_s, dv_s = pullback((d_o, d_l))
+        dq_s, dk_s, dv_s, df_s = pullback((d_o, d_l))
         # The K/V shard moves on with its accumulated gradients; after D hops all return home.
         k, v, kv_seg, dk, dv = _rotate((k, v, kv_seg, dk + dk_s, dv + dv_s), ring)
-        return dq + dq_s, k, v, kv_seg, dk, dv
+        return (dq + dq_s, k, v, kv_seg, dk, dv,
+                tuple(a + b for a, b in zip(d_floats, df_s, strict=True)))
 
     zeros = functools.partial(jnp.zeros_like, dtype=jnp.float32)
-    init = (zeros(q), k, v, kv_seg, zeros(k), zeros(v))
-    dq, _, _, _, dk, dv = lax.fori_loop(0, ring.devices, step, init)
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None)
+    init = (zeros(q), k, v, kv_seg, zeros(k), zeros(v),
+            tuple(jnp.zeros_like(mod_args[i]) for i in floating))
+    dq, _, _, _, dk, dv, d_floats = lax.fori_loop(0, ring.devices, step, init)
+    # Each device returns its share of the modifier's arrays' cotangent; shard_map's
+    # transpose sums the shares of its replicated inputs over the devices.
+    by_index = dict(zip(floating, d_floats, strict=True))
+    d_mod = tuple(by_index.get(i) for i in range(len(mod_args)))
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None,
+            d_mod)
 
 
 _ring_attention.defvjp(_ring_fwd, _ring_bwd)
@@ -290,9 +325,10 @@ def context_parallel_attention(query: Array, key: Array, value: Array, *, mesh: 
         return_lse: also return the log-sum-exp [B, N, T] (float32).
         implementation: the local step's (None: what :func:`jattn.dot_product_attention`
             picks for the chunk shapes, "xla" with dropout).
-        **kwargs: any other :func:`jattn.dot_product_attention` option (a ``mask``,
-            ``score_mod``, ``bias``...): all-to-all only, where each device sees whole
-            sequences; "auto" then picks it.
+        **kwargs: any other :func:`jattn.dot_product_attention` option. ``score_mod``
+            works with both strategies, at global positions; the others (a ``mask``,
+            ``bias``, windows...) with the all-to-all only, where each device sees whole
+            sequences ("auto" then picks it).
 
     Returns:
         out [B, T, N, Hv] (and lse [B, N, T] with ``return_lse``).
@@ -331,11 +367,13 @@ def context_parallel_attention(query: Array, key: Array, value: Array, *, mesh: 
     if query_segment_ids is not None and kv_segment_ids is None:
         kv_segment_ids = query_segment_ids
     heads_split = N % D == 0 and K % D == 0
+    score_mod = kwargs.pop("score_mod", None)
     if strategy == "auto":
         strategy = "all_to_all" if heads_split or kwargs else "ring"
     if strategy == "ring" and kwargs:
-        raise ValueError(f"{sorted(kwargs)}: the ring takes is_causal, segment ids, scale and "
-                         f"logits_soft_cap; use strategy='all_to_all' for other options")
+        raise ValueError(f"{sorted(kwargs)}: the ring takes is_causal, segment ids, scale, "
+                         f"logits_soft_cap, dropout and score_mod; use "
+                         f"strategy='all_to_all' for other options")
     balanced = strategy == "ring" and load_balance and is_causal
     multiple = 2 * D if balanced else D
     for name, length in (("T", T), ("S", S)):
@@ -357,9 +395,12 @@ def context_parallel_attention(query: Array, key: Array, value: Array, *, mesh: 
            jnp.asarray(kv_segment_ids, jnp.int32)) if segments else (
         jnp.zeros((B, T), jnp.int32), jnp.zeros((B, S), jnp.int32))
 
+    mod, mod_args = None, ()
+    if score_mod is not None:  # its arrays enter shard_map as replicated inputs
+        mod, mod_args = _score_mod.convert(score_mod, jnp.float32)
     if strategy == "all_to_all":
         body = functools.partial(
-            _all_to_all, axis=axis_name, batch_axis=batch_axis, segments=segments,
+            _all_to_all, axis=axis_name, batch_axis=batch_axis, mod=mod, segments=segments,
             is_causal=is_causal, scale=scale, logits_soft_cap=logits_soft_cap,
             dropout_rate=dropout_rate, implementation=implementation, kwargs=kwargs)
     else:
@@ -367,14 +408,14 @@ def context_parallel_attention(query: Array, key: Array, value: Array, *, mesh: 
                      segments=segments, scale=scale,
                      cap=None if logits_soft_cap is None else float(logits_soft_cap),
                      implementation=implementation, dropout_rate=float(dropout_rate),
-                     batch_axis=batch_axis)
+                     batch_axis=batch_axis, mod=mod)
         body = functools.partial(_ring_attention, ring)
     if balanced:
         body = functools.partial(_zigzag, body, axis=axis_name, devices=D)
     out, lse = jax.shard_map(
-        body, mesh=mesh, in_specs=(seq, seq, seq, seq, seq, P()),
+        body, mesh=mesh, in_specs=(seq, seq, seq, seq, seq, P(), P()),
         out_specs=(seq, P(batch_axis, None, axis_name)), check_vma=False,
-    )(query, key, value, *ids, rng)
+    )(query, key, value, *ids, rng, mod_args)
     return (out, lse) if return_lse else out
 
 
@@ -457,7 +498,7 @@ def _zigzag_permutations(devices: int) -> tuple[list, list]:
             [(d, owner(2 * d + 1)) for d in range(devices)])
 
 
-def _zigzag(body, q, k, v, q_seg, kv_seg, rng, *, axis: str, devices: int):
+def _zigzag(body, q, k, v, q_seg, kv_seg, rng, mod_args, *, axis: str, devices: int):
     """``body`` run on the zig-zag layout of natural-order shards: two ``ppermute``s in,
     two out, everything stays sharded. A device d receives chunk d and chunk 2D - 1 - d,
     one of them even (from the first permutation), one odd; d's parity says which comes
@@ -477,25 +518,24 @@ def _zigzag(body, q, k, v, q_seg, kv_seg, rng, *, axis: str, devices: int):
         return jnp.concatenate([lax.ppermute(a, axis, back[0]),
                                 lax.ppermute(b, axis, back[1])], axis=seq)
 
-    out, lse = body(*(to_zigzag(x) for x in (q, k, v, q_seg, kv_seg)), rng)
+    out, lse = body(*(to_zigzag(x) for x in (q, k, v, q_seg, kv_seg)), rng, mod_args)
     return from_zigzag(out, 1), from_zigzag(lse, 2)
 
 
-def _all_to_all(q, k, v, q_seg, kv_seg, rng, *, axis, batch_axis, segments, is_causal, scale,
-                logits_soft_cap, dropout_rate, implementation, kwargs):
+def _all_to_all(q, k, v, q_seg, kv_seg, rng, mod_args, *, axis, batch_axis, mod, segments,
+                is_causal, scale, logits_soft_cap, dropout_rate, implementation, kwargs):
     """Ulysses: sequence shards -> head shards over the whole sequence, attention, back. A
     score_mod sees the global batch row and head (the local ones are offset)."""
     def to_heads(x):  # [B, T / D, heads, H] -> [B, T, heads / D, H]
         return lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
 
-    if kwargs.get("score_mod") is not None:
-        mod = kwargs["score_mod"]
+    if mod is not None:
         heads = q.shape[2] // lax.axis_size(axis)
         head0 = lax.axis_index(axis) * heads
         row0 = 0 if batch_axis is None else lax.axis_index(batch_axis) * q.shape[0]
 
         def shifted(score, b, h, i, j):
-            return mod(score, b + row0, h + head0, i, j)
+            return mod.fn(score, b + row0, h + head0, i, j, *mod_args)
 
         kwargs = {**kwargs, "score_mod": shifted}
 

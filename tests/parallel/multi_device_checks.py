@@ -107,13 +107,33 @@ def main() -> int:
     slopes = 2.0 ** -jnp.arange(1.0, 9.0)
     args = _inputs(2, 64, 64, 8, 8)[0]
     rel = jnp.arange(64)[None, :] - jnp.arange(64)[:, None]
-    check_against_reference(
-        lambda q, k, v: context_parallel_attention(
+    check_against_reference(  # the slopes learned: their gradient too
+        lambda q, k, v, slopes: context_parallel_attention(
             q, k, v, mesh=grid, batch_axis="data", strategy="all_to_all", is_causal=True,
             score_mod=lambda s, b, h, i, j: s + slopes[h] * (j - i)),
-        lambda q, k, v: reference.dot_product_attention(
-            q, k, v, bias=(slopes[:, None, None] * rel)[None], is_causal=True), args)
+        lambda q, k, v, slopes: reference.dot_product_attention(
+            q, k, v, bias=(slopes[:, None, None] * rel)[None], is_causal=True),
+        (*args, slopes))
     print("ok all-to-all with ALiBi as a score_mod", flush=True)
+
+    # A learned relative table and per-row weights through a score_mod on the zig-zag ring,
+    # batch sharded: global positions and rows, gradients reaching both arrays.
+    table, weight = normal(11, (4, 127)), 1.0 + 0.5 * normal(12, (2,))
+
+    def scaled(q, k, v, table, weight):
+        logits = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, 2, axis=2)) / np.sqrt(8)
+        logits = (logits + table[:, rel + 63][None]) * weight[:, None, None, None]
+        logits = jnp.where(rel <= 0, logits, -jnp.inf)
+        probs = jax.nn.softmax(logits, axis=-1)
+        return jnp.einsum("bnts,bsnh->btnh", probs, jnp.repeat(v, 2, axis=2))
+
+    rel = jnp.arange(64)[None, :] - jnp.arange(64)[:, None]
+    check_against_reference(
+        lambda q, k, v, table, weight: context_parallel_attention(
+            q, k, v, mesh=grid, batch_axis="data", strategy="ring", is_causal=True,
+            score_mod=lambda s, b, h, i, j: (s + table[h, j - i + 63]) * weight[b]),
+        scaled, (*_inputs(2, 64, 64, 4, 2)[0], table, weight))
+    print("ok ring with a learned score_mod (table and row weights)", flush=True)
 
     # As an implementation: a causal sliding-window layer (all-to-all) and a causal one
     # (ring) of jattn.nn.MultiHeadAttention, parameters and input gradients included.

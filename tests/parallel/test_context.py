@@ -22,7 +22,7 @@ def test_on_eight_simulated_devices():
     result = subprocess.run([sys.executable, "-m", "tests.parallel.multi_device_checks"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok ") == 12, result.stdout
+    assert result.stdout.count("ok ") == 13, result.stdout
 
 
 def test_zigzag_balances_causal_work():
