@@ -5,14 +5,15 @@ Two strategies, both exact (equal to single-device attention up to float32 round
 * ``"ring"`` (Ring Attention): every device keeps its query shard; the key/value shards
   travel round the ring (``lax.ppermute``), one hop per step, and each device merges its
   partial results through the float32 log-sum-exp. The local step is
-  :func:`jattn.dot_product_attention` (the chunked path by default, the Pallas kernel on a
-  GPU or TPU). The backward pass is a second ring (a ``custom_vjp``): the key/value shards
-  travel again with their dK/dV accumulators, which arrive back at their owners after a
-  full turn, so no device ever holds more than two shards of K/V. Causal load balancing:
-  with ``load_balance`` the sequence is cut into 2D chunks and device d holds chunks d and
-  2D - 1 - d (zig-zag), so that every device computes the same number of chunk pairs
-  (:func:`ring_work`). A ``score_mod`` sees global positions and batch rows (each chunk
-  pair's are offset); gradients reach the arrays it reads (summed over the devices).
+  :func:`jattn.dot_product_attention` (by default what it picks for the chunk shapes;
+  ``implementation="pallas"`` on a GPU or TPU). The backward pass is a second ring (a
+  ``custom_vjp``): the key/value shards travel again with their dK/dV accumulators, which
+  arrive back at their owners after a full turn, so no device ever holds more than two
+  shards of K/V. Causal load balancing: with ``load_balance`` the sequence is cut into 2D
+  chunks and device d holds chunks d and 2D - 1 - d (zig-zag), so that every device computes
+  the same number of chunk pairs (:func:`ring_work`). A ``score_mod`` sees global positions
+  and batch rows (each chunk pair's are offset); gradients reach the arrays it reads (summed
+  over the devices).
 * ``"all_to_all"`` (DeepSpeed-Ulysses): one ``lax.all_to_all`` turns the sequence-sharded
   Q/K/V into head-sharded ones over the whole sequence, attention runs locally on N / D
   heads, and a second all-to-all turns the output back. Everything
@@ -366,6 +367,11 @@ def context_parallel_attention(query: Array, key: Array, value: Array, *, mesh: 
                          f"T == S, got T={T}, S={S}")
     if query_segment_ids is not None and kv_segment_ids is None:
         kv_segment_ids = query_segment_ids
+    for name, ids_, letter, length in (("query_segment_ids", query_segment_ids, "T", T),
+                                       ("kv_segment_ids", kv_segment_ids, "S", S)):
+        if ids_ is not None and tuple(jnp.shape(ids_)) != (B, length):
+            raise ValueError(f"{name}: expected [B, {letter}] = {(B, length)}, got "
+                             f"{tuple(jnp.shape(ids_))}")
     heads_split = N % D == 0 and K % D == 0
     score_mod = kwargs.pop("score_mod", None)
     if strategy == "auto":

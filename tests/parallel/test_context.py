@@ -52,5 +52,8 @@ def test_validation():
     with pytest.raises(ValueError, match="T == S"):
         context_parallel_attention(q, normal(1, (1, 4, 2, 4)), normal(1, (1, 4, 2, 4)),
                                    mesh=mesh, is_causal=True)
+    with pytest.raises(ValueError, match="kv_segment_ids"):
+        context_parallel_attention(q, q, q, mesh=mesh, query_segment_ids=np.zeros((1, 6), int),
+                                   kv_segment_ids=np.zeros((1, 5), int))
     with pytest.raises(ValueError, match="strategy"):
         context_parallel_attention(q, q, q, mesh=mesh, strategy="tree")
