@@ -8,6 +8,7 @@ query, key, value, bias, through the output and the log-sum-exp) are compared wi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from collections.abc import Callable
 
@@ -188,6 +189,14 @@ def reference_outputs(case: Case, arrays, options, cotangents):
         return np.asarray(out), np.asarray(lse), [np.asarray(g) for g in grads]
 
 
+@functools.lru_cache(maxsize=None)
+def case_reference(case: Case, dtype=jnp.float32):
+    """(inputs, options, cotangents) of ``case`` and their float64 reference outputs,
+    computed once per case and dtype for every implementation that is checked on them."""
+    arrays, options, cot = make_inputs(case, dtype)
+    return (arrays, options, cot), reference_outputs(case, arrays, options, cot)
+
+
 def run_implementation(implementation, case, arrays, options, cotangents):
     def fn(*args, **kw):
         return jattn.dot_product_attention(*args, implementation=as_implementation(implementation),
@@ -201,8 +210,7 @@ def run_implementation(implementation, case, arrays, options, cotangents):
 
 @pytest.mark.parametrize("implementation,case", implementation_cases(CASES))
 def test_matches_float64_reference(implementation, case):
-    arrays, options, cot = make_inputs(case)
-    want_out, want_lse, want_grads = reference_outputs(case, arrays, options, cot)
+    (arrays, options, cot), (want_out, want_lse, want_grads) = case_reference(case)
     out, lse, grads = run_implementation(implementation, case, arrays, options, cot)
     assert out.dtype == jnp.float32 and out.shape == want_out.shape
     assert lse.dtype == jnp.float32 and lse.shape == (case.B, case.N, case.T)
@@ -218,8 +226,8 @@ def test_matches_float64_reference(implementation, case):
         "soft_cap", "everything", "lengths_empty_rows")], KERNEL_BF16_CASES))
 def test_bfloat16(implementation, case):
     """bf16 in, bf16 out, float32 statistics: compare with float64 on the same bf16 inputs."""
-    arrays, options, cot = make_inputs(case, jnp.bfloat16)
-    want_out, want_lse, want_grads = reference_outputs(case, arrays, options, cot)
+    (arrays, options, cot), (want_out, want_lse, want_grads) = case_reference(
+        case, jnp.bfloat16)
     out, lse, grads = run_implementation(implementation, case, arrays, options, cot)
     assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
     assert_close(out, want_out, jnp.bfloat16, "forward")

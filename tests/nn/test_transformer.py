@@ -72,7 +72,7 @@ def test_decoding_with_states_equals_the_full_forward(name):
     tokens = _tokens(4, (2, 11))
     full = jax.jit(lambda m, t: m(t))(lm, tokens)
     # Prefill 5 tokens, then one at a time, then a block of 3 (teacher forcing).
-    logits, states = lm.prefill(tokens[:, :5])
+    logits, states = nnx.jit(lambda m, t: m.prefill(t))(lm, tokens[:, :5])
     pieces = [logits]
     step = nnx.jit(lambda m, t, s, p: m.step(t, s, p))
     for t in range(5, 8):
