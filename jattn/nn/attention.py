@@ -69,14 +69,25 @@ class MultiHeadAttention(nnx.Module):
         self.out_proj = torch_linear(num_heads * self.proj.value_head_dim, d_model, rngs)
 
     def __call__(self, x: jax.Array, *, context: jax.Array | None = None,
-                 context_mask: jax.Array | None = None, dropout_rng: jax.Array | None = None,
+                 context_mask: jax.Array | None = None, mask=None,
+                 dropout_rng: jax.Array | None = None,
                  intervention: Intervention | None = None):
         """x [B, T, d_model] -> [B, T, d_model]; dropout only when ``dropout_rng`` is given.
 
-        With ``context`` [B, S, d_model] this is cross attention: keys and values come from
-        the context (``context_mask`` bool [B, S] marks its real tokens); the layer's causal
-        flag and window then do not apply. With ``intervention``: (output, captures).
+        ``mask`` (a :class:`jattn.masks.Mask` or a bool array broadcastable to
+        [B, N, T, T]) restricts self-attention further: it is combined with the layer's
+        causal flag and window (e.g. ``jattn.masks.composite_visual(is_visual)``, whose
+        empty tiles the chunked path and the kernels skip). With ``context`` [B, S, d_model]
+        this is cross attention: keys and values come from the context (``context_mask``
+        bool [B, S] marks its real tokens); the layer's causal flag and window then do not
+        apply. With ``intervention``: (output, captures).
+
+        Raises:
+            ValueError: ``mask`` together with ``context``.
         """
+        if context is not None and mask is not None:
+            raise ValueError("mask: restricts self-attention; cross attention takes "
+                             "context_mask")
         q, k, v = self.proj(x, context)
         rate = self.dropout_rate if dropout_rng is not None else 0.0
         if context is None and self.rope is not None:
@@ -88,7 +99,7 @@ class MultiHeadAttention(nnx.Module):
         else:
             window = None if self.window is None else (self.window - 1, 0 if self.is_causal else
                                                        self.window - 1)
-            options.update(is_causal=self.is_causal, local_window_size=window)
+            options.update(is_causal=self.is_causal, local_window_size=window, mask=mask)
         out, captures = attend(q, k, v, intervention=intervention, **options)
         y = self.out_proj(out.reshape(*x.shape[:-1], -1))
         return y if intervention is None else (y, captures)

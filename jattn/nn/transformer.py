@@ -159,15 +159,25 @@ class TokenEmbedding(nnx.Module):
                         if positions == "learned" else nnx.data(None))
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
-    def __call__(self, tokens: jax.Array, position=0) -> jax.Array:
-        """tokens int [B, T] starting at ``position`` -> [B, T, d_model]."""
+    def __call__(self, tokens: jax.Array, position=0, *, prefix: jax.Array | None = None
+                 ) -> jax.Array:
+        """tokens int [B, T] starting at ``position`` -> [B, T, d_model]. With ``prefix``
+        [B, Tp, d_model] (embeddings made elsewhere, e.g. projected image features) placed
+        before the tokens' embeddings: [B, Tp + T, d_model], positions counted from the
+        prefix's first."""
         check_rank("tokens", tokens, (2,), "[B, T]")
         check_integer("tokens", tokens)
-        if tokens.shape[1] > self.max_length:
-            raise ValueError(f"tokens: {tokens.shape[1]} positions, more than max_length="
-                             f"{self.max_length}")
         x = self.tokens(tokens)
-        where = position + jnp.arange(tokens.shape[1])
+        if prefix is not None:
+            check_rank("prefix", prefix, (3,), "[B, Tp, d_model]")
+            if prefix.shape[0] != x.shape[0] or prefix.shape[2] != x.shape[2]:
+                raise ValueError(f"prefix: expected [B={x.shape[0]}, Tp, "
+                                 f"d_model={x.shape[2]}], got {prefix.shape}")
+            x = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)
+        if x.shape[1] > self.max_length:
+            raise ValueError(f"tokens: {x.shape[1]} positions, more than max_length="
+                             f"{self.max_length}")
+        where = position + jnp.arange(x.shape[1])
         if self.positions == "learned":
             x = x + self.learned(where)
         elif self.positions == "sinusoidal":
@@ -219,10 +229,12 @@ class TransformerBlock(nnx.Module):
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
     def __call__(self, x: jax.Array, *, context: jax.Array | None = None,
-                 context_mask: jax.Array | None = None, return_aux: bool = False,
+                 context_mask: jax.Array | None = None, mask=None, return_aux: bool = False,
                  intervention: Intervention | None = None):
         """x [B, T, d_model] (and the encoder's output as ``context``) -> [B, T, d_model];
-        with ``return_aux`` also the mixer's auxiliary loss (0 if it has none); with an
+        ``mask`` goes to a softmax attention mixer (:class:`MultiHeadAttention`), combined
+        with its own causal flag and window (ValueError for other mixers); with
+        ``return_aux`` also the mixer's auxiliary loss (0 if it has none); with an
         ``intervention`` (one layer's, :mod:`jattn.analysis.intervene`) also the captures:
         (result, captures)."""
         edits = Edits() if intervention is None or intervention.edits is None else (
@@ -243,7 +255,7 @@ class TransformerBlock(nnx.Module):
 
         x = edited("residual", x)
         record("residual", x)
-        out, aux = self._mix(self.mixer_norm(x), edits, capture, captures)
+        out, aux = self._mix(self.mixer_norm(x), edits, capture, captures, mask)
         out = edited("attention", self.dropout(out))
         record("attention", out)
         x = self._cross(x + out, context, context_mask)
@@ -253,20 +265,24 @@ class TransformerBlock(nnx.Module):
         result = (x, aux) if return_aux else x
         return result if intervention is None else (result, captures)
 
-    def _mix(self, x, edits: Edits, capture: Capture | None, captures: dict):
+    def _mix(self, x, edits: Edits, capture: Capture | None, captures: dict, mask):
         """The mixer on x: (output, auxiliary loss); its attention-level edits and captures
-        (into ``captures``) go to a softmax attention mixer."""
+        (into ``captures``) and the extra ``mask`` go to a softmax attention mixer."""
         inner_edits = edits._replace(residual=None, attention=None, mlp=None)
         inner = () if capture is None else tuple(t for t in capture.tensors
                                                  if t in ATTENTION_TENSORS)
         # capturing every layer takes attention tensors from the layers that have them
         is_attention = isinstance(self.mixer, MultiHeadAttention)
+        if mask is not None and not is_attention:
+            raise ValueError(f"mask: only softmax attention mixers take a mask, this layer's "
+                             f"is {self.mixer_name}")
+        masked = {} if mask is None else {"mask": mask}
         inner_capture = (Capture(inner, heads=capture.heads,
                                  query_positions=capture.query_positions)
                          if inner and (capture.layers is not None or is_attention) else None)
         aux = jnp.zeros((), jnp.float32)
         if inner_capture is None and all(e is None for e in inner_edits):
-            out = self.mixer(x)
+            out = self.mixer(x, **masked)
             if isinstance(out, tuple):  # (output, auxiliary loss), e.g. mixture-of-heads
                 out, aux = out
             return out, aux
@@ -275,7 +291,8 @@ class TransformerBlock(nnx.Module):
                              "softmax attention; only block tensors "
                              f"{BLOCK_TENSORS} and residual edits apply to it")
         out, inner_captures = self.mixer(x, intervention=Intervention(inner_edits,
-                                                                      inner_capture))
+                                                                      inner_capture),
+                                         **masked)
         captures.update(inner_captures)
         return out, aux
 
@@ -355,12 +372,18 @@ class TransformerLM(nnx.Module):
         return self.embed.tokens.attend(x) if self.head is None else self.head(x)
 
     def __call__(self, tokens: jax.Array, *, context: jax.Array | None = None,
-                 context_mask: jax.Array | None = None, return_aux: bool = False,
-                 logits_at: jax.Array | None = None,
+                 context_mask: jax.Array | None = None, prefix: jax.Array | None = None,
+                 mask=None, return_aux: bool = False, logits_at: jax.Array | None = None,
                  intervention: Intervention | None = None):
         """tokens int [B, T] (and, with cross attention, the encoder output ``context``
         [B, S, d_model] with its ``context_mask`` bool [B, S]) -> logits [B, T, vocab];
-        with ``logits_at`` (int [B, P], positions in [0, T)) only the logits at those
+        ``prefix`` [B, Tp, d_model] puts embeddings made elsewhere before the tokens' (a
+        multimodal model's projected image features): the stack then runs on Tp + T
+        positions and the logits (and ``logits_at``) cover all of them. ``mask`` (a
+        :class:`jattn.masks.Mask` over those positions) restricts every softmax attention
+        layer further, e.g. ``jattn.masks.composite_visual(is_visual)`` for EE-MLLM's
+        composite attention (visual tokens do not attend to each other; the language
+        model's own weights serve both modalities); with ``logits_at`` (int [B, P], positions in [0, T)) only the logits at those
         positions, [B, P, vocab] (a loss on a few positions never builds [B, T, vocab]);
         with ``return_aux`` also the sum of the mixers' auxiliary losses (e.g. MoH's load
         balance, to add to the task loss with a small weight).
@@ -369,14 +392,14 @@ class TransformerLM(nnx.Module):
         edits and captures the layers' attention and residual stream; the call then returns
         (the result above, captures {layer: {tensor: array}}), where layer ``num_layers``
         holds the final stream ("residual", the input of the final norm)."""
-        x = self.embed(tokens)
+        x = self.embed(tokens, prefix=prefix)
         total = jnp.zeros((), jnp.float32)
         captures = {}
         L = len(self.blocks)
         for i, block in enumerate(self.blocks):
             iv = None if intervention is None else intervention.for_layer(i, L)
-            out = block(x, context=context, context_mask=context_mask, return_aux=True,
-                        intervention=iv)
+            out = block(x, context=context, context_mask=context_mask, mask=mask,
+                        return_aux=True, intervention=iv)
             if iv is not None:
                 out, captures[i] = out
             x, aux = out

@@ -189,7 +189,7 @@ def reference_outputs(case: Case, arrays, options, cotangents):
         return np.asarray(out), np.asarray(lse), [np.asarray(g) for g in grads]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case_reference(case: Case, dtype=jnp.float32):
     """(inputs, options, cotangents) of ``case`` and their float64 reference outputs,
     computed once per case and dtype for every implementation that is checked on them."""

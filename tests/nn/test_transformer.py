@@ -250,3 +250,59 @@ def test_errors():
         generate(lm, _tokens(0, (1, 4)), max_new_tokens=2, top_k=0)
     with pytest.raises(ValueError, match="context"):
         EncoderDecoder(V, V, D, max_length=L, rngs=rngs).decoder(_tokens(0, (1, 3)))
+
+
+def test_composite_visual_lm_skips_visual_pairs_and_equals_the_dense_mask():
+    """P17 EE-MLLM: projected image features go before the text through the LM's own
+    weights; with composite attention the visual tokens do not attend to each other (each
+    sees itself). The chunked path skips the visual x visual tiles off the diagonal and
+    equals the forward and gradients under the dense mask written out here."""
+    import functools
+
+    from jattn import masks
+    from jattn.core.chunked import chunked_attention, tile_schedule
+    from tests.conftest import SMALL_BLOCKS
+
+    Tp, T = 32, 8
+    n = Tp + T
+    is_visual = np.arange(n) < Tp
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    allowed = (j <= i) & ~(is_visual[:, None] & is_visual[None, :] & (i != j))
+    chunked = functools.partial(chunked_attention, block_sizes=SMALL_BLOCKS)
+    mask = masks.composite_visual(is_visual)
+    np.testing.assert_array_equal(np.asarray(mask.materialize(n, n))[0, 0], allowed)
+
+    bq, bk = SMALL_BLOCKS.block_q, SMALL_BLOCKS.block_kv
+    visited = np.asarray(tile_schedule(mask, n, n, bq, bk).counts).reshape(-1)
+    padded = np.zeros((-(-n // bq) * bq, -(-n // bk) * bk), bool)
+    padded[:n, :n] = allowed
+    tiles = padded.reshape(len(padded) // bq, bq, -1, bk).any(axis=(1, 3))
+    np.testing.assert_array_equal(visited, tiles.sum(1))
+    causal = np.asarray(tile_schedule(masks.causal(), n, n, bq, bk).counts).sum()
+    assert visited.sum() < causal  # the visual x visual tiles off the diagonal are skipped
+
+    prefix = jax.random.normal(jax.random.key(4), (2, Tp, D))
+    tokens = _tokens(5, (2, T))
+
+    def model(implementation):
+        return TransformerLM(V, D, 2, num_heads=2, max_length=n, rngs=nnx.Rngs(6),
+                             mixer_options={"implementation": implementation})
+
+    def loss(lm, prefix, m):
+        return (lm(tokens, prefix=prefix, mask=m) ** 2).mean()
+
+    value_and_grad = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))
+    got = value_and_grad(model(chunked), prefix, mask)
+    want = value_and_grad(model("xla"), prefix, jnp.asarray(allowed))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+    lm = model("xla")
+    logits = nnx.jit(lambda lm, m: lm(tokens, prefix=prefix, mask=m))
+    plain = logits(lm, None)
+    assert plain.shape == (2, n, V)
+    assert not np.allclose(plain, logits(lm, mask), atol=1e-3)
+    with pytest.raises(ValueError, match="only softmax attention"):
+        TransformerLM(V, D, 1, mixer="linear", max_length=n, rngs=nnx.Rngs(0))(
+            tokens, prefix=prefix, mask=mask)
+    with pytest.raises(ValueError, match="prefix"):
+        model("xla")(tokens, prefix=prefix[:1])
