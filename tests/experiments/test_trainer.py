@@ -52,10 +52,18 @@ def _log_without_times(workdir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "time"} for r in records]
 
 
+def _compile_cache(workdir: Path) -> dict[str, str]:
+    """Environment for a persistent compilation cache beside ``workdir``: a restarted or
+    repeated subprocess reuses the compiled programs of the one before (test time only)."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(workdir.parent / "xla_cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 def _run_script(config: RunConfig, workdir: Path, devices: int = 1, **popen):
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
-               f"--xla_force_host_platform_device_count={devices}")
+               f"--xla_force_host_platform_device_count={devices}", **_compile_cache(workdir))
     args = [sys.executable, "-c", SCRIPT, json.dumps(dataclasses.asdict(config)), str(workdir)]
     return subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **popen)
@@ -176,7 +184,7 @@ def _run_processes(config: RunConfig, workdir: Path, kill_at: dict[int, int] | N
     for rank in range(2):
         env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                   JAX_PROCESS_ID=str(rank))
+                   JAX_PROCESS_ID=str(rank), **_compile_cache(workdir))
         env.pop("XLA_FLAGS", None)  # one CPU device per process
         args = [sys.executable, "-c", PROCESS_SCRIPT, json.dumps(dataclasses.asdict(config)),
                 str(workdir)]
