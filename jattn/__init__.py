@@ -76,7 +76,7 @@ from jattn.core.attention import (
     implementations,
     register_implementation,
 )
-from jattn.core.cache import KVCache, cached_attention, init_cache
+from jattn.core.cache import KVCache, cached_attention, init_cache, write_cache
 from jattn.core.chunked import BlockSizes, TileSchedule, chunked_attention, tile_schedule
 from jattn.core.shapes import DTypeError
 from jattn.efficient.agent import agent_attention, agent_segments, pool_agents
@@ -87,7 +87,12 @@ from jattn.efficient.heads import (
     relative_attention,
     route_heads,
 )
-from jattn.efficient.landmark import landmark_attention, mean_landmark_keys, num_blocks
+from jattn.efficient.landmark import (
+    landmark_attention,
+    landmark_decode,
+    mean_landmark_keys,
+    num_blocks,
+)
 from jattn.efficient.linear import LinearAttentionState, linear_attention
 from jattn.efficient.local import halo_attention, relative_position_index, window_attention
 from jattn.efficient.longheads import longheads_attention
@@ -169,6 +174,7 @@ __all__ = [
     "label_attention",
     "label_logits",
     "landmark_attention",
+    "landmark_decode",
     "last_token_pool",
     "latent_attention_pool",
     "latent_cross_attention",
@@ -209,4 +215,5 @@ __all__ = [
     "topk_attention",
     "window_attention",
     "window_mean",
+    "write_cache",
 ]

@@ -1,7 +1,7 @@
 """Choosing tokens from attention: rank and prune visual tokens by the attention they receive
 (FasterVLM, FastV), pick the focus regions of an attention map for a magnifier (LSceneLLM),
-let a modality's tokens exit after a layer (DyVTE), and read points off a similarity map
-(READ).
+let a modality's tokens exit after a layer (DyVTE), read points off a similarity map
+(READ), and keep the tokens least like the others (TextMonkey).
 
 Every function is a pure function of arrays. Selections have static sizes (``r``, ``k``,
 ``size`` are Python ints), so they run under jit; indices are int32, sorted by position
@@ -19,7 +19,8 @@ References:
     Layer 2"; P40 LSceneLLM, "LSceneLLM: Enhancing Large 3D Scene Understanding Using
     Adaptive Visual Preferences"; P42 DyVTE, "Accelerating Multimodal Large Language Models
     via Dynamic Visual-Token Exit and the Empirical Findings"; P52 READ, "Reasoning to
-    Attend: Try to Understand How <SEG> Token Works".
+    Attend: Try to Understand How <SEG> Token Works"; P64 TextMonkey, "TextMonkey: An
+    OCR-Free Large Multimodal Model for Understanding Document".
 """
 
 from __future__ import annotations
@@ -837,6 +838,68 @@ def _compact(x: Array, keep: Array, size: int) -> Compacted:
 
 # --------------------------------------------------------------------------------------------
 # P52 READ: similarity as points
+
+
+def distinct_token_scores(x, *, mask=None, eps: float = 1e-6) -> Array:
+    r"""How little each token resembles the others: the negated largest cosine similarity
+    to any other valid token of its example, TextMonkey's measure of a significant (not
+    redundant) token.
+
+    .. math::
+        d_t = -\max_{s \ne t,\ s\ \mathrm{valid}} \cos(x_t, x_s)
+
+    Keep the most distinct ones with :func:`keep_top_tokens` (``jattn.nn.TokenResampler``
+    then lets them read every token by cross attention).
+
+    Args:
+        x: floating [B, S, d].
+        mask: bool [B, S] or [S], True for valid tokens (None: all); invalid tokens score
+            -inf and are never anyone's neighbour.
+        eps: vector norms are clamped to at least eps (a zero vector has similarity 0).
+
+    Returns:
+        [B, S] float32 (float64 for float64 inputs), in [-1, 1]; a valid token with no
+        other valid token scores 1.
+
+    Raises:
+        ValueError: wrong ranks or shapes.
+        TypeError: non-floating x, a non-boolean mask.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> x = jnp.array([[[1.0, 0.0], [2.0, 0.1], [0.0, 1.0]]])
+        >>> keep_top_tokens(distinct_token_scores(x), 2).tolist()   # one of the twins goes
+        [[0, 2]]
+
+    References:
+        P64 TextMonkey, "TextMonkey: An OCR-Free Large Multimodal Model for Understanding
+        Document" (similarity-based filtering of redundant image tokens; the kept ones are
+        the resampler's queries).
+    """
+    x = jnp.asarray(x)
+    check_rank("x", x, (3,), "[B, S, d]")
+    check_floating("x", x)
+    B, S, _ = x.shape
+    mask = _token_mask("mask", mask, B, S)
+    if not eps > 0:
+        raise ValueError(f"eps: expected a positive number, got {eps!r}")
+    return _distinct_token_scores(x, mask, float(eps))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _distinct_token_scores(x: Array, mask: Array | None, eps: float) -> Array:
+    dtype = accumulation_dtype(x.dtype)
+    x = x.astype(dtype)
+    unit = x * jax.lax.rsqrt(jnp.maximum((x * x).sum(-1, keepdims=True), eps * eps))
+    sim = jnp.einsum("bsd,btd->bst", unit, unit)
+    S = x.shape[1]
+    neighbour = ~jnp.eye(S, dtype=bool)[None]
+    if mask is not None:
+        valid = _full(mask, x.shape[0], S)
+        neighbour = neighbour & valid[:, None, :]
+    closest = jnp.where(neighbour, sim, -jnp.inf).max(-1)
+    score = jnp.where(jnp.isfinite(closest), -closest, 1.0)
+    return score if mask is None else jnp.where(valid, score, -jnp.inf)
 
 
 def similarity_map(query_token, image_tokens, grid, *, normalize: bool = False,

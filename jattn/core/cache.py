@@ -124,10 +124,20 @@ def cached_attention(query: Array, key: Array, value: Array, cache: KVCache, *,
         allowed &= (kp > qp - cache.window) | (kp < cache.sinks)
     out = dot_product_attention(query, keys.astype(query.dtype), values.astype(query.dtype),
                                 mask=allowed[None, None], scale=scale)
-    return out, _write(cache, key, value)
+    return out, write_cache(cache, key, value)
 
 
-def _write(cache: KVCache, key: Array, value: Array) -> KVCache:
+def write_cache(cache: KVCache, key: Array, value: Array) -> KVCache:
+    """The cache with T new tokens' key [B, T, K, H] and value [B, T, Kv, Hv] written at
+    positions length .. length + T - 1 (into the ring when windowed). For layers that
+    attend to the cache their own way (:func:`jattn.landmark_decode`);
+    :func:`cached_attention` writes for itself.
+
+    >>> import jax.numpy as jnp
+    >>> int(write_cache(init_cache(1, 8, 1, 4), jnp.ones((1, 3, 1, 4)),
+    ...                 jnp.ones((1, 3, 1, 4))).length)
+    3
+    """
     T, slots = key.shape[1], cache.key.shape[1]
     key, value = key.astype(cache.key.dtype), value.astype(cache.value.dtype)
     if cache.window is None:

@@ -55,6 +55,7 @@ from jattn.core.shapes import (
     check_int,
     check_qkv,
     check_rank,
+    is_concrete,
 )
 
 
@@ -65,6 +66,21 @@ def num_blocks(length: int, block_size: int) -> int:
     3
     """
     return -(-length // block_size)
+
+
+def _check_landmark_keys(landmark_keys: Array, query: Array, key: Array, bs: int) -> int:
+    """Validate landmark_keys [B, ceil(S / bs), K, H] in the query's dtype; the block count."""
+    B, S, K, H = key.shape
+    nb = num_blocks(S, bs)
+    check_rank("landmark_keys", landmark_keys, (4,), "[B, num_blocks, K, H]")
+    check_floating("landmark_keys", landmark_keys)
+    if landmark_keys.dtype != query.dtype:
+        raise DTypeError(f"landmark_keys: expected the query dtype {query.dtype}, got "
+                        f"{landmark_keys.dtype} (shape {landmark_keys.shape})")
+    if landmark_keys.shape != (B, nb, K, H):
+        raise ValueError(f"landmark_keys: expected [B, num_blocks=ceil({S}/{bs}), K, H] = "
+                         f"{(B, nb, K, H)}, got {landmark_keys.shape}")
+    return nb
 
 
 def landmark_attention(query: Array, key: Array, value: Array, landmark_keys: Array, *,
@@ -127,15 +143,7 @@ def landmark_attention(query: Array, key: Array, value: Array, landmark_keys: Ar
         raise NotImplementedError(
             f"landmark_attention: cross attention (T={T} != S={S}) is not supported: each "
             "query belongs to the block of the key sequence at its own position")
-    nb = num_blocks(S, bs)
-    check_rank("landmark_keys", landmark_keys, (4,), "[B, num_blocks, K, H]")
-    check_floating("landmark_keys", landmark_keys)
-    if landmark_keys.dtype != query.dtype:
-        raise DTypeError(f"landmark_keys: expected the query dtype {query.dtype}, got "
-                        f"{landmark_keys.dtype} (shape {landmark_keys.shape})")
-    if landmark_keys.shape != (B, nb, K, H):
-        raise ValueError(f"landmark_keys: expected [B, num_blocks=ceil({S}/{bs}), K, H] = "
-                         f"{(B, nb, K, H)}, got {landmark_keys.shape}")
+    nb = _check_landmark_keys(landmark_keys, query, key, bs)
     scale = H ** -0.5 if scale is None else scale
     G = N // K
     dtype = accumulation_dtype(query.dtype)
@@ -175,6 +183,100 @@ def landmark_attention(query: Array, key: Array, value: Array, landmark_keys: Ar
         mask = mask & masks.causal()
     return dot_product_attention(query, key, value, mask=mask, scale=scale,
                                  score_mod=retrieved, implementation=implementation)
+
+
+def landmark_decode(query: Array, key: Array, value: Array, landmark_keys: Array,
+                    length, *, block_size: int, top_k: int | None = None,
+                    scale: float | None = None) -> Array:
+    r"""Causal landmark attention of the last T positions against a KV cache (decoding).
+
+    The same grouped softmax as :func:`landmark_attention` with ``is_causal=True``, for
+    queries at positions ``length - T .. length - 1`` of a sequence whose keys and values
+    fill the first ``length`` slots of ``key`` and ``value`` (slots past it are ignored):
+    each query retrieves the ``top_k`` earlier blocks whose landmarks score highest (every
+    earlier block when None), gathers their tokens and its own block's, and computes
+
+    .. math::
+        \mathrm{out}_t = \mathrm{softmax}ig(\{s_{tj}\}_{j \in b(t),\, j \le p_t} \cup
+        \{s_{tj} + \ell_{tc} - \log W_{tc}\}_{c \in C(t),\, j \in c}ig) \cdot v,
+        \quad W_{tc} = \sum_{j \in c} e^{s_{tj}}
+
+    in O(T (S / block_size + (top_k + 1) block_size)) time and memory: the paper's
+    random-access retrieval from the cache, equal to :func:`landmark_attention`'s last T
+    rows (top_k and ties alike).
+
+    Args:
+        query: [B, T, N, H], the new tokens' queries (their keys and values already in the
+            cache).
+        key: [B, S, K, H] cache slots; N % K == 0.
+        value: [B, S, K, Hv].
+        landmark_keys: [B, ceil(S / block_size), K, H], query dtype: block c's landmark key
+            (used only for blocks before a query's own, all complete; e.g.
+            :func:`mean_landmark_keys` of the cache's keys).
+        length: int (or int32 array): positions written, T <= length <= S.
+        block_size: tokens per block.
+        top_k: None (every earlier block) or k >= 0 retrieved blocks per query and head.
+        scale: logit scale; default 1 / sqrt(H).
+
+    Returns:
+        [B, T, N, Hv] in the query's dtype.
+
+    Raises:
+        ValueError: wrong ranks or shapes, heads that do not divide, a bad block_size or
+            top_k, a known length outside [T, S].
+        TypeError: non-floating or mixed dtypes.
+
+    >>> import jax
+    >>> x = jax.random.normal(jax.random.key(0), (1, 12, 2, 8))
+    >>> marks = mean_landmark_keys(x, 4)
+    >>> last = landmark_decode(x[:, -1:], x, x, marks, 12, block_size=4, top_k=1)
+    >>> full = landmark_attention(x, x, x, marks, block_size=4, top_k=1)
+    >>> bool(jnp.allclose(last, full[:, -1:], atol=1e-5))
+    True
+
+    References:
+        P21 Landmark Attention, "Landmark Attention: Random-Access Infinite Context Length
+        for Transformers".
+    """
+    B, T, N, H, S, K, Hv = check_qkv(query, key, value)
+    bs = check_int("block_size", block_size)
+    k_top = check_int("top_k", top_k, minimum=0, allow_none=True)
+    nb = _check_landmark_keys(landmark_keys, query, key, bs)
+    if is_concrete(length) and not T <= int(length) <= S:
+        raise ValueError(f"length: expected T={T} <= length <= S={S}, got {int(length)}")
+    scale = H ** -0.5 if scale is None else scale
+    G = N // K
+    dtype = accumulation_dtype(query.dtype)
+    position = jnp.asarray(length, jnp.int32) - T + jnp.arange(T, dtype=jnp.int32)  # [T]
+    own = position // bs
+    q = query.reshape(B, T, K, G, H)
+    landmark_logits = jnp.einsum("btkgh,bckh->bkgtc", q, landmark_keys,
+                                 preferred_element_type=dtype) * scale
+    earlier = jnp.arange(nb)[None, :] < own[:, None]  # [T, nb]: C(t)
+    k_keep = nb if k_top is None else min(k_top, nb)
+    scores, chosen = lax.top_k(jnp.where(earlier, landmark_logits, -jnp.inf), k_keep)
+    chosen = jnp.where(jnp.isfinite(scores), chosen, -1).astype(jnp.int32)
+    picked = jnp.concatenate([jnp.broadcast_to(own[:, None], (B, K, G, T, 1)), chosen], -1)
+
+    def blocks(x):  # [B, S, K, D] -> [B, K, nb, bs, D]
+        x = jnp.pad(x, ((0, 0), (0, nb * bs - S), (0, 0), (0, 0)))
+        return jnp.moveaxis(x.reshape(B, nb, bs, K, -1), 3, 1)
+
+    gather = jax.vmap(jax.vmap(lambda table, i: table[i]))  # over B and K
+    index = jnp.maximum(picked, 0)
+    k_sel, v_sel = gather(blocks(key), index), gather(blocks(value), index)
+    s = jnp.einsum("btkgh,bkgtcjh->bkgtcj", q, k_sel, preferred_element_type=dtype) * scale
+    token = picked[..., None] * bs + jnp.arange(bs)  # [B, K, G, T, 1 + k, bs]
+    seen = (picked[..., None] >= 0) & (token <= position[:, None, None])
+    s = jnp.where(seen, s, -jnp.inf)
+    # A retrieved block's tokens carry l_tc - log W_tc; its blocks are complete (c < own).
+    log_w = jax.nn.logsumexp(s[..., 1:, :], axis=-1)
+    shift = jnp.where(chosen >= 0, scores - jnp.where(chosen >= 0, log_w, 0), 0)
+    s = s.at[..., 1:, :].add(shift[..., None])
+    weights = jax.nn.softmax(s.reshape(B, K, G, T, -1), axis=-1)
+    out = jnp.einsum("bkgtj,bkgtjd->btkgd", weights,
+                     v_sel.reshape(B, K, G, T, -1, Hv).astype(dtype))
+    return out.reshape(B, T, N, Hv).astype(query.dtype)
 
 
 _QUERY_CHUNK = 64  # queries whose retrieved keys are gathered at once by _block_lse

@@ -16,6 +16,7 @@ from jattn.nn.applications.cross import (
     PerceiverResampler,
     QueryDecoder,
     QueryDecoderLayer,
+    TokenResampler,
 )
 from jattn.nn.applications.fusion import (
     CrossFrameAttention,
@@ -176,6 +177,7 @@ __all__ = [
     "TitansMAC",
     "TitansMAG",
     "TitansMAL",
+    "TokenResampler",
     "TransformerBlock",
     "TransformerLM",
     "WindowAttention",

@@ -383,8 +383,9 @@ class TransformerLM(nnx.Module):
         :class:`jattn.masks.Mask` over those positions) restricts every softmax attention
         layer further, e.g. ``jattn.masks.composite_visual(is_visual)`` for EE-MLLM's
         composite attention (visual tokens do not attend to each other; the language
-        model's own weights serve both modalities); with ``logits_at`` (int [B, P], positions in [0, T)) only the logits at those
-        positions, [B, P, vocab] (a loss on a few positions never builds [B, T, vocab]);
+        model's own weights serve both modalities); with ``logits_at`` (int [B, P],
+        positions in [0, T)) only the logits at those positions, [B, P, vocab] (a loss on a
+        few positions never builds [B, T, vocab]);
         with ``return_aux`` also the sum of the mixers' auxiliary losses (e.g. MoH's load
         balance, to add to the task loss with a small weight).
 

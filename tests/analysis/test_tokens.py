@@ -12,6 +12,7 @@ import pytest
 from jattn.analysis.tokens import (
     attention_exit,
     compact,
+    distinct_token_scores,
     drop_modality,
     exit_gate,
     gather_tokens,
@@ -364,6 +365,43 @@ def test_similarity_map_is_the_cosine_on_the_grid():
     assert all(np.isfinite(np.asarray(g)).all() for g in grads)
     flat = jitted(query, np.ones((B, h * w, d), np.float32), (h, w), normalize=True)
     np.testing.assert_array_equal(flat, 0.0)
+
+
+def test_distinct_token_scores_from_the_definition():
+    """P64 TextMonkey: -max cosine to another valid token, by loops in float64; invalid
+    tokens -inf; a lone valid token 1; the kept tokens drop a near-duplicate."""
+    S, d = 9, 4
+    x = RNG.normal(size=(B, S, d)).astype(np.float32)
+    x[0, 4] = 3.0 * x[0, 1] + 1e-3  # a near-twin of token 1
+    x[1, 2] = 0.0  # a zero vector: similarity 0 to everything
+    mask = np.ones((B, S), bool)
+    mask[1, 6:] = False
+
+    def reference(x, mask):
+        out = np.full(x.shape[:2], -np.inf)
+        for b in range(x.shape[0]):
+            for t in range(x.shape[1]):
+                if not mask[b, t]:
+                    continue
+                cos = [x[b, t] @ x[b, s] / (max(np.linalg.norm(x[b, t]), 1e-6)
+                                            * max(np.linalg.norm(x[b, s]), 1e-6))
+                       for s in range(x.shape[1]) if s != t and mask[b, s]]
+                out[b, t] = -max(cos) if cos else 1.0
+        return out
+
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(distinct_token_scores(x), reference(x64, np.ones_like(mask)),
+                               atol=1e-6)
+    got = jax.jit(distinct_token_scores)(x, mask=mask)
+    np.testing.assert_allclose(got, reference(x64, mask), atol=1e-6)
+    lone = distinct_token_scores(x[:, :3], mask=np.array([True, False, False]))
+    np.testing.assert_array_equal(lone[:, 0], 1.0)
+    kept = keep_top_tokens(distinct_token_scores(x), S - 1)
+    assert 1 not in kept[0].tolist() or 4 not in kept[0].tolist()
+    with pytest.raises(ValueError, match="x"):
+        distinct_token_scores(x[0])
+    with pytest.raises(ValueError, match="mask"):
+        distinct_token_scores(x, mask=mask[:, :3])
 
 
 def _peaks_reference(sim, k, m):

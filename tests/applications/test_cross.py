@@ -35,6 +35,7 @@ from jattn.nn.applications.cross import (
     PerceiverResampler,
     QueryDecoder,
     QueryDecoderLayer,
+    TokenResampler,
 )
 from tests.conftest import check_against_reference as _check
 from tests.conftest import normal
@@ -566,3 +567,28 @@ def test_pair_encoder_bi_is_separate_and_cross_is_joint():
         h_x, w, bias, segment_ids=seg), atol=1e-5)
     for mode in ("cross", "bi"):
         np.testing.assert_allclose(scores[mode][1], scores[mode][0], atol=1e-5)
+
+
+def test_token_resampler_keeps_the_distinct_tokens_and_lets_them_read_all():
+    """P64 TextMonkey: the kept tokens are the most distinct (a duplicated token loses one
+    copy), in position order; the output is LayerNorm(kept + cross attention from the kept
+    tokens to every valid token), written out with the layer's own parts."""
+    B, S, d = 2, 12, 16
+    x = normal(0, (B, S, d))
+    x = x.at[:, 7].set(2.0 * x[:, 3])  # token 7 repeats token 3's direction
+    mask = jnp.ones((B, S), bool).at[1, 10:].set(False)
+    layer = TokenResampler(d, S - 3, num_heads=2, rngs=nnx.Rngs(1))
+    out, kept = nnx.jit(lambda m, x, mask: m(x, mask=mask))(layer, x, mask)
+    assert out.shape == (B, S - 3, d) and kept.dtype == jnp.int32
+    for b in range(B):
+        row = kept[b].tolist()
+        assert row == sorted(row) and not {3, 7} <= set(row)
+    assert not {10, 11} & set(kept[1].tolist())  # invalid tokens are never kept
+    queries = jnp.take_along_axis(x, kept[..., None], axis=1)
+    want = layer.norm(queries + layer.attn(layer.query_norm(queries), layer.context_norm(x),
+                                           context_mask=mask))
+    np.testing.assert_allclose(out, want, atol=1e-5)
+    # gradients reach the tokens (kept and read) and the attention's weights
+    grads = nnx.grad(lambda m, x: m(x)[0].sum(), argnums=(0, 1))(layer, x)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    assert float(jnp.abs(grads[1]).sum()) > 0

@@ -198,3 +198,58 @@ def test_module_equals_functional_call(with_states):
         LandmarkAttention(8, num_heads=3, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"^landmark_states:"):
         module(x, landmark_states=jnp.ones((2, 3, 8)))
+
+
+# ---------------------------------------------------------------- decoding against a cache
+
+
+@pytest.mark.parametrize("top_k,T", [(None, 1), (0, 3), (1, 1), (2, 3)])
+def test_decode_equals_the_last_rows_of_the_reference(top_k, T):
+    """Queries at the last T positions of 23 tokens (last block partial) against a cache of
+    28 slots whose unwritten slots hold garbage: the float64 reference's last rows, with
+    the length traced under jit."""
+    from jattn.efficient.landmark import landmark_decode
+
+    S, slots, bs = 23, 28, 4
+    with jax.enable_x64(True):
+        q, k, v, marks = to64(_inputs(T=slots, block_size=bs, seed=3))
+        garbage = (slice(None), slice(S, None))
+        k, v = k.at[garbage].set(1e3), v.at[garbage].set(-1e3)
+        decode = jax.jit(functools.partial(landmark_decode, block_size=bs, top_k=top_k))
+        got = decode(q[:, S - T:S], k, v, marks, jnp.int32(S))
+        want = reference.landmark_attention(q[:, :S], k[:, :S], v[:, :S],
+                                            marks[:, :num_blocks(S, bs)], block_size=bs,
+                                            top_k=top_k)[:, S - T:]
+        assert normalised_error(got, want) < 1e-12
+    # float32 against the chunked training form's rows
+    q, k, v, marks = _inputs(T=S, block_size=bs, seed=3)
+    got = landmark_decode(q[:, -T:], k, v, marks, S, block_size=bs, top_k=top_k)
+    want = landmark_attention(q, k, v, marks, block_size=bs, top_k=top_k)[:, -T:]
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_decode_bad_length():
+    from jattn.efficient.landmark import landmark_decode
+
+    q, k, v, marks = _inputs(T=8, block_size=4)
+    for length in (1, 9):  # fewer than the 3 queries, more than the 8 slots
+        with pytest.raises(ValueError, match="length"):
+            landmark_decode(q[:, :3], k, v, marks, length, block_size=4)
+
+
+@pytest.mark.parametrize("top_k", [None, 1])
+def test_module_decoding_equals_the_full_forward(top_k):
+    """prefill(5 tokens), 4 single steps, then a block of 3: the full causal forward."""
+    layer = LandmarkAttention(16, num_heads=2, block_size=3, top_k=top_k, rngs=nnx.Rngs(2))
+    x = normal(5, (2, 12, 16))
+    full = layer(x)
+    y, cache = nnx.jit(lambda m, x: m.prefill(x, max_length=16))(layer, x[:, :5])
+    pieces = [y]
+    step = nnx.jit(lambda m, x, c: m.step(x, c))
+    for t in range(5, 9):
+        y, cache = step(layer, x[:, t:t + 1], cache)
+        pieces.append(y)
+    y, cache = step(layer, x[:, 9:], cache)
+    pieces.append(y)
+    assert int(cache.length) == 12
+    np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=2e-5, rtol=1e-4)

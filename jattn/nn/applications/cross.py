@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn.analysis.tokens import distinct_token_scores, gather_tokens, keep_top_tokens
 from jattn.applications.cross import (
     COMBINES,
     PAIR_MODES,
@@ -396,6 +397,45 @@ class PerceiverResampler(nnx.Module):
             z = z + attn(zn(z), cn(x), context_mask=m)
             z = z + mlp(mn(z))
         return self.norm(z)
+
+
+class TokenResampler(nnx.Module):
+    """TextMonkey's token resampler: keep the ``num_keep`` tokens least like the others
+    (:func:`jattn.analysis.tokens.distinct_token_scores`, highest scores, in position
+    order) and let them read every token by cross attention:
+    kept + LatentCrossAttention(norm(kept), norm(x)), then a LayerNorm. The selection itself
+    passes no gradient (it is an index); the kept tokens and the attention do.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> r = TokenResampler(16, 4, num_heads=2, rngs=nnx.Rngs(0))
+        >>> out, kept = r(jnp.arange(480.0).reshape(1, 30, 16) % 7)
+        >>> out.shape, kept.shape
+        ((1, 4, 16), (1, 4))
+
+    References:
+        P64 TextMonkey, "TextMonkey: An OCR-Free Large Multimodal Model for Understanding
+        Document".
+    """
+
+    def __init__(self, d_model: int, num_keep: int, *, num_heads: int = 1, rngs: nnx.Rngs):
+        self.num_keep = check_int("num_keep", num_keep)
+        self.attn = LatentCrossAttention(d_model, num_heads=num_heads, rngs=rngs)
+        self.query_norm = nnx.LayerNorm(d_model, rngs=rngs)
+        self.context_norm = nnx.LayerNorm(d_model, rngs=rngs)
+        self.norm = nnx.LayerNorm(d_model, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+        """x [B, S, d_model] (``mask`` bool [B, S]) -> (resampled [B, num_keep, d_model],
+        the kept positions int32 [B, num_keep])."""
+        kept = keep_top_tokens(distinct_token_scores(x, mask=mask), self.num_keep)
+        queries = gather_tokens(x, kept)
+        mask = None if mask is None else jnp.broadcast_to(mask, x.shape[:2])
+        out = queries + self.attn(self.query_norm(queries), self.context_norm(x),
+                                  context_mask=mask)
+        return self.norm(out), kept
 
 
 class MultiLevelCrossAttention(nnx.Module):

@@ -11,8 +11,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import jattn
 from jattn.core.shapes import check_heads
-from jattn.efficient.landmark import landmark_attention, mean_landmark_keys, num_blocks
+from jattn.efficient.landmark import (
+    landmark_attention,
+    landmark_decode,
+    mean_landmark_keys,
+    num_blocks,
+)
 from jattn.nn.layers import torch_linear
 
 
@@ -71,3 +77,34 @@ class LandmarkAttention(nnx.Module):
                                  is_causal=self.is_causal,
                                  top_k=self.top_k if top_k is None else top_k)
         return self.out_proj(out.reshape(B, T, D))
+
+    def prefill(self, x: jax.Array, *, max_length: int) -> tuple[jax.Array, jattn.KVCache]:
+        """Causal forward of a prompt x [B, T, d_model] and the KV cache (``max_length``
+        slots) for :meth:`step`; the module's ``top_k`` applies (landmarks: the default
+        block-mean keys)."""
+        self._check_decodable()
+        B, _, D = x.shape
+        cache = jattn.init_cache(B, max_length, self.num_heads, D // self.num_heads,
+                                 dtype=x.dtype)
+        return self.step(x, cache)
+
+    def step(self, x: jax.Array, cache: jattn.KVCache, *, position=None
+             ) -> tuple[jax.Array, jattn.KVCache]:
+        """The next tokens x [B, T, d_model] against the cache (:func:`jattn.landmark_decode`
+        after writing their keys and values; landmarks are the block-mean keys of the
+        cache): (output, updated cache). ``position`` is implied by the cache."""
+        del position
+        self._check_decodable()
+        B, T, D = x.shape
+        q, k, v = (proj(x).reshape(B, T, self.num_heads, -1)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        cache = jattn.write_cache(cache, k, v)
+        keys, values = cache.key.astype(q.dtype), cache.value.astype(q.dtype)
+        landmarks = mean_landmark_keys(keys, self.block_size, offset=self.landmark_key[...])
+        out = landmark_decode(q, keys, values, landmarks.astype(q.dtype), cache.length,
+                              block_size=self.block_size, top_k=self.top_k)
+        return self.out_proj(out.reshape(B, T, D)), cache
+
+    def _check_decodable(self) -> None:
+        if not self.is_causal:
+            raise NotImplementedError("decoding token by token needs a causal layer")
