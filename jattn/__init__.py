@@ -18,6 +18,7 @@ from jattn.applications.cross import (
     PairInputs,
     bi_encoder_score,
     co_attention,
+    concept_explanation_loss,
     cross_encoder_score,
     label_attention,
     label_logits,
@@ -25,6 +26,7 @@ from jattn.applications.cross import (
     multi_level_cross_attention,
     pair_inputs,
     pair_mask,
+    slot_attention,
 )
 from jattn.applications.fusion import (
     appended_kv_attention,
@@ -148,6 +150,7 @@ __all__ = [
     "chunked_attention",
     "cls_cross_attention",
     "co_attention",
+    "concept_explanation_loss",
     "conditional_transport",
     "conditioned_channel_attention",
     "context_query_pooling",
@@ -210,6 +213,7 @@ __all__ = [
     "route_to_clusters",
     "routing_attention",
     "similarity_weighted_aggregation",
+    "slot_attention",
     "squeeze_excitation",
     "tile_schedule",
     "topk_attention",

@@ -52,6 +52,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from jattn.core.attention import attention_weights, dot_product_attention, masked_softmax
@@ -352,6 +353,20 @@ def co_attention(a: Array, b: Array, value_a: Array | None = None,
 # latent slots / resampler (P06, P60, P13)
 
 
+def _check_slot_inputs(name: str, queries, keys, values) -> tuple[Array, Array, Array]:
+    """Queries [M, N, H] or [B, M, N, H] (shared or per example), keys [B, S, K, H] and
+    values [B, S, K, Hv], as arrays."""
+    queries, keys, values = (jnp.asarray(x) for x in (queries, keys, values))
+    check_rank(name, queries, (3, 4), "[M, N, H] or [B, M, N, H]")
+    check_rank("keys", keys, (4,), "[B, S, K, H]")
+    check_rank("values", values, (4,), "[B, S, K, Hv]")
+    B = keys.shape[0]
+    if queries.ndim == 4 and queries.shape[0] != B:
+        raise ValueError(f"{name}: expected [B={B}, M, N, H] to match keys {keys.shape}, "
+                         f"got {queries.shape}")
+    return queries, keys, values
+
+
 def latent_cross_attention(latents: Array, keys: Array, values: Array, *,
                            mask: Array | None = None, latent_keys: Array | None = None,
                            latent_values: Array | None = None, scale: float | None = None
@@ -403,14 +418,8 @@ def latent_cross_attention(latents: Array, keys: Array, values: Array, *,
         TextHawk (the resampler); P13 gCOG (Perceiver-style cross attention between input
         domains).
     """
-    latents, keys, values = (jnp.asarray(x) for x in (latents, keys, values))
-    check_rank("latents", latents, (3, 4), "[M, N, H] or [B, M, N, H]")
-    check_rank("keys", keys, (4,), "[B, S, K, H]")
-    check_rank("values", values, (4,), "[B, S, K, Hv]")
+    latents, keys, values = _check_slot_inputs("latents", latents, keys, values)
     B, S, K, H = keys.shape
-    if latents.ndim == 4 and latents.shape[0] != B:
-        raise ValueError(f"latents: expected [B={B}, M, N, H] to match keys {keys.shape}, "
-                         f"got {latents.shape}")
     M = latents.shape[-3]
     q = jnp.broadcast_to(latents, (B, *latents.shape[-3:]))
     mask = _check_mask("mask", mask, (B, S), "BS")
@@ -434,6 +443,133 @@ def latent_cross_attention(latents: Array, keys: Array, values: Array, *,
     if mask is not None:
         mask = mask[:, None, None, :]
     return dot_product_attention(q, keys, values, mask=mask, scale=scale)
+
+
+def slot_attention(slots: Array, keys: Array, values: Array, *, mask: Array | None = None,
+                   scale: float | None = None, eps: float = 1e-8) -> tuple[Array, Array]:
+    r"""One round of slot competition (Slot Attention): the slots compete for each input,
+    then each slot takes the weighted mean of the inputs it won.
+
+    .. math::
+        a_{mj} = \mathrm{softmax}_{m}\big(\mathrm{scale}\, \langle z_m, k_j \rangle\big)
+        + \epsilon, \qquad u_m = \sum_j \frac{a_{mj}}{\sum_{j'} a_{mj'}}\, v_j
+
+    The softmax runs over the slots (not over the inputs as in
+    :func:`latent_cross_attention`), so the slots divide the inputs between them: the
+    object-centric memory of Concept-Centric Transformers. A module iterates this with a
+    GRU update (``jattn.nn.SlotAttention``). Masked inputs take part in no competition.
+
+    Args:
+        slots: [M, N, H] (shared) or [B, M, N, H], the projected slot queries.
+        keys: [B, S, K, H] (N % K == 0: GQA).
+        values: [B, S, K, Hv].
+        mask: bool [B, S], True for real inputs; None: all valid.
+        scale: logits scale; default 1 / sqrt(H).
+        eps: added to every valid attention weight before the per-slot normalisation (a
+            slot that wins nothing still averages the inputs, uniformly).
+
+    Returns:
+        (updates [B, M, N, Hv] in the inputs' dtype, attention [B, N, M, S] float32: each
+        input's distribution over the slots, 0 at masked inputs).
+
+    Raises:
+        ValueError: wrong ranks or shapes, a non-positive eps.
+        TypeError: non-floating or mixed dtypes, a non-boolean mask.
+
+    >>> import jax
+    >>> z = jax.random.normal(jax.random.key(0), (3, 1, 8))           # 3 slots, 1 head
+    >>> x = jax.random.normal(jax.random.key(1), (2, 20, 1, 8))
+    >>> updates, attention = slot_attention(z, x, x)
+    >>> updates.shape, bool(jnp.allclose(attention.sum(2), 1.0))
+    ((2, 3, 1, 8), True)
+
+    References:
+        P06 Concept-Centric Transformers (an object-centric memory extracts the concepts);
+        Locatello et al., "Object-Centric Learning with Slot Attention", 2020.
+    """
+    slots, keys, values = _check_slot_inputs("slots", slots, keys, values)
+    B, S, K, H = keys.shape
+    M, N = slots.shape[-3], slots.shape[-2]
+    if slots.shape[-1] != H or N % K or values.shape[:3] != (B, S, K):
+        raise ValueError(f"slots, keys, values: expected slots [.., M, N, H={H}] with N a "
+                         f"multiple of K={K} and values [B={B}, S={S}, K={K}, Hv], got "
+                         f"{slots.shape}, {keys.shape}, {values.shape}")
+    check_floating("keys", keys)
+    _check_same_dtype("slots, keys, values", slots, keys, values)
+    mask = _check_mask("mask", mask, (B, S), "BS")
+    if not eps > 0:
+        raise ValueError(f"eps: expected a positive number, got {eps!r}")
+    scale = H ** -0.5 if scale is None else scale
+    dtype = accumulation_dtype(keys.dtype)
+    z = jnp.broadcast_to(slots, (B, M, N, H)).reshape(B, M, K, N // K, H)
+    logits = jnp.einsum("bmkgh,bskh->bkgms", z, keys, preferred_element_type=dtype) * scale
+    attention = jax.nn.softmax(logits, axis=3)  # over the slots
+    valid = jnp.ones((B, S), bool) if mask is None else mask
+    attention = jnp.where(valid[:, None, None, None, :], attention, 0.0)
+    weights = jnp.where(valid[:, None, None, None, :], attention + eps, 0.0)
+    weights = weights / weights.sum(-1, keepdims=True)
+    updates = jnp.einsum("bkgms,bskh->bmkgh", weights, values.astype(dtype))
+    Hv = values.shape[-1]
+    return (updates.reshape(B, M, N, Hv).astype(keys.dtype),
+            attention.reshape(B, N, M, S).astype(jnp.float32))
+
+
+def concept_explanation_loss(attention: Array, target: Array, *,
+                             mask: Array | None = None) -> Array:
+    r"""The explanation loss of concept-based transformers: the concepts' share of the
+    attention, averaged over heads and valid input tokens, against annotated concept
+    relevance normalised to sum to one (squared Euclidean distance, mean over the batch).
+
+    .. math::
+        \mathcal{L} = \frac{1}{B} \sum_b \Big\lVert \frac{1}{N |T_b|} \sum_{n, t \in T_b}
+        A_{bntc} - \frac{y_{bc}}{\sum_{c'} y_{bc'}} \Big\rVert^2
+
+    Our reading: Concept-Centric Transformers name "standard classification and explanation
+    losses"; the explanation loss of the Concept Transformer it builds on is this distance
+    between the attention over concepts and the human-annotated concepts. Rows with no
+    annotated concept (all zeros) contribute nothing.
+
+    Args:
+        attention: [B, N, T, C], each token's attention over C concepts (rows sum to one),
+            e.g. ``jattn.latent_cross_attention``'s weights with the roles swapped.
+        target: [B, C] non-negative concept annotations.
+        mask: bool [B, T], the tokens that count (None: all).
+
+    Returns:
+        float32 scalar.
+
+    Raises:
+        ValueError: wrong ranks or shapes.
+        TypeError: non-floating attention or target, a non-boolean mask.
+
+    >>> import jax.numpy as jnp
+    >>> a = jnp.array([[[[0.75, 0.25], [0.25, 0.75]]]])   # B=1, N=1, T=2, C=2
+    >>> float(concept_explanation_loss(a, jnp.array([[1.0, 1.0]])))
+    0.0
+
+    References:
+        P06 Concept-Centric Transformers; Rigotti et al., "Attention-based Interpretability
+        with Concept Transformers", 2022.
+    """
+    attention, target = jnp.asarray(attention), jnp.asarray(target)
+    check_rank("attention", attention, (4,), "[B, N, T, C]")
+    check_rank("target", target, (2,), "[B, C]")
+    check_floating("attention", attention)
+    check_floating("target", target)
+    B, N, T, C = attention.shape
+    if target.shape != (B, C):
+        raise ValueError(f"target: expected [B={B}, C={C}] to match attention "
+                         f"{attention.shape}, got {target.shape}")
+    mask = _check_mask("mask", mask, (B, T), "BT")
+    valid = jnp.ones((B, T), bool) if mask is None else mask
+    a = attention.astype(jnp.float32)
+    count = jnp.maximum(valid.sum(1), 1) * N  # [B]
+    share = jnp.where(valid[:, None, :, None], a, 0.0).sum((1, 2)) / count[:, None]
+    total = target.astype(jnp.float32).sum(1, keepdims=True)
+    annotated = total[:, 0] > 0
+    wanted = target.astype(jnp.float32) / jnp.where(annotated[:, None], total, 1.0)
+    per_row = jnp.where(annotated, ((share - wanted) ** 2).sum(1), 0.0)
+    return per_row.mean()
 
 
 def multi_level_cross_attention(query: Array, keys: Sequence[Array], values: Sequence[Array],

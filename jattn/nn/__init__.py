@@ -16,6 +16,7 @@ from jattn.nn.applications.cross import (
     PerceiverResampler,
     QueryDecoder,
     QueryDecoderLayer,
+    SlotAttention,
     TokenResampler,
 )
 from jattn.nn.applications.fusion import (
@@ -171,6 +172,7 @@ __all__ = [
     "SelectiveLookups",
     "SentenceAttentionBlock",
     "ShortConv",
+    "SlotAttention",
     "SparseAttention",
     "SqueezeExcitation",
     "TitansLMM",

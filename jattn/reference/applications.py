@@ -794,6 +794,41 @@ def latent_cross_attention(latents, keys, values, *, mask=None, latent_keys=None
     return jnp.einsum("bnmj,bjnh->bmnh", w, v).astype(keys.dtype)
 
 
+def slot_attention(slots, keys, values, *, mask=None, scale=None, eps=1e-8):
+    """P06: for each input a softmax over the slots (masked inputs: none), + eps, then each
+    slot's weighted mean of the inputs; K/V heads repeated, float64 where given."""
+    keys, values = jnp.asarray(keys), jnp.asarray(values)
+    dtype = jnp.promote_types(keys.dtype, jnp.float32)
+    B, S, K, H = keys.shape
+    z = jnp.broadcast_to(jnp.asarray(slots), (B, *jnp.shape(slots)[-3:])).astype(dtype)
+    N = z.shape[2]
+    k = jnp.repeat(keys.astype(dtype), N // K, axis=2)
+    v = jnp.repeat(values.astype(dtype), N // K, axis=2)
+    valid = (jnp.ones((B, S), bool) if mask is None else jnp.asarray(mask))[:, None, None, :]
+    scale = H ** -0.5 if scale is None else scale
+    logits = scale * jnp.einsum("bmnh,bsnh->bnms", z, k)
+    e = jnp.exp(logits - logits.max(axis=2, keepdims=True))
+    attention = jnp.where(valid, e / e.sum(axis=2, keepdims=True), 0.0)
+    weights = jnp.where(valid, attention + eps, 0.0)
+    weights = weights / weights.sum(axis=3, keepdims=True)
+    return (jnp.einsum("bnms,bsnh->bmnh", weights, v).astype(keys.dtype),
+            attention.astype(jnp.promote_types(dtype, jnp.float32)))
+
+
+def concept_explanation_loss(attention, target, *, mask=None):
+    """P06: per row, the squared distance between the mean attention over concepts (heads
+    and valid tokens) and the annotations normalised to sum one; rows without annotations
+    count zero; mean over rows."""
+    attention, target = jnp.asarray(attention), jnp.asarray(target)
+    B, N, T, _ = attention.shape
+    valid = jnp.ones((B, T), bool) if mask is None else jnp.asarray(mask)
+    share = (attention * valid[:, None, :, None]).sum((1, 2)) / (
+        N * jnp.maximum(valid.sum(1), 1))[:, None]
+    total = target.sum(1, keepdims=True)
+    wanted = target / jnp.where(total > 0, total, 1)
+    return jnp.where(total[:, 0] > 0, ((share - wanted) ** 2).sum(1), 0).mean()
+
+
 def multi_level_cross_attention(query, keys, values, *, masks=None, combine="joint",
                                 scale=None):
     """P60/P13: "joint" = one softmax over all levels' keys concatenated; "sum" = one softmax

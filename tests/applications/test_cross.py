@@ -18,6 +18,7 @@ from jattn import reference
 from jattn.applications.cross import (
     bi_encoder_score,
     co_attention,
+    concept_explanation_loss,
     cross_encoder_score,
     label_attention,
     label_logits,
@@ -25,6 +26,7 @@ from jattn.applications.cross import (
     multi_level_cross_attention,
     pair_inputs,
     pair_mask,
+    slot_attention,
 )
 from jattn.nn.applications.cross import (
     CoAttention,
@@ -35,6 +37,7 @@ from jattn.nn.applications.cross import (
     PerceiverResampler,
     QueryDecoder,
     QueryDecoderLayer,
+    SlotAttention,
     TokenResampler,
 )
 from tests.conftest import check_against_reference as _check
@@ -592,3 +595,56 @@ def test_token_resampler_keeps_the_distinct_tokens_and_lets_them_read_all():
     grads = nnx.grad(lambda m, x: m(x)[0].sum(), argnums=(0, 1))(layer, x)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
     assert float(jnp.abs(grads[1]).sum()) > 0
+
+
+@pytest.mark.parametrize("shared,masked", [(True, False), (False, True)])
+def test_slot_attention_against_reference(shared, masked):
+    """P06: slots compete (softmax over the slots), then average what they won; GQA,
+    shared or per-example slots, masked inputs; forward and gradients against float64."""
+    B, S, M, N, K, H = 2, 9, 3, 4, 2, 8
+    z = normal(0, (M, N, H) if shared else (B, M, N, H))
+    k, v = normal(1, (B, S, K, H)), normal(2, (B, S, K, 6))
+    mask = jnp.arange(S)[None, :] < jnp.array([[S], [5]]) if masked else None
+    _, attention = _check(
+        lambda z, k, v: slot_attention(z, k, v, mask=mask),
+        lambda z, k, v: reference.slot_attention(z, k, v, mask=mask), (z, k, v))
+    valid = np.ones((B, S), bool) if mask is None else np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(attention).sum(2), np.broadcast_to(
+        valid[:, None, :], (B, N, S)).astype(float), atol=1e-6)  # each input splits over slots
+    # One slot alone wins every input: its update is the plain mean of the values.
+    alone, _ = slot_attention(z[..., :1, :, :], k, v)
+    np.testing.assert_allclose(alone[:, 0], jnp.repeat(v, 2, axis=2).mean(1), atol=1e-5)
+
+
+def test_concept_explanation_loss_against_reference():
+    B, N, T, C = 3, 2, 5, 4
+    attention = jax.nn.softmax(normal(0, (B, N, T, C)), axis=-1)
+    target = jnp.array([[1.0, 0, 1, 0], [0, 0, 0, 0], [0.2, 0.3, 0, 0.5]])
+    mask = jnp.arange(T)[None, :] < jnp.array([[5], [2], [3]])
+    _check(lambda a, y: concept_explanation_loss(a, y, mask=mask),
+           lambda a, y: reference.concept_explanation_loss(a, y, mask=mask), (attention, target))
+    # Attention that spends on the annotated concepts exactly what they are worth costs 0.
+    wanted = jnp.broadcast_to((target / jnp.maximum(target.sum(1, keepdims=True), 1))[
+        :, None, None, :], attention.shape)
+    assert float(concept_explanation_loss(wanted, target)) < 1e-12
+    with pytest.raises(ValueError, match="target"):
+        concept_explanation_loss(attention, target[:, :3])
+
+
+def test_slot_attention_module_equals_its_rounds_written_out():
+    B, S, d, M = 2, 10, 16, 3
+    x = normal(3, (B, S, d))
+    mask = jnp.arange(S)[None, :] < jnp.array([[S], [6]])
+    m = SlotAttention(d, M, num_iterations=2, num_heads=2, rngs=nnx.Rngs(4))
+    slots, attention = nnx.jit(lambda m, x, mask: m(x, mask=mask))(m, x, mask)
+    k, v = (a.reshape(B, S, 2, d // 2)
+            for a in jnp.split(m.kv_proj(m.input_norm(x)), 2, axis=-1))
+    z = jnp.broadcast_to(m.slots[...], (B, M, d))
+    for _ in range(2):
+        q = m.q_proj(m.slot_norm(z)).reshape(B, M, 2, d // 2)
+        updates, want_attention = reference.slot_attention(q, k, v, mask=mask)
+        z = m.gru(z.reshape(B * M, d), updates.reshape(B * M, d))[0].reshape(B, M, d)
+        z = z + m.mlp(m.mlp_norm(z))
+    np.testing.assert_allclose(slots, z, atol=2e-5)
+    np.testing.assert_allclose(attention, want_attention, atol=2e-6)
+    assert np.all(np.asarray(attention)[1, :, :, 6:] == 0)  # masked inputs join no slot

@@ -45,6 +45,7 @@ from jattn.applications.cross import (
     multi_level_cross_attention,
     pair_inputs,
     pair_mask,
+    slot_attention,
 )
 from jattn.core.attention import dot_product_attention
 from jattn.core.shapes import check_heads, check_int
@@ -397,6 +398,66 @@ class PerceiverResampler(nnx.Module):
             z = z + attn(zn(z), cn(x), context_mask=m)
             z = z + mlp(mn(z))
         return self.norm(z)
+
+
+class SlotAttention(nnx.Module):
+    """Slot Attention: ``num_slots`` learned slots compete for the inputs over
+    ``num_iterations`` rounds (:func:`jattn.slot_attention`: softmax over the slots, each
+    slot's weighted mean of what it won); each round a GRU turns the slots' updates into
+    new slots, then a residual MLP. The object-centric memory of Concept-Centric
+    Transformers, which extracts the concepts that the inputs then read
+    (:class:`LatentCrossAttention`). The initial slots are learned (``slots=`` in the call
+    replaces them, e.g. with noisy samples as in the original Slot Attention).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> m = SlotAttention(16, 4, num_heads=2, rngs=nnx.Rngs(0))
+        >>> slots, attention = m(jnp.ones((2, 30, 16)))
+        >>> slots.shape, attention.shape
+        ((2, 4, 16), (2, 2, 4, 30))
+
+    References:
+        P06 Concept-Centric Transformers; Locatello et al., "Object-Centric Learning with
+        Slot Attention", 2020.
+    """
+
+    def __init__(self, d_model: int, num_slots: int, *, num_iterations: int = 3,
+                 num_heads: int = 1, d_context: int | None = None,
+                 mlp_hidden: int | None = None, rngs: nnx.Rngs):
+        check_heads(d_model, num_heads)
+        check_int("num_slots", num_slots)
+        self.num_iterations = check_int("num_iterations", num_iterations)
+        self.num_heads = num_heads
+        d_context = d_model if d_context is None else d_context
+        self.slots = nnx.Param(jax.random.normal(rngs.params(), (num_slots, d_model)))
+        self.input_norm = nnx.LayerNorm(d_context, rngs=rngs)
+        self.slot_norm = nnx.LayerNorm(d_model, rngs=rngs)
+        self.mlp_norm = nnx.LayerNorm(d_model, rngs=rngs)
+        self.q_proj = torch_linear(d_model, d_model, rngs, use_bias=False)
+        self.kv_proj = torch_linear(d_context, 2 * d_model, rngs, use_bias=False)
+        self.gru = nnx.GRUCell(d_model, d_model, rngs=rngs)
+        self.mlp = MLP(d_model, mlp_hidden or 2 * d_model, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
+                 slots: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """x [B, S, d_context] (``mask`` bool [B, S]) -> (slots [B, M, d_model], the last
+        round's attention [B, num_heads, M, S], each input's distribution over the
+        slots)."""
+        B = x.shape[0]
+        z = self.slots[...] if slots is None else slots
+        z = jnp.broadcast_to(z, (B, *z.shape[-2:]))
+        M, D = z.shape[1:]
+        k, v = (_split_heads(a, self.num_heads)
+                for a in jnp.split(self.kv_proj(self.input_norm(x)), 2, axis=-1))
+        attention = None
+        for _ in range(self.num_iterations):
+            q = _split_heads(self.q_proj(self.slot_norm(z)), self.num_heads)
+            updates, attention = slot_attention(q, k, v, mask=mask)
+            z, _ = self.gru(z.reshape(B * M, D), updates.reshape(B * M, D))
+            z = z.reshape(B, M, D)
+            z = z + self.mlp(self.mlp_norm(z))
+        return z, attention
 
 
 class TokenResampler(nnx.Module):
