@@ -63,7 +63,7 @@ from jattn.nn.efficient.heads import (
 )
 from jattn.nn.efficient.landmark import LandmarkAttention
 from jattn.nn.efficient.linear import BasedLinearAttention, LinearAttention, RandomFeatureRng
-from jattn.nn.efficient.local import HaloAttention, WindowAttention
+from jattn.nn.efficient.local import HaloAttention, SkipWindowAttention, WindowAttention
 from jattn.nn.efficient.longheads import LongHeadsAttention
 from jattn.nn.efficient.neighborhood import NeighborhoodAttention
 from jattn.nn.efficient.routing import RoutingAttention, RoutingCentroids
@@ -172,6 +172,7 @@ __all__ = [
     "SelectiveLookups",
     "SentenceAttentionBlock",
     "ShortConv",
+    "SkipWindowAttention",
     "SlotAttention",
     "SparseAttention",
     "SqueezeExcitation",

@@ -15,7 +15,7 @@ from flax import nnx
 import jattn
 from jattn import masks, reference
 from jattn.efficient.local import halo_attention, relative_position_index, window_attention
-from jattn.nn.efficient.local import HaloAttention, WindowAttention
+from jattn.nn.efficient.local import HaloAttention, SkipWindowAttention, WindowAttention
 from tests.conftest import (
     EMPTY,
     FULL,
@@ -425,3 +425,26 @@ def test_halo_module_equals_functional_call():
                                   is_causal=True))(*_projected(module, x, 2))
     want = y.reshape(x.shape) @ module.out_proj.kernel[...] + module.out_proj.bias[...]
     np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(module, x), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_skip_window_attention_against_dense_windows(shift):
+    """P09: decoder tokens read the skip features of their (shifted) window; the pair set
+    is the block_window mask's, checked against Swin's construction above; forward and
+    gradients of the whole layer against the float64 dense reference."""
+    B, L, d = 2, 8, 16
+    layer = SkipWindowAttention(d, num_heads=2, window_size=4, shift=shift, rngs=nnx.Rngs(0))
+    decoder, skip = normal(1, (B, L, L, d)), normal(2, (B, L, L, d))
+    allowed = masks.block_window((L, L), 4, shift=shift).materialize(L * L, L * L)
+
+    def dense(decoder, skip):
+        heads = (B, L * L, 2, d // 2)
+        q = layer.q_proj(layer.decoder_norm(decoder)).reshape(heads)
+        k, v = (a.reshape(heads) for a in jnp.split(layer.kv_proj(layer.skip_norm(skip)), 2, -1))
+        read = reference.dot_product_attention(q, k, v, mask=allowed)
+        read = layer.out_proj(read.reshape(decoder.shape))
+        return layer.fuse(jnp.concatenate([decoder, read], axis=-1))
+
+    check_against_reference(lambda a, b: layer(a, b), dense, (decoder, skip))
+    with pytest.raises(ValueError, match="skip"):
+        layer(decoder, skip[:, :4])

@@ -105,6 +105,60 @@ class WindowAttention(nnx.Module):
         return self.out_proj(y.reshape(x.shape))
 
 
+class SkipWindowAttention(nnx.Module):
+    """Attention on a U-Net skip connection (Attention Swin U-Net): the decoder's tokens
+    read the encoder's skip features by window cross attention (``jattn.window_attention``
+    with queries from the decoder, keys and values from the skip, the same windows and
+    shift), and a linear layer fuses [decoder; attended skip] back to d_model, in place of
+    Swin-UNet's plain concatenation of [decoder; skip] and its linear layer.
+
+    Our reading of P09: the abstract says the skip path's "classical concatenation" is
+    improved "by incorporating an attention mechanism"; the public code carries several
+    variants (CrossViT-style token exchange, cross-covariance attention on the skip). This
+    module is the cross-attention form: each decoder position attends to the skip features
+    of its window. Layer norms on both inputs, torch.nn.Linear-style initialisation.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> layer = SkipWindowAttention(16, num_heads=2, window_size=4, rngs=nnx.Rngs(0))
+        >>> layer(jnp.ones((1, 8, 8, 16)), jnp.ones((1, 8, 8, 16))).shape
+        (1, 8, 8, 16)
+
+    References:
+        P09 Attention Swin U-Net, "Attention Swin U-Net: Cross-Contextual Attention Mechanism
+        for Skin Lesion Segmentation".
+    """
+
+    def __init__(self, d_model: int, num_heads: int = 1, window_size: int | tuple = 7, *,
+                 shift: int | tuple = 0, rngs: nnx.Rngs):
+        check_heads(d_model, num_heads)
+        self.d_model = d_model
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.shift = shift
+        self.decoder_norm = nnx.LayerNorm(d_model, rngs=rngs)
+        self.skip_norm = nnx.LayerNorm(d_model, rngs=rngs)
+        self.q_proj = torch_linear(d_model, d_model, rngs)
+        self.kv_proj = torch_linear(d_model, 2 * d_model, rngs)
+        self.out_proj = torch_linear(d_model, d_model, rngs)
+        self.fuse = torch_linear(2 * d_model, d_model, rngs)
+
+    def __call__(self, decoder: jax.Array, skip: jax.Array) -> jax.Array:
+        """decoder, skip [B, *spatial, d_model] (1 or 2 spatial axes, the same grid) ->
+        [B, *spatial, d_model]."""
+        _check_grid(decoder, (3, 4), self.d_model)
+        if skip.shape != decoder.shape:
+            raise ValueError(f"skip: expected the decoder's shape {decoder.shape}, got "
+                             f"{skip.shape}")
+        heads = (*decoder.shape[:-1], self.num_heads, -1)
+        q = self.q_proj(self.decoder_norm(decoder)).reshape(heads)
+        k, v = (a.reshape(heads) for a in jnp.split(self.kv_proj(self.skip_norm(skip)), 2, -1))
+        read = window_attention(q, k, v, window_size=self.window_size, shift=self.shift)
+        read = self.out_proj(read.reshape(decoder.shape))
+        return self.fuse(jnp.concatenate([decoder, read], axis=-1))
+
+
 class HaloAttention(nnx.Module):
     """HaloNet blocked local self-attention (``jattn.halo_attention``) over 1-D or 2-D grids.
 
