@@ -40,6 +40,8 @@ References:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -238,16 +240,28 @@ def landmark_decode(query: Array, key: Array, value: Array, landmark_keys: Array
         P21 Landmark Attention, "Landmark Attention: Random-Access Infinite Context Length
         for Transformers".
     """
-    B, T, N, H, S, K, Hv = check_qkv(query, key, value)
+    _, T, _, H, S, _, _ = check_qkv(query, key, value)
     bs = check_int("block_size", block_size)
     k_top = check_int("top_k", top_k, minimum=0, allow_none=True)
-    nb = _check_landmark_keys(landmark_keys, query, key, bs)
+    _check_landmark_keys(landmark_keys, query, key, bs)
     if is_concrete(length) and not T <= int(length) <= S:
         raise ValueError(f"length: expected T={T} <= length <= S={S}, got {int(length)}")
-    scale = H ** -0.5 if scale is None else scale
+    scale = H ** -0.5 if scale is None else float(scale)
+    return _landmark_decode(query, key, value, landmark_keys, jnp.asarray(length, jnp.int32),
+                            bs, k_top, scale)
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+def _landmark_decode(query: Array, key: Array, value: Array, landmark_keys: Array,
+                     length: Array, bs: int, k_top: int | None, scale: float) -> Array:
+    """:func:`landmark_decode` after its checks, as one program (also when called eagerly:
+    a decoding step is many small operations)."""
+    B, T, N, H = query.shape
+    S, K, Hv = key.shape[1], key.shape[2], value.shape[-1]
+    nb = num_blocks(S, bs)
     G = N // K
     dtype = accumulation_dtype(query.dtype)
-    position = jnp.asarray(length, jnp.int32) - T + jnp.arange(T, dtype=jnp.int32)  # [T]
+    position = length - T + jnp.arange(T, dtype=jnp.int32)  # [T]
     own = position // bs
     q = query.reshape(B, T, K, G, H)
     landmark_logits = jnp.einsum("btkgh,bckh->bkgtc", q, landmark_keys,
