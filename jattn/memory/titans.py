@@ -917,13 +917,21 @@ def neural_memory(params: NeuralMemoryParams, x: Array, *, chunk_size: int,
             raise ValueError("initial_state.conv: expected "
                              f"{'None' if params.conv is None else 'an array'} "
                              f"(conv_size={cfg.conv_size}), got {initial_state.conv!r:.100}")
+    y, state = _neural_memory(params, x, initial_state, fresh, chunk_size, implementation,
+                              retrieve, max_grad_norm, gate_granularity)
+    return (y, state) if return_state else y
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8))
+def _neural_memory(params: NeuralMemoryParams, x: Array, initial_state: NeuralMemoryState,
+                   fresh: bool, chunk_size, implementation, retrieve, max_grad_norm,
+                   gate_granularity) -> tuple[Array, NeuralMemoryState]:
+    """:func:`neural_memory` after its checks, as one program (called eagerly, the
+    projections, gates and scans would otherwise compile operation by operation)."""
     # (no initial state: zeros before position 0 without a concatenated copy)
     inputs, conv = memory_inputs(params, x, conv_state=None if fresh else initial_state.conv)
     y, weights, momentum = memory_recurrence(
         initial_state.weights, initial_state.momentum, inputs, chunk_size=chunk_size,
         implementation=implementation, retrieve=retrieve, max_grad_norm=max_grad_norm,
         gate_granularity=gate_granularity)
-    y = y.astype(x.dtype)
-    if return_state:
-        return y, NeuralMemoryState(weights, momentum, conv)
-    return y
+    return y.astype(x.dtype), NeuralMemoryState(weights, momentum, conv)
