@@ -840,6 +840,12 @@ def _compact(x: Array, keep: Array, size: int) -> Compacted:
 # P52 READ: similarity as points
 
 
+def _unit(v: Array, dtype, eps: float) -> Array:
+    """v / max(|v|, eps) along the last axis, in ``dtype``."""
+    v = v.astype(dtype)
+    return v * jax.lax.rsqrt(jnp.maximum((v * v).sum(-1, keepdims=True), eps * eps))
+
+
 def distinct_token_scores(x, *, mask=None, eps: float = 1e-6) -> Array:
     r"""How little each token resembles the others: the negated largest cosine similarity
     to any other valid token of its example, TextMonkey's measure of a significant (not
@@ -888,9 +894,7 @@ def distinct_token_scores(x, *, mask=None, eps: float = 1e-6) -> Array:
 
 @functools.partial(jax.jit, static_argnums=2)
 def _distinct_token_scores(x: Array, mask: Array | None, eps: float) -> Array:
-    dtype = accumulation_dtype(x.dtype)
-    x = x.astype(dtype)
-    unit = x * jax.lax.rsqrt(jnp.maximum((x * x).sum(-1, keepdims=True), eps * eps))
+    unit = _unit(x, accumulation_dtype(x.dtype), eps)
     sim = jnp.einsum("bsd,btd->bst", unit, unit)
     S = x.shape[1]
     neighbour = ~jnp.eye(S, dtype=bool)[None]
@@ -952,12 +956,8 @@ def similarity_map(query_token, image_tokens, grid, *, normalize: bool = False,
 def _similarity_map(query_token: Array, image_tokens: Array, grid: tuple[int, int],
                     normalize: bool, eps: float) -> Array:
     dtype = accumulation_dtype(jnp.result_type(query_token.dtype, image_tokens.dtype))
-
-    def unit(v):
-        v = v.astype(dtype)
-        return v * jax.lax.rsqrt(jnp.maximum((v * v).sum(-1, keepdims=True), eps * eps))
-
-    sim = jnp.einsum("bd,bsd->bs", unit(query_token), unit(image_tokens))
+    sim = jnp.einsum("bd,bsd->bs", _unit(query_token, dtype, eps),
+                     _unit(image_tokens, dtype, eps))
     if normalize:
         low, high = sim.min(-1, keepdims=True), sim.max(-1, keepdims=True)
         spread = high - low

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jattn.core.attention import dot_product_attention
-from jattn.core.shapes import Array, check_qkv, check_shape, is_concrete
+from jattn.core.shapes import Array, check_qkv, check_rank, check_shape, is_concrete
 
 
 @jax.tree_util.register_dataclass
@@ -107,13 +107,9 @@ def cached_attention(query: Array, key: Array, value: Array, cache: KVCache, *,
     >>> out.shape, int(cache.length)
     ((1, 3, 1, 4), 3)
     """
-    dims = check_qkv(query, key, value, separate_value_heads=True)
-    check_shape("key", key, (dims.B, dims.T, *cache.key.shape[2:]), "BTKH")
-    check_shape("value", value, (dims.B, dims.T, *cache.value.shape[2:]), "BTKV")
-    slots, T = cache.key.shape[1], dims.T
-    if cache.window is None and is_concrete(cache.length) and int(cache.length) + T > slots:
-        raise ValueError(f"cache: {T} new tokens do not fit: {int(cache.length)} of {slots} "
-                         "slots used (use a larger init_cache(max_length=...))")
+    check_qkv(query, key, value, separate_value_heads=True)
+    _check_new_tokens(cache, key, value)
+    T = key.shape[1]
     new_positions = cache.length + jnp.arange(T)
     positions = jnp.concatenate([_slot_positions(cache), new_positions])
     keys = jnp.concatenate([cache.key, key.astype(cache.key.dtype)], 1)
@@ -127,17 +123,33 @@ def cached_attention(query: Array, key: Array, value: Array, cache: KVCache, *,
     return out, write_cache(cache, key, value)
 
 
+def _check_new_tokens(cache: KVCache, key: Array, value: Array) -> None:
+    """New tokens' key [B, T, K, H] and value [B, T, Kv, Hv] match the cache and fit in it
+    (a full cache, when its length is known)."""
+    check_rank("key", key, (4,), "[B, T, K, H]")
+    check_rank("value", value, (4,), "[B, T, Kv, Hv]")
+    B, T = cache.key.shape[0], key.shape[1]
+    check_shape("key", key, (B, T, *cache.key.shape[2:]), "BTKH")
+    check_shape("value", value, (B, T, *cache.value.shape[2:]), "BTKV")
+    slots = cache.key.shape[1]
+    if cache.window is None and is_concrete(cache.length) and int(cache.length) + T > slots:
+        raise ValueError(f"cache: {T} new tokens do not fit: {int(cache.length)} of {slots} "
+                         "slots used (use a larger init_cache(max_length=...))")
+
+
 def write_cache(cache: KVCache, key: Array, value: Array) -> KVCache:
     """The cache with T new tokens' key [B, T, K, H] and value [B, T, Kv, Hv] written at
     positions length .. length + T - 1 (into the ring when windowed). For layers that
     attend to the cache their own way (:func:`jattn.landmark_decode`);
-    :func:`cached_attention` writes for itself.
+    :func:`cached_attention` writes for itself. ValueError for shapes that do not match the
+    cache or (full cache, known length) more tokens than slots left.
 
     >>> import jax.numpy as jnp
     >>> int(write_cache(init_cache(1, 8, 1, 4), jnp.ones((1, 3, 1, 4)),
     ...                 jnp.ones((1, 3, 1, 4))).length)
     3
     """
+    _check_new_tokens(cache, key, value)
     T, slots = key.shape[1], cache.key.shape[1]
     key, value = key.astype(cache.key.dtype), value.astype(cache.value.dtype)
     if cache.window is None:

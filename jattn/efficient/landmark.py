@@ -70,8 +70,12 @@ def num_blocks(length: int, block_size: int) -> int:
     return -(-length // block_size)
 
 
-def _check_landmark_keys(landmark_keys: Array, query: Array, key: Array, bs: int) -> int:
-    """Validate landmark_keys [B, ceil(S / bs), K, H] in the query's dtype; the block count."""
+def _check_landmark_args(landmark_keys: Array, query: Array, key: Array, block_size,
+                         top_k) -> tuple[int, int | None, int]:
+    """Validate block_size, top_k and landmark_keys [B, ceil(S / block_size), K, H] in the
+    query's dtype (query and key already checked): (block_size, top_k, block count)."""
+    bs = check_int("block_size", block_size)
+    k_top = check_int("top_k", top_k, minimum=0, allow_none=True)
     B, S, K, H = key.shape
     nb = num_blocks(S, bs)
     check_rank("landmark_keys", landmark_keys, (4,), "[B, num_blocks, K, H]")
@@ -82,7 +86,19 @@ def _check_landmark_keys(landmark_keys: Array, query: Array, key: Array, bs: int
     if landmark_keys.shape != (B, nb, K, H):
         raise ValueError(f"landmark_keys: expected [B, num_blocks=ceil({S}/{bs}), K, H] = "
                          f"{(B, nb, K, H)}, got {landmark_keys.shape}")
-    return nb
+    return bs, k_top, nb
+
+
+def _blocks(x: Array, bs: int) -> Array:
+    """[B, S, K, D] -> [B, K, num_blocks, bs, D], the last block zero-padded."""
+    B, S, K, D = x.shape
+    nb = num_blocks(S, bs)
+    x = jnp.pad(x, ((0, 0), (0, nb * bs - S), (0, 0), (0, 0)))
+    return jnp.moveaxis(x.reshape(B, nb, bs, K, D), 3, 1)
+
+
+# blocks [B, K, nb, bs, D] gathered at indices [B, K, ...] -> [B, K, ..., bs, D]
+_gather_blocks = jax.vmap(jax.vmap(lambda table, i: table[i]))
 
 
 def landmark_attention(query: Array, key: Array, value: Array, landmark_keys: Array, *,
@@ -139,13 +155,11 @@ def landmark_attention(query: Array, key: Array, value: Array, landmark_keys: Ar
         for Transformers".
     """
     B, T, N, H, S, K, _ = check_qkv(query, key, value)
-    bs = check_int("block_size", block_size)
-    k_top = check_int("top_k", top_k, minimum=0, allow_none=True)
+    bs, k_top, nb = _check_landmark_args(landmark_keys, query, key, block_size, top_k)
     if T != S:
         raise NotImplementedError(
             f"landmark_attention: cross attention (T={T} != S={S}) is not supported: each "
             "query belongs to the block of the key sequence at its own position")
-    nb = _check_landmark_keys(landmark_keys, query, key, bs)
     scale = H ** -0.5 if scale is None else scale
     G = N // K
     dtype = accumulation_dtype(query.dtype)
@@ -241,9 +255,7 @@ def landmark_decode(query: Array, key: Array, value: Array, landmark_keys: Array
         for Transformers".
     """
     _, T, _, H, S, _, _ = check_qkv(query, key, value)
-    bs = check_int("block_size", block_size)
-    k_top = check_int("top_k", top_k, minimum=0, allow_none=True)
-    _check_landmark_keys(landmark_keys, query, key, bs)
+    bs, k_top, _ = _check_landmark_args(landmark_keys, query, key, block_size, top_k)
     if is_concrete(length) and not T <= int(length) <= S:
         raise ValueError(f"length: expected T={T} <= length <= S={S}, got {int(length)}")
     scale = H ** -0.5 if scale is None else float(scale)
@@ -272,13 +284,9 @@ def _landmark_decode(query: Array, key: Array, value: Array, landmark_keys: Arra
     chosen = jnp.where(jnp.isfinite(scores), chosen, -1).astype(jnp.int32)
     picked = jnp.concatenate([jnp.broadcast_to(own[:, None], (B, K, G, T, 1)), chosen], -1)
 
-    def blocks(x):  # [B, S, K, D] -> [B, K, nb, bs, D]
-        x = jnp.pad(x, ((0, 0), (0, nb * bs - S), (0, 0), (0, 0)))
-        return jnp.moveaxis(x.reshape(B, nb, bs, K, -1), 3, 1)
-
-    gather = jax.vmap(jax.vmap(lambda table, i: table[i]))  # over B and K
     index = jnp.maximum(picked, 0)
-    k_sel, v_sel = gather(blocks(key), index), gather(blocks(value), index)
+    k_sel = _gather_blocks(_blocks(key, bs), index)
+    v_sel = _gather_blocks(_blocks(value, bs), index)
     s = jnp.einsum("btkgh,bkgtcjh->bkgtcj", q, k_sel, preferred_element_type=dtype) * scale
     token = picked[..., None] * bs + jnp.arange(bs)  # [B, K, G, T, 1 + k, bs]
     seen = (picked[..., None] >= 0) & (token <= position[:, None, None])
@@ -305,8 +313,7 @@ def _block_lse(q: Array, key: Array, chosen: Array, bs: int, scale: float) -> Ar
     S = key.shape[1]
     nb = -(-S // bs)
     dtype = accumulation_dtype(q.dtype)
-    kt = jnp.pad(key, ((0, 0), (0, nb * bs - S), (0, 0), (0, 0)))
-    kt = jnp.moveaxis(kt.reshape(B, nb, bs, K, H), 3, 1)  # [B, K, nb, bs, H]
+    kt = _blocks(key, bs)  # [B, K, nb, bs, H]
     valid = jnp.asarray(np.arange(nb * bs).reshape(nb, bs) < S)
     nc = -(-T // _QUERY_CHUNK)
     Tp = nc * _QUERY_CHUNK
@@ -319,8 +326,7 @@ def _block_lse(q: Array, key: Array, chosen: Array, bs: int, scale: float) -> Ar
     def chunk(args):
         q_blk, c_blk = args  # [B, c, K, G, H], [B, K, G, c, k]
         index = jnp.maximum(c_blk, 0)
-        gather = jax.vmap(jax.vmap(lambda blocks, i: blocks[i]))  # over B and K
-        k_sel = gather(kt, index)  # [B, K, G, c, k, bs, H]
+        k_sel = _gather_blocks(kt, index)  # [B, K, G, c, k, bs, H]
         s = jnp.einsum("bqkgh,bkgqcjh->bkgqcj", q_blk, k_sel,
                        preferred_element_type=dtype) * scale
         s = jnp.where(valid[index][..., :], s, -jnp.inf)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jattn import reference
-from jattn.core.cache import cached_attention, init_cache
+from jattn.core.cache import cached_attention, init_cache, write_cache
 
 B, L, N, K, H, HV = 2, 11, 4, 2, 8, 6
 
@@ -119,3 +119,15 @@ def test_decoding_with_x64_enabled(window):
         assert int(cache.length) == L
     np.testing.assert_allclose(got, want, atol=1e-6)
     np.testing.assert_allclose(got, _full(q, k, v, window), atol=2e-5)
+
+
+def test_write_cache_checks_the_new_tokens():
+    cache = init_cache(2, 4, 1, 8)
+    x = jnp.ones((2, 3, 1, 8))
+    assert int(write_cache(cache, x, x).length) == 3
+    with pytest.raises(ValueError, match="key"):
+        write_cache(cache, x[:1], x)  # another batch size
+    with pytest.raises(ValueError, match="value"):
+        write_cache(cache, x, x[..., :4])  # another head size
+    with pytest.raises(ValueError, match="do not fit"):
+        write_cache(write_cache(cache, x, x), x, x)

@@ -448,3 +448,5 @@ def test_skip_window_attention_against_dense_windows(shift):
     check_against_reference(lambda a, b: layer(a, b), dense, (decoder, skip))
     with pytest.raises(ValueError, match="skip"):
         layer(decoder, skip[:, :4])
+    with pytest.raises(ValueError, match="decoder"):
+        layer(decoder[..., :8], skip)

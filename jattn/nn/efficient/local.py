@@ -19,11 +19,12 @@ from jattn.efficient.local import halo_attention, window_attention
 from jattn.nn.layers import torch_linear
 
 
-def _check_grid(x: jax.Array, spatial_dims: tuple[int, ...] | int, d_model: int) -> None:
+def _check_grid(x: jax.Array, spatial_dims: tuple[int, ...] | int, d_model: int,
+                name: str = "x") -> None:
     ranks = (spatial_dims + 2,) if isinstance(spatial_dims, int) else (3, 4)
     if x.ndim not in ranks or x.shape[-1] != d_model:
         want = " or ".join(f"rank {r}" for r in ranks)
-        raise ValueError(f"x: expected [B, *spatial, d_model={d_model}] ({want}), "
+        raise ValueError(f"{name}: expected [B, *spatial, d_model={d_model}] ({want}), "
                          f"got {x.shape}")
 
 
@@ -147,7 +148,7 @@ class SkipWindowAttention(nnx.Module):
     def __call__(self, decoder: jax.Array, skip: jax.Array) -> jax.Array:
         """decoder, skip [B, *spatial, d_model] (1 or 2 spatial axes, the same grid) ->
         [B, *spatial, d_model]."""
-        _check_grid(decoder, (3, 4), self.d_model)
+        _check_grid(decoder, (3, 4), self.d_model, "decoder")
         if skip.shape != decoder.shape:
             raise ValueError(f"skip: expected the decoder's shape {decoder.shape}, got "
                              f"{skip.shape}")
