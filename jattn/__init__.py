@@ -97,7 +97,12 @@ from jattn.efficient.landmark import (
 )
 from jattn.efficient.linear import LinearAttentionState, linear_attention
 from jattn.efficient.local import halo_attention, relative_position_index, window_attention
-from jattn.efficient.longheads import longheads_attention
+from jattn.efficient.longheads import (
+    LongHeadsCache,
+    init_longheads_cache,
+    longheads_attention,
+    longheads_decode,
+)
 from jattn.efficient.neighborhood import neighborhood_attention
 from jattn.efficient.routing import (
     RoutingState,
@@ -126,6 +131,7 @@ __all__ = [
     "IterativeCrossAttention",
     "KVCache",
     "LinearAttentionState",
+    "LongHeadsCache",
     "MemoryWeights",
     "NeuralMemoryParams",
     "NeuralMemoryState",
@@ -170,6 +176,7 @@ __all__ = [
     "implementations",
     "info_nce",
     "init_cache",
+    "init_longheads_cache",
     "init_neural_memory",
     "init_routing_state",
     "iterative_cross_attention",
@@ -183,6 +190,7 @@ __all__ = [
     "latent_cross_attention",
     "linear_attention",
     "longheads_attention",
+    "longheads_decode",
     "masked_mean",
     "masks",
     "mean_landmark_keys",

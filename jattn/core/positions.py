@@ -60,13 +60,15 @@ def sinusoidal(positions: Array, dim: int, *, base: float = 10000.0) -> Array:
     return jnp.stack([jnp.sin(angles), jnp.cos(angles)], -1).reshape(*angles.shape[:-1], dim)
 
 
-def _inverse_frequencies(dim: int, base: float) -> Array:
-    return base ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+def _inverse_frequencies(dim: int, base: float, dtype=jnp.float32) -> Array:
+    return base ** (-jnp.arange(0, dim, 2, dtype=dtype) / dim)
 
 
 def rope_frequencies(head_dim: int, *, base: float = 10000.0, fraction: float = 1.0,
-                     scaling: str | None = None, factor: float = 1.0) -> Array:
-    """The rotation rates theta_i of the r = fraction * head_dim rotated channels: [r / 2].
+                     scaling: str | None = None, factor: float = 1.0,
+                     dtype=jnp.float32) -> Array:
+    """The rotation rates theta_i of the r = fraction * head_dim rotated channels: [r / 2]
+    in ``dtype`` (float32; :func:`apply_rope` asks for float64 for float64 inputs).
 
     ``scaling="ntk"`` uses base * factor^(r / (r - 2)); ``"linear"`` is applied to the
     positions in :func:`apply_rope` (theta unchanged here).
@@ -81,7 +83,7 @@ def rope_frequencies(head_dim: int, *, base: float = 10000.0, fraction: float = 
         raise ValueError(f"factor: expected > 0, got {factor}")
     if scaling == "ntk" and rotary > 2:
         base = base * factor ** (rotary / (rotary - 2))
-    return _inverse_frequencies(rotary, base)
+    return _inverse_frequencies(rotary, base, dtype)
 
 
 def _rotary_dim(head_dim: int, fraction: float) -> int:
@@ -123,7 +125,8 @@ def apply_rope(x: Array, positions: Array | None = None, *, base: float = 10000.
         interleaved: the channel-pair layout.
 
     Returns:
-        [B, T, N, H] in x's dtype (angles computed in float32).
+        [B, T, N, H] in x's dtype (angles and rotations computed in float32, in float64 for
+        float64 x).
 
     >>> x = jnp.ones((1, 2, 1, 2))
     >>> [round(float(v), 3) for v in apply_rope(x)[0, 1, 0]]  # (1, 1) turned by 1 radian
@@ -132,13 +135,15 @@ def apply_rope(x: Array, positions: Array | None = None, *, base: float = 10000.
     check_rank("x", x, (4,), "[B, T, N, H]")
     check_floating("x", x)
     B, T, _, H = x.shape
-    theta = rope_frequencies(H, base=base, fraction=fraction, scaling=scaling, factor=factor)
+    dtype = accumulation_dtype(x.dtype)
+    theta = rope_frequencies(H, base=base, fraction=fraction, scaling=scaling, factor=factor,
+                             dtype=dtype)
     rotary = 2 * theta.shape[0]
-    p = _positions(positions, B, T).astype(jnp.float32)
+    p = _positions(positions, B, T).astype(dtype)
     if scaling == "linear":
         p = p / factor
     angles = p[:, :, None, None] * theta  # [B, T, 1, r/2]
-    rotated = _rotate(x[..., :rotary].astype(jnp.float32), angles, interleaved)
+    rotated = _rotate(x[..., :rotary].astype(dtype), angles, interleaved)
     return jnp.concatenate([rotated.astype(x.dtype), x[..., rotary:]], -1)
 
 

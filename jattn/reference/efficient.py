@@ -601,15 +601,20 @@ def bilevel_routing_attention(query, key, value, *, region_size, top_k, is_causa
 
 
 def longheads_attention(query, key, value, *, chunk_size, top_k, scale=None,
-                        summary="attention"):
+                        summary="attention", rope_base=None, rope_fraction=1.0,
+                        rope_scaling=None, rope_factor=1.0):
     """LongHeads (P61) as a dense boolean mask + causal softmax, per query head.
 
     Chunk of each position t // chunk_size; summaries from the chunk membership matrix
     (attention-pooled: the chunk's mean query softmax-attends over the chunk's keys; or the
     mean key); candidates for query t are the chunks 1 .. chunk(t) - 1 (loops); the
     ``top_k - 2`` best by a stable descending sort of q_t . c_j are kept with chunk 0 and
-    chunk(t); the token mask adds key position <= query position. Same signature as
-    :func:`jattn.longheads_attention`.
+    chunk(t); the token mask adds key position <= query position. With ``rope_base`` the
+    chosen chunks of (query t, head n) are laid side by side: the slot of a chosen chunk is
+    the count of chosen chunks before it, key s takes slot * chunk_size + s mod chunk_size,
+    query t (number chosen - 1) * chunk_size + t mod chunk_size, and q_t and each k_s are
+    rotated (:func:`_rotary`) at those positions before the dot product. Same signature as
+    :func:`jattn.longheads_attention` (without ``implementation``).
     """
 
     query, key, value = (jnp.asarray(x) for x in (query, key, value))
@@ -636,10 +641,40 @@ def longheads_attention(query, key, value, *, chunk_size, top_k, scale=None,
     score = jnp.where(candidate, score, -jnp.inf)
     rank = jnp.argsort(jnp.argsort(-score, axis=-1, stable=True), axis=-1, stable=True)
     always = np.array([[j == 0 or j == chunk[t] for j in range(m)] for t in range(T)])
-    chosen = (candidate & (rank < top_k - 2)) | always  # [B, N, T, m]
+    chosen = jax.lax.stop_gradient((candidate & (rank < top_k - 2)) | always)  # [B, N, T, m]
     before = np.array([[s <= t for s in range(T)] for t in range(T)])
-    mask = jax.lax.stop_gradient(chosen[..., chunk] & before)
-    return dot_product_attention(query, key, value, mask=mask, scale=scale)
+    mask = chosen[..., chunk] & before
+    if rope_base is None:
+        return dot_product_attention(query, key, value, mask=mask, scale=scale)
+    rope = dict(base=rope_base, fraction=rope_fraction, scaling=rope_scaling,
+                factor=rope_factor)
+    offset = np.arange(T) % chunk_size
+    slot = jnp.cumsum(chosen, axis=-1) - chosen  # chosen chunks before each chunk
+    key_position = slot[..., chunk] * chunk_size + offset  # [B, N, T, S]
+    query_position = (chosen.sum(-1) - 1) * chunk_size + offset  # [B, N, T]
+    qr = _rotary(jnp.moveaxis(q, 1, 2), query_position, **rope)  # [B, N, T, H]
+    kr = _rotary(jnp.moveaxis(k, 1, 2)[:, :, None], key_position, **rope)  # [B, N, T, S, H]
+    logits = jnp.einsum("bnth,bntsh->bnts", qr, kr) * scale
+    v = jnp.repeat(value.astype(dtype), N // K, axis=2)
+    out, _ = masked_softmax_average(logits, mask, v)
+    return out.astype(query.dtype)
+
+
+def _rotary(x, positions, *, base, fraction, scaling, factor):
+    """Rotary embedding of x [..., H] at positions [...] (broadcast against x[..., 0]): with
+    r = fraction * H rounded down to even, channels i and i + r/2 (i < r/2) turned by
+    p * base^(-2i/r); "ntk" scaling uses base * factor^(r / (r - 2)) (r > 2), "linear"
+    p / factor; channels r.. unchanged."""
+    H = x.shape[-1]
+    r = int(H * fraction) // 2 * 2
+    if scaling == "ntk" and r > 2:
+        base = base * factor ** (r / (r - 2))
+    p = jnp.asarray(positions / factor if scaling == "linear" else positions)
+    x = jnp.broadcast_to(x, (*jnp.broadcast_shapes(x.shape[:-1], p.shape), H))
+    angle = p[..., None] * base ** (-2.0 * np.arange(r // 2) / r)
+    a, b = x[..., :r // 2], x[..., r // 2:r]
+    cos, sin = jnp.cos(angle).astype(x.dtype), jnp.sin(angle).astype(x.dtype)
+    return jnp.concatenate([a * cos - b * sin, a * sin + b * cos, x[..., r:]], axis=-1)
 
 
 def route_heads(routed_logits, *, top_k, shared_logits=None, mix_logits=None):
