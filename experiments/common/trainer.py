@@ -4,7 +4,8 @@ What it guarantees:
 
 * **Exact resume.** Everything a step depends on is either in the checkpoint (parameters,
   optimizer state, step, the running epoch loss) or a pure function of (seed, step): the
-  epoch's shuffle and the dropout key. A run interrupted at any point and restarted from
+  batch (the epoch's shuffle of fixed arrays, or a :class:`BatchSource`'s batch of that
+  step) and the dropout key. A run interrupted at any point and restarted from
   its last checkpoint therefore computes the same steps again and ends bit for bit where an
   uninterrupted run ends (on one device; XLA's CPU reductions are deterministic).
 * **Checkpoints** with orbax every ``checkpoint_every`` steps and at the end; killing a run
@@ -14,6 +15,11 @@ What it guarantees:
   parameters are replicated, gradients are reduced by XLA. The same code runs on one CPU,
   simulated CPU devices, a GPU or a TPU slice; multi-host runs call
   :func:`initialize_distributed` first and each process feeds its slice of the batch.
+* **Batches** are rows of fixed arrays, shuffled every epoch (:class:`ShuffledRows`), or
+  whatever a :class:`BatchSource` gives for each step, e.g. batches whose [rows, length]
+  changes from step to step (variable sequence length training,
+  :class:`experiments.common.decomposition.CurriculumBatches`); jit compiles the step once
+  per distinct shape.
 * **Logs**: ``metrics.jsonl`` (one record per ``log_every`` steps and one per epoch, with the
   validation metrics), a tqdm progress bar.
 
@@ -32,7 +38,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +63,9 @@ EvalFn = Callable[[Any, Batch], Mapping[str, jax.Array]]
 class TrainConfig:
     """Optimisation and bookkeeping settings of one run. An experiment nests it in its own
     config rather than copying its fields; a sweep leaves ``learning_rate`` and ``batch_size``
-    None and each run of its grid sets them (:func:`fit` needs both)."""
+    None and each run of its grid sets them (:func:`fit` needs the learning rate, and the
+    batch size to batch fixed arrays; with a :class:`BatchSource`, the source sets the
+    batches and ``eval_batch_size`` the evaluation's)."""
 
     learning_rate: float | None = None
     batch_size: int | None = None
@@ -215,32 +223,74 @@ def _num_rows(data: Mapping[str, np.ndarray], name: str) -> int:
     return next(iter(sizes.values()))
 
 
+class BatchSource(Protocol):
+    """What :func:`fit` trains on when the batches are not shuffled rows of fixed arrays, e.g.
+    when their shape changes from step to step.
+
+    ``source(step)`` is the global batch of that step: host arrays with one common number of
+    rows, optionally with "weight" [rows] (default: all 1; see :data:`LossFn`). It must be a
+    pure function of the step (and of what the source was built from), so a resumed run
+    computes the same batches. ``steps_per_epoch`` sets the epochs (the learning rate,
+    evaluation and the end follow them); ``batch_sizes`` holds every number of rows a batch
+    can have (the default mesh divides them all).
+    """
+
+    steps_per_epoch: int
+    batch_sizes: tuple[int, ...]
+
+    def __call__(self, step: int) -> Mapping[str, np.ndarray]: ...
+
+
+def _rows(data: Mapping[str, np.ndarray], indices: np.ndarray, batch_size: int) -> dict:
+    """The rows ``indices`` of ``data`` as a batch of ``batch_size`` rows: a short batch is
+    padded (with row 0, weight 0) to keep one compiled shape."""
+    real = len(indices)
+    padded = np.concatenate([indices, np.zeros(batch_size - real, indices.dtype)])
+    weight = (np.arange(batch_size) < real).astype(np.float32)
+    return {k: np.asarray(v)[padded] for k, v in data.items()} | {"weight": weight}
+
+
+class ShuffledRows:
+    """The batch source of fixed arrays: each epoch a fresh permutation of the rows (from
+    ``np.random.default_rng([seed, epoch])``) cut into batches of ``batch_size``, the last
+    one padded (:func:`_rows`)."""
+
+    def __init__(self, data: Mapping[str, np.ndarray], batch_size: int, seed: int):
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.num_rows = _num_rows(data, "train")
+        self.steps_per_epoch = math.ceil(self.num_rows / batch_size)
+        self.batch_sizes = (batch_size,)
+        self._epoch, self._order = -1, None
+
+    def __call__(self, step: int) -> dict:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+        size = self.batch_size
+        return _rows(self.data, self._order[position * size:(position + 1) * size], size)
+
+
 class _Feeder:
-    """Host rows -> a global batch sharded over "data" (each process gives its slice)."""
+    """A host batch -> a global batch sharded over "data" (each process gives its slice)."""
 
-    def __init__(self, mesh: Mesh, batch_size: int):
-        devices = mesh.shape["data"]
-        if batch_size % devices:
-            raise ValueError(f"batch_size: must be a multiple of the {devices} devices of "
-                             f"the mesh's data axis, got {batch_size}")
+    def __init__(self, mesh: Mesh):
         self.sharding = NamedSharding(mesh, PartitionSpec("data"))
-        self.batch_size = batch_size
-        per_process = batch_size // jax.process_count()
-        self.rows = slice(jax.process_index() * per_process,
-                          (jax.process_index() + 1) * per_process)
+        self.devices = mesh.shape["data"]
 
-    def __call__(self, data: Mapping[str, np.ndarray], indices: np.ndarray) -> dict:
-        real = len(indices)
-        # A short last batch is padded (with row 0) to keep one compiled shape; weight 0.
-        padded = np.concatenate([indices, np.zeros(self.batch_size - real, indices.dtype)])
-        weight = (np.arange(self.batch_size) < real).astype(np.float32)
-        host = {k: np.asarray(v)[padded] for k, v in data.items()} | {"weight": weight}
-        return {k: jax.make_array_from_process_local_data(self.sharding, v[self.rows])
+    def check(self, name: str, batch_size: int) -> None:
+        if batch_size % self.devices:
+            raise ValueError(f"{name}: must be a multiple of the {self.devices} devices of "
+                             f"the mesh's data axis, got {batch_size}")
+
+    def __call__(self, host: Mapping[str, np.ndarray]) -> dict:
+        size = _num_rows(host, "batch")
+        self.check("batch", size)
+        host = {"weight": np.ones(size, np.float32), **host}
+        per_process = size // jax.process_count()
+        rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+        return {k: jax.make_array_from_process_local_data(self.sharding, np.asarray(v)[rows])
                 for k, v in host.items()}
-
-
-def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 class _Log:
@@ -262,8 +312,9 @@ class _Log:
                 f.write(json.dumps(record) + "\n")
 
 
-def fit(params, *, loss_fn: LossFn, eval_fn: EvalFn, train: Mapping[str, np.ndarray],
-        valid: Mapping[str, np.ndarray], config: TrainConfig, workdir: str | os.PathLike,
+def fit(params, *, loss_fn: LossFn, eval_fn: EvalFn,
+        train: Mapping[str, np.ndarray] | BatchSource, valid: Mapping[str, np.ndarray],
+        config: TrainConfig, workdir: str | os.PathLike,
         mesh: Mesh | None = None, stop_after_steps: int | None = None
         ) -> tuple[Any, TrainResult | None]:
     """Train ``params`` (any pytree, e.g. an ``nnx.State``), resuming from ``workdir``.
@@ -271,7 +322,9 @@ def fit(params, *, loss_fn: LossFn, eval_fn: EvalFn, train: Mapping[str, np.ndar
     Args:
         params: initial parameters (ignored when ``workdir`` holds a checkpoint).
         loss_fn, eval_fn: see :data:`LossFn` and :data:`EvalFn`.
-        train, valid: dicts of host arrays with one row per example.
+        train: a dict of host arrays with one row per example (batched by
+            :class:`ShuffledRows`), or a :class:`BatchSource`.
+        valid: a dict of host arrays with one row per example.
         config: a :class:`TrainConfig`.
         workdir: checkpoints/, metrics.jsonl and result.json go here.
         mesh: a mesh with a "data" axis; default ``make_mesh(config.mesh)``.
@@ -283,17 +336,25 @@ def fit(params, *, loss_fn: LossFn, eval_fn: EvalFn, train: Mapping[str, np.ndar
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    n_train = _num_rows(train, "train")
     _num_rows(valid, "valid")
-    for name in ("learning_rate", "batch_size"):
+    arrays = isinstance(train, Mapping)
+    for name in ("learning_rate", "batch_size") if arrays else ("learning_rate",):
         if getattr(config, name) is None:
             raise ValueError(f"config.{name}: needed to train, got None")
-    mesh = mesh or make_mesh(config.mesh, config.batch_size,
-                             config.eval_batch_size or config.batch_size)
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    eval_batch_size = config.eval_batch_size or config.batch_size
+    if eval_batch_size is None:
+        raise ValueError("config.eval_batch_size: needed to evaluate (a batch source sets no "
+                         "batch_size), got None")
+    source = ShuffledRows(train, config.batch_size, config.seed) if arrays else train
+    steps_per_epoch = source.steps_per_epoch
+    if steps_per_epoch < 1:
+        raise ValueError(f"train: expected at least one step per epoch, got {steps_per_epoch}")
+    mesh = mesh or make_mesh(config.mesh, *source.batch_sizes, eval_batch_size)
     total_steps = steps_per_epoch * config.max_epochs
-    feed = _Feeder(mesh, config.batch_size)
-    feed_eval = _Feeder(mesh, config.eval_batch_size or config.batch_size)
+    feed = _Feeder(mesh)
+    for size in source.batch_sizes:
+        feed.check("batch_size", size)
+    feed.check("eval_batch_size", eval_batch_size)
     replicated = NamedSharding(mesh, PartitionSpec())
 
     schedule = cosine_per_epoch(config.learning_rate, steps_per_epoch, config.max_epochs)
@@ -327,9 +388,9 @@ def fit(params, *, loss_fn: LossFn, eval_fn: EvalFn, train: Mapping[str, np.ndar
     def evaluate(params) -> dict[str, float]:
         n = _num_rows(valid, "valid")
         sums: dict[str, float] = {}
-        for start in range(0, n, feed_eval.batch_size):
-            idx = np.arange(start, min(start + feed_eval.batch_size, n))
-            for k, v in eval_step(params, feed_eval(valid, idx)).items():
+        for start in range(0, n, eval_batch_size):
+            idx = np.arange(start, min(start + eval_batch_size, n))
+            for k, v in eval_step(params, feed(_rows(valid, idx, eval_batch_size))).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         return {k: v / n for k, v in sums.items()}
 
@@ -341,16 +402,14 @@ def fit(params, *, loss_fn: LossFn, eval_fn: EvalFn, train: Mapping[str, np.ndar
                unit="step",
                dynamic_ncols=True, desc=workdir.name)
     result = None
-    done = bool(state["done"])  # host copies: syncing on the device state each step would
-    order_epoch, order = -1, None  # stall the asynchronous dispatch of the next step
+    # A host copy: syncing on the device state each step would stall the asynchronous
+    # dispatch of the next step.
+    done = bool(state["done"])
     while step < total_steps and not done:
-        epoch, position = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:
-            order_epoch, order = epoch, _epoch_order(config.seed, epoch, n_train)
-        batch_rows = order[position * config.batch_size:(position + 1) * config.batch_size]
+        epoch = step // steps_per_epoch
         before = (float(state["loss_sum"]), float(state["loss_count"])) \
             if (step + 1) % config.log_every == 0 else None
-        state = train_step(state, feed(train, batch_rows))
+        state = train_step(state, feed(source(step)))
         step += 1
         bar.update(1)
         if before is not None:

@@ -1,5 +1,5 @@
 """The synthetic tasks: MQAR (the notes' worked example, every invariant on random parameters,
-the gap law), passkey rows, and the gather of supervised positions."""
+the gap law), passkey rows, the gather of supervised positions, and Markov documents."""
 
 from __future__ import annotations
 
@@ -9,6 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from experiments.tasks.labels import IGNORE, label_positions
+from experiments.tasks.markov_documents import (
+    bayes_loss,
+    log_uniform_lengths,
+    markov_chains,
+    sample_documents,
+)
 from experiments.tasks.mqar import (
     gap_probabilities,
     layout,
@@ -161,3 +167,25 @@ def test_label_positions():
     np.testing.assert_array_equal(got["positions"], [[2, 5], [7, 0], [0, 0]])
     np.testing.assert_array_equal(got["targets"], [[11, 12], [13, 0], [0, 0]])
     np.testing.assert_array_equal(got["target_mask"], [[1, 1], [1, 0], [0, 0]])
+
+
+def test_markov_documents_follow_their_chain_and_the_bayes_loss_is_bracketed():
+    chains = markov_chains(vocab_size=8, num_chains=3, concentration=0.3, seed=0)
+    lengths = log_uniform_lengths(num_documents=400, min_length=2, max_length=200, seed=1)
+    assert lengths.min() >= 2 and lengths.max() <= 200
+    tokens, chain = sample_documents(chains, lengths, seed=2)
+    starts = np.cumsum(lengths) - lengths
+    inside = np.ones(len(tokens), bool)
+    inside[starts] = False  # a document's first token has no predecessor
+    position = np.flatnonzero(inside)
+    doc_chain = np.repeat(chain, lengths)[position]
+    previous, current = tokens[position - 1], tokens[position]
+    for k in range(3):  # empirical transitions of each chain's documents
+        counts = np.zeros((8, 8))
+        np.add.at(counts, (previous[doc_chain == k], current[doc_chain == k]), 1)
+        seen = counts.sum(1) > 200
+        np.testing.assert_allclose(counts[seen] / counts[seen].sum(1, keepdims=True),
+                                   chains[k][seen], atol=0.1)
+    known = -np.log(chains[doc_chain, previous, current]).mean()  # the chain told
+    best = bayes_loss(chains, tokens, lengths)
+    assert known < best < known + 0.1 < np.log(8)

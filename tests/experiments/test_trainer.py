@@ -1,4 +1,5 @@
-"""The shared trainer: exact resume, simulated multi-device data parallelism, SIGKILL."""
+"""The shared trainer: exact resume (fixed arrays, and batches whose shape changes from step
+to step), simulated multi-device data parallelism, SIGKILL."""
 
 from __future__ import annotations
 
@@ -14,9 +15,18 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from experiments.common.trainer import TrainConfig, cosine_per_epoch
+from experiments.common.decomposition import (
+    CurriculumBatches,
+    Documents,
+    decompose,
+    pad_documents,
+)
+from experiments.common.lm import next_token_functions
+from experiments.common.trainer import TrainConfig, cosine_per_epoch, fit
 from experiments.zoology.run import RunConfig, RunSettings, train_run
+from jattn.nn.transformer import TransformerLM
 from tests.conftest import REPO
 
 # 256 rows / batch 32 = 8 steps per epoch; attention so that dropout keys matter.
@@ -89,20 +99,45 @@ def test_cosine_schedule_changes_once_per_epoch():
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-def test_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path):
-    full_params, full = train_run(TINY, tmp_path / "full")
+def _zoology_run(workdir: Path, stop: int | None = None):
+    return train_run(TINY, workdir, stop_after_steps=stop)
+
+
+def _variable_length_run(workdir: Path, stop: int | None = None):
+    """A next-token LM on dataset decomposition batches of 32 tokens: documents of 4 and 8
+    targets give 4 batches of each length an epoch (8 steps, 2 shapes) in the order of the
+    grow_p2 curriculum, 2 cycles an epoch."""
+    rng = np.random.default_rng(0)
+    lengths = np.repeat([5, 9], [32, 16])
+    train = Documents(rng.integers(0, 32, lengths.sum()).astype(np.int32), lengths)
+    valid = Documents(rng.integers(0, 32, 20).astype(np.int32), np.array([4, 16]))
+    source = CurriculumBatches(decompose(train, min_length=4, max_length=8),
+                               tokens_per_step=32, num_cycles=2, seed=0)
+    model = TransformerLM(32, 16, 1, num_heads=2, max_length=16, rngs=nnx.Rngs(0))
+    params, loss_fn, eval_fn = next_token_functions(model)
+    config = TrainConfig(learning_rate=3e-3, max_epochs=3, eval_batch_size=2,
+                         early_stop_metric=None, checkpoint_every=5, progress=False)
+    return fit(params, loss_fn=loss_fn, eval_fn=eval_fn, train=source,
+               valid=pad_documents(valid, length=15), config=config, workdir=workdir,
+               stop_after_steps=stop)
+
+
+@pytest.mark.parametrize("train", [_zoology_run, _variable_length_run],
+                         ids=["fixed_arrays", "variable_shapes"])
+def test_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path, train):
+    full_params, full = train(tmp_path / "full")
     assert full is not None and full.step == 24 and full.epoch == 3
     for stop in (13, 16):  # mid-epoch, just after a checkpoint... and at an epoch boundary
         part = tmp_path / f"stopped{stop}"
-        _, result = train_run(TINY, part, stop_after_steps=stop)
+        _, result = train(part, stop)
         assert result is None
-        resumed_params, resumed = train_run(TINY, part)
+        resumed_params, resumed = train(part)
         for a, b in zip(_leaves(full_params), _leaves(resumed_params), strict=True):
             np.testing.assert_array_equal(a, b)
         assert resumed.metrics == full.metrics and resumed.train_loss == full.train_loss
         assert _log_without_times(part) == _log_without_times(tmp_path / "full")
     # A finished run is not trained again: same result, read back.
-    again_params, again = train_run(TINY, tmp_path / "full")
+    again_params, again = train(tmp_path / "full")
     assert again.metrics == full.metrics
     for a, b in zip(_leaves(full_params), _leaves(again_params), strict=True):
         np.testing.assert_array_equal(a, b)
