@@ -28,9 +28,11 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -145,7 +147,7 @@ def bilevel_routing_attention(query: Array, key: Array, value: Array, *,
     References:
         P59 BiFormer, "BiFormer: Vision Transformer with Bi-Level Routing Attention".
     """
-    spatial, spatial_k, (B, N, H, K, Hv) = _check_inputs(query, key, value)
+    spatial, spatial_k, _ = _check_inputs(query, key, value)
     n = len(spatial)
     region = check_per_axis("region_size", region_size, n)
     if not isinstance(is_causal, bool | np.bool_):
@@ -163,6 +165,19 @@ def bilevel_routing_attention(query: Array, key: Array, value: Array, *,
         raise NotImplementedError(
             f"is_causal: causal cross attention (key length {spatial_k[0]} != query length "
             f"{spatial[0]}) is not supported: routing needs query and key positions aligned")
+    if isinstance(implementation, list):
+        implementation = tuple(implementation)  # hashable, for the static argument
+    return _bilevel_routing_attention(query, key, value, region, top_k, bool(is_causal),
+                                      None if scale is None else float(scale), implementation)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))
+def _bilevel_routing_attention(query: Array, key: Array, value: Array, region: tuple,
+                               top_k: int, is_causal: bool, scale: float | None,
+                               implementation) -> Array:
+    """:func:`bilevel_routing_attention` after its checks, as one program."""
+    spatial, spatial_k = query.shape[1:-2], key.shape[1:-2]
+    B, N, H, K, Hv = query.shape[0], *query.shape[-2:], key.shape[-2], value.shape[-1]
     dtype = accumulation_dtype(query.dtype)
     G = N // K
     # Regions made contiguous (row-major within each), padded where an axis is not a multiple.

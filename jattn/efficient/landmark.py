@@ -154,13 +154,26 @@ def landmark_attention(query: Array, key: Array, value: Array, landmark_keys: Ar
         P21 Landmark Attention, "Landmark Attention: Random-Access Infinite Context Length
         for Transformers".
     """
-    B, T, N, H, S, K, _ = check_qkv(query, key, value)
+    _, T, _, H, S, _, _ = check_qkv(query, key, value)
     bs, k_top, nb = _check_landmark_args(landmark_keys, query, key, block_size, top_k)
     if T != S:
         raise NotImplementedError(
             f"landmark_attention: cross attention (T={T} != S={S}) is not supported: each "
             "query belongs to the block of the key sequence at its own position")
-    scale = H ** -0.5 if scale is None else scale
+    scale = H ** -0.5 if scale is None else float(scale)
+    if isinstance(implementation, list):
+        implementation = tuple(implementation)  # hashable, for the static argument
+    return _landmark_attention(query, key, value, landmark_keys, bs, k_top, nb, bool(is_causal),
+                               scale, implementation)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9))
+def _landmark_attention(query: Array, key: Array, value: Array, landmark_keys: Array, bs: int,
+                        k_top: int | None, nb: int, is_causal: bool, scale: float,
+                        implementation) -> Array:
+    """:func:`landmark_attention` after its checks, as one program."""
+    B, T, N, H = query.shape
+    K = key.shape[2]
     G = N // K
     dtype = accumulation_dtype(query.dtype)
     q = query.reshape(B, T, K, G, H)
