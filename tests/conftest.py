@@ -22,6 +22,12 @@ from pallas_kernels.flash.common import BlockSizes as FlashBlockSizes
 
 REPO = Path(__file__).resolve().parent.parent  # the repository's root
 
+
+def pytest_collection_modifyitems(items):
+    """Tests marked slow (subprocesses, presets, notebooks: 10-60 s each) run first, so that
+    under pytest-xdist none of them starts last and keeps one worker busy alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 # Small tiles so that T=37, S=45 span several query and key blocks, none of them a multiple
 # of the block: the padding, tile skipping and FULL/PARTIAL paths all run; the backward pass
 # tiles differently from the forward pass.

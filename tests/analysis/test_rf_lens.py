@@ -111,6 +111,7 @@ def test_bad_inputs_name_the_argument():
         rf_lens.ridge_fit(jnp.ones((4, 2)), jnp.ones(4), val_fraction=1.0)
 
 
+@pytest.mark.slow
 def test_checks_quick_preset_pass(tmp_path, capsys):
     """The quick preset of the checks CLI: every check passes, files are written."""
     from experiments.random_features.__main__ import main

@@ -125,6 +125,7 @@ def test_primitive_dense_and_exact_block_map(data, sizes):
         _assert_sound(kinds, want_kinds)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(data=st.data(), sizes=sizes)
 def test_algebra_agrees_with_boolean_logic(data, sizes):

@@ -42,20 +42,25 @@ CASES = [
 ]
 
 
+def _against_reference_float64(kw, T, N, K, seed):
+    """The function against the float64 reference, forward and gradients: (args, want)."""
+    args = to64(_qkv(T, N=N, K=K, seed=seed))
+    cotangent = normal(9, (2, T, N, 6), jnp.float64)
+    got, g_got = output_and_vjp(functools.partial(longheads_attention, **kw), cotangent)(*args)
+    want, g_want = output_and_vjp(functools.partial(reference.longheads_attention, **kw),
+                                   cotangent)(*args)
+    assert got.dtype == jnp.float64
+    assert_close(got, want, jnp.float64, "forward")
+    for a, b in zip(g_got, g_want, strict=True):
+        assert_close(a, b, jnp.float64, "grad")
+    return args, want
+
+
 @pytest.mark.parametrize("T,chunk,top_k,summary,N,K", CASES)
 def test_matches_reference_float64(T, chunk, top_k, summary, N, K):
     kw = dict(chunk_size=chunk, top_k=top_k, summary=summary)
     with jax.enable_x64(True):
-        args = to64(_qkv(T, N=N, K=K))
-        cotangent = normal(9, (2, T, N, 6), jnp.float64)
-        got, g_got = output_and_vjp(functools.partial(longheads_attention, **kw),
-                                     cotangent)(*args)
-        want, g_want = output_and_vjp(functools.partial(reference.longheads_attention, **kw),
-                                       cotangent)(*args)
-        assert got.dtype == jnp.float64
-        assert_close(got, want, jnp.float64, "forward")
-        for a, b in zip(g_got, g_want, strict=True):
-            assert_close(a, b, jnp.float64, "grad")
+        args, want = _against_reference_float64(kw, T, N, K, seed=0)
         # The selection drops chunks: not causal attention.
         plain = reference.dot_product_attention(*args, is_causal=True)
         assert normalised_error(want, plain) > 1e-3
@@ -188,16 +193,7 @@ REMAP_CASES = [
 def test_remapped_matches_reference_float64(T, chunk, top_k, summary, N, K, rope):
     kw = dict(chunk_size=chunk, top_k=top_k, summary=summary, **rope)
     with jax.enable_x64(True):
-        args = to64(_qkv(T, N=N, K=K, seed=21))
-        cotangent = normal(9, (2, T, N, 6), jnp.float64)
-        got, g_got = output_and_vjp(functools.partial(longheads_attention, **kw),
-                                     cotangent)(*args)
-        want, g_want = output_and_vjp(functools.partial(reference.longheads_attention, **kw),
-                                       cotangent)(*args)
-        assert got.dtype == jnp.float64
-        assert_close(got, want, jnp.float64, "forward")
-        for a, b in zip(g_got, g_want, strict=True):
-            assert_close(a, b, jnp.float64, "grad")
+        args, want = _against_reference_float64(kw, T, N, K, seed=21)
         # The remapping matters: rotating at the original positions gives another output.
         options = dict(base=rope["rope_base"], fraction=rope.get("rope_fraction", 1.0),
                        scaling=rope.get("rope_scaling"), factor=rope.get("rope_factor", 1.0))

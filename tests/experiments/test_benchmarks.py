@@ -106,6 +106,7 @@ def test_cab_efficiency_length_solves_the_fitted_curves():
     assert cab.efficiency_length(concave, cab.fit(L, 2 * L + 10.0, 1)) == np.inf  # never
 
 
+@pytest.mark.slow
 def test_cab_benchmark_smoke(tmp_path):
     from experiments.benchmarks import cab
 

@@ -12,6 +12,7 @@ from experiments.long_context import run
 from experiments.long_context.__main__ import main
 
 
+@pytest.mark.slow
 def test_cli_smoke_writes_outputs_and_the_ring_agrees_with_one_device(tmp_path):
     out = tmp_path / "long"
     assert main(["--preset", "quick", "--devices", "1", "--train-len", "32",

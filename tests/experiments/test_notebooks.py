@@ -13,6 +13,7 @@ from tests.conftest import REPO
 NOTEBOOKS = sorted((REPO / "colab").glob("*.ipynb"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, monkeypatch, tmp_path):
     monkeypatch.setenv("JATTN_NOTEBOOK_SMOKE", "1")

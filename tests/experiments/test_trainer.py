@@ -154,6 +154,7 @@ def test_eight_simulated_devices_match_one(tmp_path):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-4)
 
 
+@pytest.mark.slow
 def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path):
     # 320 steps, a checkpoint every 20.
     config = _with_training(TINY, max_epochs=40, checkpoint_every=20)
@@ -230,6 +231,7 @@ def _run_processes(config: RunConfig, workdir: Path, kill_at: dict[int, int] | N
     return procs
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_resume_after_one_is_killed(tmp_path):
     """Two processes on this machine (one CPU device each, jax.distributed + gloo) train as
     one process does; process 1 killed at step 9, then both restarted, resume from the last

@@ -17,6 +17,7 @@ from jattn.parallel import context_parallel_attention, ring_work, zigzag_order
 from tests.conftest import REPO, normal
 
 
+@pytest.mark.slow
 def test_on_eight_simulated_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     result = subprocess.run([sys.executable, "-m", "tests.parallel.multi_device_checks"],
