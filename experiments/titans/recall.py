@@ -22,9 +22,10 @@ Models: ``layers`` x [short causal convolution (Zoology's BaseConv, kernel 3) ->
 position embedding (the convolution gives local order; nothing is tied to absolute
 positions, so every model can run at any length). Mixers (see :data:`MODELS`): sliding-window
 attention (``window`` tokens), linear attention (elu + 1), the Titans LMM, MAC, MAG and MAL
-(:mod:`jattn.nn.titans`; attention windows and MAC segments of ``window`` tokens; MAC at
-theta ~ 0.01 and 0.03, and without momentum at the others' 0.1), and the
-Table 5 ablations of the LMM (linear memory L_M = 1, no momentum, no forgetting), and the LMM
+(:mod:`jattn.nn.titans`; attention windows and MAC segments of ``window`` tokens; MAC
+writing its residual stream, and MAC writing the attention output alone at theta ~ 0.01 and
+0.03, and without momentum), the Table 5 ablations (linear memory L_M = 1, no momentum, no
+forgetting) of the LMM and, on the passkey only, of MAC, and the LMM
 trained with the paper's chunk-parallel form (chunks of 16) instead of token by token
 (``chunk_size`` 1, the default here: the deep memory learns the passkey only at 1).
 
@@ -71,9 +72,11 @@ class RecallConfig:
     """Trained-recall settings (every field is a command-line flag)."""
 
     tasks: tuple[str, ...] = TASKS
-    models: tuple[str, ...] = ("swa", "linear", "lmm", "mac", "mac_theta03",
-                               "mac_no_momentum", "mag", "mal", "lmm_linear", "lmm_no_momentum",
-                               "lmm_no_forget", "lmm_chunk16")
+    models: tuple[str, ...] = ("swa", "linear", "lmm", "mac", "mac_linear", "mac_no_momentum",
+                               "mac_no_forget", "mac_attention_output",
+                               "mac_attention_output_theta03",
+                               "mac_attention_output_no_momentum", "mag", "mal", "lmm_linear",
+                               "lmm_no_momentum", "lmm_no_forget", "lmm_chunk16")
     train_len: int = 256
     eval_lens: tuple[int, ...] = (256, 512, 1024, 2048)
     d_model: int = 64
@@ -107,9 +110,11 @@ PRESETS = {
 }
 
 
+# Memory rates of MAC writing the attention output alone (residual=False): at the others'
+# theta ~ 0.1 its outer gradient grows with every segment.
 MAC_INITIAL_LR = 0.01
-# The largest tried that keeps MAC's outer gradient bounded at initialisation with momentum
-# (norm 30-36 at 64..256 tokens; 0.05: 160 at 128, 6.7e7 at 256).
+# The largest tried that keeps that MAC's outer gradient bounded at initialisation with
+# momentum (norm 30-36 at 64..256 tokens; 0.05: 160 at 128, 6.7e7 at 256).
 MAC_FASTER_LR = 0.03
 
 
@@ -120,6 +125,7 @@ class Model:
     description: str
     mixer: str
     options: Callable[[RecallConfig], dict] = lambda config: {}
+    tasks: tuple[str, ...] = TASKS  # the tasks it runs on
 
 
 def _titans(mixer: str, **fixed) -> Callable[[RecallConfig], dict]:
@@ -135,24 +141,40 @@ def _titans(mixer: str, **fixed) -> Callable[[RecallConfig], dict]:
     return options
 
 
-def _titans_model(description: str, mixer: str, **fixed) -> Model:
-    return Model(description, mixer, _titans(mixer, **fixed))
+def _titans_model(description: str, mixer: str, tasks: tuple[str, ...] = TASKS,
+                  **fixed) -> Model:
+    return Model(description, mixer, _titans(mixer, **fixed), tasks)
 
 
 MODELS: dict[str, Model] = {
     "swa": Model("sliding-window attention", "attention", lambda c: dict(window=c.window)),
     "linear": Model("linear attention (elu+1)", "linear", lambda c: dict(feature_map="elu+1")),
     "lmm": _titans_model("Titans LMM (deep memory L_M = 2)", "titans_lmm"),
-    # MAC starts at theta ~ 0.01: at 0.1 its outer gradient grows with every segment (norm
-    # 1.3e5 at 64 tokens, 6e18 at 256; it trained to NaN), at 0.01 it stays at 50-68.
-    "mac": _titans_model("Titans MAC", "titans_mac", initial_lr=MAC_INITIAL_LR),
-    # At theta ~ 0.01 MAC stayed at chance on the passkey in 512 steps (its outer gradients
-    # and Adam's second moments stayed small: it learned slowly, it did not blow up).
-    "mac_theta03": _titans_model("Titans MAC, theta ~ 0.03", "titans_mac",
-                                 initial_lr=MAC_FASTER_LR),
-    # Without momentum MAC's outer gradient stays bounded at theta ~ 0.1, the LMM's rate.
-    "mac_no_momentum": _titans_model("Titans MAC without momentum, theta ~ 0.1", "titans_mac",
+    # MAC as jattn.nn.TitansMAC builds it: the memory writes the residual stream x + Attn;
+    # its outer gradient stays at 47-49 at theta ~ 0.1 with momentum (init, 32-256 tokens).
+    "mac": _titans_model("Titans MAC", "titans_mac"),
+    # The Table 5 ablations for MAC, on the passkey only (every memory model but the linear
+    # LMM stays at chance on MQAR at this budget).
+    "mac_linear": _titans_model("MAC, linear memory (L_M = 1)", "titans_mac",
+                                tasks=("passkey",), memory_depth=1),
+    "mac_no_momentum": _titans_model("MAC without momentum", "titans_mac", tasks=("passkey",),
                                      momentum=False),
+    "mac_no_forget": _titans_model("MAC without forgetting", "titans_mac", tasks=("passkey",),
+                                   forget=False),
+    # MAC writing the attention output alone. At theta ~ 0.1 its outer gradient grows with
+    # every segment (norm 1.3e5 at 64 tokens, 6e18 at 256; it trained to NaN), at 0.01 it
+    # stays at 50-68; it stayed at chance on the passkey in 512 steps (its outer gradients
+    # and Adam's second moments stayed small: it learned slowly, it did not blow up).
+    "mac_attention_output": _titans_model("MAC writing the attention output, theta ~ 0.01",
+                                          "titans_mac", residual=False,
+                                          initial_lr=MAC_INITIAL_LR),
+    "mac_attention_output_theta03": _titans_model(
+        "MAC writing the attention output, theta ~ 0.03", "titans_mac", residual=False,
+        initial_lr=MAC_FASTER_LR),
+    # Without momentum its outer gradient stays bounded at theta ~ 0.1, the LMM's rate.
+    "mac_attention_output_no_momentum": _titans_model(
+        "MAC writing the attention output, no momentum, theta ~ 0.1", "titans_mac",
+        residual=False, momentum=False),
     "mag": _titans_model("Titans MAG", "titans_mag"),
     "mal": _titans_model("Titans MAL", "titans_mal"),
     "lmm_linear": _titans_model("LMM, linear memory (L_M = 1)", "titans_lmm", memory_depth=1),
@@ -289,8 +311,20 @@ def plot(config: RecallConfig, rows: list[dict], path: Path) -> None:
         ax.set_title(task)
         ax.set_ylim(-0.02, 1.02)
     axes[0].set_ylabel("accuracy")
-    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    # One legend for every panel's models (some run on one task only), in the config's order.
+    labelled = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            labelled.setdefault(label, handle)
+    order = [m for m in (*config.models, "chance") if m in labelled]
+    axes[-1].legend([labelled[m] for m in order], order, fontsize=7, loc="center left",
+                    bbox_to_anchor=(1.02, 0.5))
     save(fig, path)
+
+
+def runs(config: RecallConfig) -> list[tuple[str, str]]:
+    """The (task, model) pairs of the config that run: each model on its tasks."""
+    return [(t, m) for t in config.tasks for m in config.models if t in MODELS[m].tasks]
 
 
 def run_recall(config: RecallConfig) -> list[dict]:
@@ -304,8 +338,8 @@ def run_recall(config: RecallConfig) -> list[dict]:
     out = Path(config.out)
     save_config(config, out)
     rows = []
-    pairs = [(t, m) for t in config.tasks for m in config.models]
-    for task, model in tqdm(pairs, desc="recall runs", disable=not config.train.progress):
+    for task, model in tqdm(runs(config), desc="recall runs",
+                            disable=not config.train.progress):
         rows.append(run_one(config, task, model, out / "runs" / f"{task}-{model}"))
     with open(out / "results.jsonl", "w") as f:
         for row in rows:

@@ -39,12 +39,22 @@ pieces ``memory_inputs`` / ``apply_memory`` for MAC's read-only retrieval), atte
      query i sees h_j for j <= i and the segment's tokens j <= i. "prefix" is the paper's
      figure (persistent and retrieved tokens visible to every query of the segment), but
      h_j is read with x_j's query, so in a causal LM it leaks tokens j > i into output i
-     (tested): use it only where that is acceptable.
-  3. update: write the attention outputs y into the memory (``neural_memory`` on y with the
-     state carried from the previous segment) and read z_i = M_i(q(y_i)) with
-     ``retrieve="after"``: the state after the segment's writes up to token i (the paper's
-     M*_t(y_t) taken token by token, so that output i never sees a later token's write);
+     (tested): use it only where that is acceptable;
+  3. update: write y into the memory (``neural_memory`` on y with the state carried from the
+     previous segment) and read z_i = M_i(q(y_i)) with ``retrieve="after"``: the state after
+     the segment's writes up to token i (the paper's M*_t(y_t) taken token by token, so that
+     output i never sees a later token's write). With ``residual`` (the default) y is the
+     segment's residual stream after the attention, y = x + Attn(...); otherwise the
+     attention output alone;
   4. o = RMSNorm_y(y) * sigmoid(RMSNorm_m(z)), the same gate as MAG.
+
+  The paper writes y_t = Attn(S~(t)) and states that every block has residual connections
+  (Sec. 4.4), not whether the memory's y_t includes the residual. We take it to: at
+  initialisation the attention output alone is a near-uniform average over the segment, so
+  the memory's keys of one segment's tokens all but coincide (mean cosine 0.89 against 0.14
+  for the block's input), and the outer gradient grows with every segment at the memory
+  rates the LMM trains with (docs/titans.md has the measurements and the recall runs of
+  both).
 
   The memory state carried between segments is the one of the y stream (weights, momentum,
   convolution history of y); the queries' convolution runs over x, whose history a call
@@ -464,6 +474,9 @@ class TitansMAC(nnx.Module):
         retrieved: the retrieved tokens' mask (:data:`RETRIEVED_MASKS`): "causal" (query i
             sees retrieved tokens j <= i) or "prefix" (every retrieved token visible: the
             paper's figure, which lets a query see the future in an LM).
+        residual: write (and gate) y = x + Attn(...), the segment's residual stream after
+            the attention (default), rather than the attention output alone (False; see the
+            module docstring for why).
         memory_heads: memory heads (default num_heads).
         num_persistent: N_p persistent tokens (default 4).
         **memory_options: :class:`NeuralMemory` options (``retrieve`` is fixed by MAC's
@@ -478,10 +491,12 @@ class TitansMAC(nnx.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int = 1, *, segment_size: int = 64,
-                 retrieved: str = "causal", memory_heads: int | None = None,
-                 num_persistent: int = 4, rngs: nnx.Rngs, **memory_options):
+                 retrieved: str = "causal", residual: bool = True,
+                 memory_heads: int | None = None, num_persistent: int = 4, rngs: nnx.Rngs,
+                 **memory_options):
         check_int("segment_size", segment_size)
         _choice("retrieved", retrieved, RETRIEVED_MASKS)
+        self.residual = residual
         if "retrieve" in memory_options:
             raise ValueError("retrieve: MAC reads before writing (retrieval) and after "
                              "(the output gate) by construction; do not set it")
@@ -513,8 +528,11 @@ class TitansMAC(nnx.Module):
     def segment(self, state: NeuralMemoryState, x: jax.Array, query: jax.Array
                 ) -> tuple[NeuralMemoryState, jax.Array]:
         """One segment: state (the memory after the previous segments), x [B, C, D] and its
-        memory queries [B, C, N, H] -> (state after this segment, output [B, C, D])."""
+        memory queries [B, C, N, H] -> (state after this segment, output [B, C, D]): y =
+        x + attend(...) (``residual``) or attend(...), written into the memory and gated."""
         y = self.attend(state, x, query)
+        if self.residual:
+            y = x + y
         z, state = self.memory(y, initial_state=state, return_state=True)  # write y, read M*_t(y)
         return state, self.gate(y, z).astype(x.dtype)
 

@@ -100,6 +100,8 @@ def _mac_segment(mac, state, read_state, xs, qs, allowed):
     mem = mac.memory
     h = _memory_head(mem, apply_memory(read_state.weights, qs), xs)
     y = _attend(mac.attention, xs, jnp.concatenate([_persistent(mem, h), xs], 1), allowed)
+    if mac.residual:
+        y = xs + y
     z, new_state = _memory(mem, y, initial_state=state, return_state=True)
     return new_state, _gate(mac.gate, y, z)
 
@@ -115,9 +117,9 @@ def _mac_reference(mac, x, order="before", retrieved="causal"):
         c = xs.shape[1]
         k = np.arange(NP + 2 * c)[None, :]
         i = np.arange(c)[:, None]
+        own = (k >= NP + c) & (k - NP - c <= i)  # the segment's tokens j <= i
         if retrieved == "causal":
-            allowed = ((k < NP) | ((k < NP + c) & (k - NP <= i))
-                       | ((k >= NP + c) & (k - NP - c <= i)))
+            allowed = (k < NP) | ((k < NP + c) & (k - NP <= i)) | own
         else:
             allowed = (k < NP + c) | (k - NP - c <= i)
         new_state, out = _mac_segment(mac, state, state, xs, qs, allowed)
@@ -187,10 +189,11 @@ def test_mal_equals_memory_then_window_attention():
     _close(mal(x), _attend(mal.attention, y, y, _window_mask(NP + T, W))[:, NP:])
 
 
-@pytest.mark.parametrize("retrieved", ["causal", "prefix"])
-def test_mac_equals_segmentwise_retrieve_attend_update_gate(retrieved):
-    mac = TitansMAC(D, N, segment_size=C, retrieved=retrieved, num_persistent=NP,
-                    rngs=nnx.Rngs(4), **FAST)
+@pytest.mark.parametrize("retrieved,residual", [("causal", True), ("prefix", True),
+                                               ("causal", False)])
+def test_mac_equals_segmentwise_retrieve_attend_update_gate(retrieved, residual):
+    mac = TitansMAC(D, N, segment_size=C, retrieved=retrieved, residual=residual,
+                    num_persistent=NP, rngs=nnx.Rngs(4), **FAST)
     x = _x(5)  # segments of 3, 3, 1: the scan and the short last segment
     out, state = mac(x, return_state=True)
     want, want_state = _mac_reference(mac, x, retrieved=retrieved)
@@ -201,6 +204,17 @@ def test_mac_equals_segmentwise_retrieve_attend_update_gate(retrieved):
         # every retrieved token visible: h_4 (read with x_4's query) reaches output 3, a leak
         x2 = x.at[:, 4:].set(_x(11)[:, 4:])
         assert np.abs(np.asarray(mac(x2)[:, 3] - out[:, 3])).max() > 1e-5
+
+
+def test_mac_with_a_silent_attention_is_the_gated_memory_of_its_input():
+    # With the residual, what the memory writes is the block's input plus the attention:
+    # silence the attention and MAC is the MAG gate over the memory of x, one call for the
+    # whole sequence (the state carried across segments changes nothing).
+    mac = TitansMAC(D, N, segment_size=C, num_persistent=NP, rngs=nnx.Rngs(6), **FAST)
+    for p in (mac.attention.out_proj.kernel, mac.attention.out_proj.bias):
+        p[...] = jnp.zeros_like(p[...])
+    x = _x(12)
+    _close(mac(x), _gate(mac.gate, x, _memory(mac.memory, x)))
 
 
 def test_mac_retrieves_before_it_writes_and_carries_the_state():
