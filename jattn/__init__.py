@@ -1,7 +1,9 @@
 """jattn: attention in JAX -- functional primitives, Flax NNX modules, Pallas kernels.
 
-The public API; this file only re-exports.
+The public API; this file only re-exports (and reports the installed version).
 """
+
+from importlib import metadata as _metadata
 
 from jattn import memory, parallel, reference
 from jattn.analysis import rf_lens
@@ -229,3 +231,8 @@ __all__ = [
     "window_mean",
     "write_cache",
 ]
+
+try:
+    __version__ = _metadata.version("jattn")  # one source: pyproject.toml
+except _metadata.PackageNotFoundError:  # imported from a source tree that is not installed
+    __version__ = "0+unknown"
