@@ -65,6 +65,7 @@ from jattn.core.shapes import (
     check_int,
     check_rank,
     check_shape,
+    is_concrete,
 )
 
 COMBINES = ("joint", "sum")
@@ -539,7 +540,7 @@ def concept_explanation_loss(attention: Array, target: Array, *,
         float32 scalar.
 
     Raises:
-        ValueError: wrong ranks or shapes.
+        ValueError: wrong ranks or shapes, a negative target (when its values are known).
         TypeError: non-floating attention or target, a non-boolean mask.
 
     >>> import jax.numpy as jnp
@@ -560,6 +561,9 @@ def concept_explanation_loss(attention: Array, target: Array, *,
     if target.shape != (B, C):
         raise ValueError(f"target: expected [B={B}, C={C}] to match attention "
                          f"{attention.shape}, got {target.shape}")
+    if is_concrete(target) and bool((target < 0).any()):
+        raise ValueError(f"target: expected non-negative annotations, got a minimum of "
+                         f"{float(target.min())}")
     mask = _check_mask("mask", mask, (B, T), "BT")
     valid = jnp.ones((B, T), bool) if mask is None else mask
     a = attention.astype(jnp.float32)

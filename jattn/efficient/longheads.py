@@ -186,8 +186,8 @@ def longheads_attention(query: Array, key: Array, value: Array, *, chunk_size: i
         Processor".
     """
     _, T, _, H, S, _, _ = check_qkv(query, key, value)
-    chunk_size, top_k = _check_options(chunk_size, top_k, summary)
-    rope = _rope_options(H, rope_base, rope_fraction, rope_scaling, rope_factor)
+    chunk_size, top_k, rope = _check_options(H, chunk_size, top_k, summary, rope_base,
+                                             rope_fraction, rope_scaling, rope_factor)
     if S != T:
         raise NotImplementedError(
             f"key: LongHeads is causal self-attention; cross attention (key length {S} != "
@@ -275,8 +275,8 @@ def longheads_decode(query: Array, key: Array, value: Array, cache: LongHeadsCac
         Processor".
     """
     B, T, N, H, S, _, _ = check_qkv(query, key, value)
-    chunk_size, top_k = _check_options(chunk_size, top_k, summary)
-    rope = _rope_options(H, rope_base, rope_fraction, rope_scaling, rope_factor)
+    chunk_size, top_k, rope = _check_options(H, chunk_size, top_k, summary, rope_base,
+                                             rope_fraction, rope_scaling, rope_factor)
     if S != T:
         raise ValueError(f"key: expected the new tokens' keys [B, T={T}, K, H] (as query "
                          f"{query.shape}), got {key.shape}")
@@ -328,21 +328,18 @@ def _longheads_decode(query: Array, key: Array, value: Array, cache: LongHeadsCa
     return out, LongHeadsCache(kv, query_sum, summary_keys)
 
 
-def _check_options(chunk_size, top_k, summary) -> tuple[int, int]:
+def _check_options(head_dim: int, chunk_size, top_k, summary, base, fraction, scaling,
+                   factor) -> tuple[int, int, tuple | None]:
+    """(chunk_size, top_k, :func:`apply_rope`'s options as a hashable tuple or None without a
+    rotary base), checked with the argument names of :func:`longheads_attention`."""
     chunk_size = check_int("chunk_size", chunk_size)
     if check_int("top_k", top_k, minimum=None) < 2:
         raise ValueError(f"top_k: expected >= 2 (the first and the own chunk are always "
                          f"kept), got {top_k}")
     if summary not in SUMMARIES:
         raise ValueError(f"summary: expected one of {SUMMARIES}, got {summary!r}")
-    return chunk_size, top_k
-
-
-def _rope_options(head_dim: int, base, fraction, scaling, factor) -> tuple | None:
-    """:func:`apply_rope`'s options as a hashable tuple (None without a base), checked with
-    the argument names of :func:`longheads_attention`."""
     if base is None:
-        return None
+        return chunk_size, top_k, None
     if isinstance(base, bool) or not isinstance(base, int | float | np.number) or base <= 0:
         raise ValueError(f"rope_base: expected None or a number > 0, got {base!r}")
     options = dict(base=float(base), fraction=fraction, scaling=scaling, factor=factor)
@@ -350,7 +347,7 @@ def _rope_options(head_dim: int, base, fraction, scaling, factor) -> tuple | Non
         rope_frequencies(head_dim, **options)
     except ValueError as error:  # "fraction: ..." -> "rope_fraction: ..."
         raise ValueError(f"rope_{error}") from None
-    return tuple(options.items())
+    return chunk_size, top_k, tuple(options.items())
 
 
 def _summaries(q_mean: Array, key_blocks: Array, scale: float, summary: str) -> Array:

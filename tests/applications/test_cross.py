@@ -629,6 +629,8 @@ def test_concept_explanation_loss_against_reference():
     assert float(concept_explanation_loss(wanted, target)) < 1e-12
     with pytest.raises(ValueError, match="target"):
         concept_explanation_loss(attention, target[:, :3])
+    with pytest.raises(ValueError, match="non-negative"):
+        concept_explanation_loss(attention, target.at[0, 0].set(-1.0))
 
 
 def test_slot_attention_module_equals_its_rounds_written_out():
