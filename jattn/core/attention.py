@@ -497,6 +497,12 @@ def _lengths_array(name, x, batch: _Batch, limit) -> Array | None:
     return x
 
 
+def hashable_implementation(implementation):
+    """``implementation`` as a static argument of a jitted function: a list (an order of
+    choices) becomes a tuple; names, callables and None are hashable already."""
+    return tuple(implementation) if isinstance(implementation, list) else implementation
+
+
 def _dispatch(implementation, query, key, value, bias, mask, *, scale, logits_soft_cap,
               dropout, score_mod=None):
     if implementation is None:

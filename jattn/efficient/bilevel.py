@@ -38,7 +38,7 @@ import numpy as np
 from jax import lax
 
 from jattn.core import masks
-from jattn.core.attention import dot_product_attention
+from jattn.core.attention import dot_product_attention, hashable_implementation
 from jattn.core.shapes import (
     Array,
     accumulation_dtype,
@@ -165,10 +165,9 @@ def bilevel_routing_attention(query: Array, key: Array, value: Array, *,
         raise NotImplementedError(
             f"is_causal: causal cross attention (key length {spatial_k[0]} != query length "
             f"{spatial[0]}) is not supported: routing needs query and key positions aligned")
-    if isinstance(implementation, list):
-        implementation = tuple(implementation)  # hashable, for the static argument
-    return _bilevel_routing_attention(query, key, value, region, top_k, bool(is_causal),
-                                      None if scale is None else float(scale), implementation)
+    scale = None if scale is None else float(scale)
+    return _bilevel_routing_attention(query, key, value, region, top_k, bool(is_causal), scale,
+                                      hashable_implementation(implementation))
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))

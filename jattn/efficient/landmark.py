@@ -48,7 +48,7 @@ import numpy as np
 from jax import lax
 
 from jattn.core import masks
-from jattn.core.attention import dot_product_attention
+from jattn.core.attention import dot_product_attention, hashable_implementation
 from jattn.core.shapes import (
     Array,
     DTypeError,
@@ -161,10 +161,8 @@ def landmark_attention(query: Array, key: Array, value: Array, landmark_keys: Ar
             f"landmark_attention: cross attention (T={T} != S={S}) is not supported: each "
             "query belongs to the block of the key sequence at its own position")
     scale = H ** -0.5 if scale is None else float(scale)
-    if isinstance(implementation, list):
-        implementation = tuple(implementation)  # hashable, for the static argument
     return _landmark_attention(query, key, value, landmark_keys, bs, k_top, nb, bool(is_causal),
-                               scale, implementation)
+                               scale, hashable_implementation(implementation))
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9))

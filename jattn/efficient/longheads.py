@@ -61,7 +61,11 @@ import numpy as np
 from jax import lax
 
 from jattn.core import masks
-from jattn.core.attention import dot_product_attention, masked_softmax
+from jattn.core.attention import (
+    dot_product_attention,
+    hashable_implementation,
+    masked_softmax,
+)
 from jattn.core.cache import KVCache, _check_new_tokens, init_cache, write_cache
 from jattn.core.positions import apply_rope, rope_frequencies
 from jattn.core.shapes import Array, accumulation_dtype, check_int, check_qkv
@@ -195,11 +199,9 @@ def longheads_attention(query: Array, key: Array, value: Array, *, chunk_size: i
     if rope is not None and implementation not in (None, "chunked"):
         raise ValueError(f"implementation: the remapped path (rope_base) gathers each query's "
                          f"chunks and has no backends, got {implementation!r}")
-    if isinstance(implementation, list):
-        implementation = tuple(implementation)  # hashable, for the static argument
     scale = H ** -0.5 if scale is None else float(scale)
     return _longheads_attention(query, key, value, chunk_size, top_k, scale, summary, rope,
-                                implementation)
+                                hashable_implementation(implementation))
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8))
