@@ -6,7 +6,7 @@
 
 Causal self-attention, one sequence of ``heads`` heads of ``head_dim``, float32. Programs,
 each compiled once ahead of time and timed after (median of repeated calls; compilation is
-never timed: :mod:`experiments.benchmarks.measure`):
+never timed: ``experiments.benchmarks.measure``):
 
 * ``forward``: the plain chunked forward, ``dot_product_attention(implementation="chunked")``;
 * ``forward + rows``: the same forward returning its lse, and the weights of ``rows`` query

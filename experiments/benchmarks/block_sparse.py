@@ -4,7 +4,7 @@
     python -m experiments.benchmarks.block_sparse --preset full    # L = 4k, ALiBi at 16k
 
 Two questions, each answered in one process (programs compiled ahead of time, median of
-repeated calls, compiled temporaries + outputs: :mod:`experiments.benchmarks.measure`):
+repeated calls, compiled temporaries + outputs: ``experiments.benchmarks.measure``):
 
 * neighbourhood attention (causal 1-D, kernel ``kernel``, CAB's batch 4 x 8 heads of 64)
   forward+backward against the chunked softmax with the same sliding window

@@ -6,15 +6,15 @@ held-out loss at equal tokens (P75).
 
 Data: documents of 33 to ``max_length`` + 1 tokens (32 to 2048 next-token targets,
 log-uniform), each from one of ``num_chains`` random sparse Markov chains
-(:mod:`experiments.tasks.markov_documents`): predicting well takes inferring the document's
-chain from its context, and :func:`~experiments.tasks.markov_documents.bayes_loss` is the best
+(``experiments.tasks.markov_documents``): predicting well takes inferring the document's
+chain from its context, and ``experiments.tasks.markov_documents.bayes_loss`` is the best
 loss possible. The same training corpus feeds three data methods:
 
 * **dd**: dataset decomposition into buckets of 2**i targets, ``min_bucket`` to
-  ``max_length`` (:func:`~experiments.common.decomposition.decompose`), batches of
+  ``max_length`` (``experiments.common.decomposition.decompose``), batches of
   ``tokens_per_step`` tokens from one bucket at a time in the order of the ``curriculum``
   with ``num_cycles`` cycles in its pass
-  (:class:`~experiments.common.decomposition.CurriculumBatches`);
+  (``experiments.common.decomposition.CurriculumBatches``);
 * **concat-chunk** (the reference of the ratios): the documents shuffled, back to back, cut
   into rows of ``max_length`` with document masks (segment ids,
   :func:`jattn.masks.segments`), ``tokens_per_step / max_length`` rows a step;
@@ -30,7 +30,7 @@ the corpus for the others (at the defaults none of them sees a document twice). 
 trains on about ``tokens_per_step`` tokens (trained next-token targets; padding and targets
 across documents excluded): exactly that for dd, a little less for concat-chunk (document
 starts), that on average for padding. The trainer's epochs are ``max_epochs`` equal shares
-of those steps (:class:`Steps`), so every method changes its learning rate and evaluates at
+of those steps (``Steps``), so every method changes its learning rate and evaluates at
 the same steps, after the same number of tokens. The evaluation is the same for all: the
 held-out documents whole from their first token, padded to ``max_length``, loss per target.
 

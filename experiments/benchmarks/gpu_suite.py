@@ -8,7 +8,7 @@
 1. Tests: tests/kernels/test_flash.py (GPU backend), tests/kernels/test_gpu.py and the
    "pallas_gpu" cases of tests/core/test_attention.py, in a pytest subprocess with this module
    loaded as a plugin (``-p experiments.benchmarks.gpu_suite``): it makes the GPU kernel
-   ignore the tests' ``interpret=True`` (:func:`force_native_gpu_kernels`), so they run
+   ignore the tests' ``interpret=True`` (``force_native_gpu_kernels``), so they run
    compiled by Triton. Pass/fail counts come from pytest's JUnit XML.
 2. Benchmark (FlashAttention-3's setup): bfloat16, batch * seq = 16k tokens, heads * head dim
    = 2048, T = S in {1k, 2k, 4k, 8k, 16k}, H in {64, 128, 256}, causal and not; forward,
@@ -164,7 +164,7 @@ def junit_counts(path: Path) -> dict[str, Any]:
 
 def run_tests(selections: tuple[str, ...], out: Path, *, native: bool) -> list[dict]:
     """Run each selection ("path" or "path::-k::expression") in its own pytest subprocess;
-    with ``native`` the GPU kernel runs compiled (see :func:`force_native_gpu_kernels`)."""
+    with ``native`` the GPU kernel runs compiled (see ``force_native_gpu_kernels``)."""
     results = []
     for i, selection in enumerate(tqdm(selections, desc="kernel tests", unit="file")):
         path, _, expression = selection.partition("::-k::")

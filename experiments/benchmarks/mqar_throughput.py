@@ -4,15 +4,16 @@
     python -m experiments.benchmarks.mqar_throughput --preset full    # the grid
 
 One training step = forward, backward and the AdamW update of the trainer
-(:func:`experiments.common.trainer.make_train_step`), on one batch of MQAR rows at L=128,
+(``experiments.common.trainer.make_train_step``), on one batch of MQAR rows at L=128,
 kv=8, V=8192, batch 512, float32: compiled ahead of time, then the median of ``repeats``
 timed steps. Three variants run in this process:
 
 * ``ours``: the LM head only at the supervised positions (exact for loss and accuracy), on
   unsharded arrays (one device);
 * ``trainer mesh``: the same step as the trainer runs it: the batch sharded over the
-  "data" mesh of the host devices the CLI asks for (:func:`experiments.common.trainer.
-  use_host_devices`: one per core, unless XLA_FLAGS sets a count), the state replicated;
+  "data" mesh of the host devices the CLI asks for
+  (``experiments.common.trainer.use_host_devices``: one per core, unless XLA_FLAGS sets a
+  count), the state replicated;
 * ``full head``: the head and softmax at every position with -100 ignored, as the original
   computes it; the same model otherwise, unsharded.
 

@@ -9,7 +9,7 @@ Wall time and compiled memory (temporaries + outputs) of
 64), forward and forward+backward (gradient of a fixed random projection of the output
 with respect to every outer parameter and the input). Each program is compiled once ahead of
 time and timed after (median of repeated calls, ``block_until_ready``; compilation is never
-timed; see :mod:`experiments.benchmarks.measure`). The memory table sets the compiled
+timed; see ``experiments.benchmarks.measure``). The memory table sets the compiled
 footprint beside the size of one memory-weight gradient per token (L x memory size), what a
 chunked form that materialised per-token gradients would hold. Writes config.json,
 results.jsonl and summary.md under --out.

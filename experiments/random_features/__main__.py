@@ -2,7 +2,7 @@
 
 Runs the checks T1..T6 of the random-features lens (P63) on its attention layer, prints one
 line per check (PASS/FAIL, the numbers, the criterion), writes summary.md, results.json and
-figures/*.png under ``out``, and exits with status 1 if any check fails.
+``figures/*.png`` under ``out``, and exits with status 1 if any check fails.
 """
 
 from __future__ import annotations

@@ -270,7 +270,7 @@ def path_patching(forward: Forward, clean: Mapping[int, Mapping[str, Array]],
 
 
 def top_heads(scores: Array, k: int) -> set[tuple[int, int]]:
-    """The k (layer, head) pairs of largest |score| in a [L, N] table."""
+    """The k (layer, head) pairs of largest ``|score|`` in a [L, N] table."""
     scores = np.abs(np.asarray(scores, np.float64))
     if scores.ndim != 2:
         raise ValueError(f"scores: expected [L, N], got shape {scores.shape}")
@@ -281,8 +281,8 @@ def top_heads(scores: Array, k: int) -> set[tuple[int, int]]:
 
 
 def circuit_overlap(scores_a: Array, scores_b: Array, k: int) -> float:
-    """The fraction of shared heads among two tasks' top-k heads by |score| (e.g. patching
-    effects or attributions, [L, N] each): |top_a & top_b| / k.
+    """The fraction of shared heads among two tasks' top-k heads by ``|score|`` (e.g. patching
+    effects or attributions, [L, N] each): ``|top_a & top_b| / k``.
 
     Example:
         >>> circuit_overlap([[3.0, 0.0], [1.0, 2.0]], [[0.0, 3.0], [1.0, 2.0]], 2)

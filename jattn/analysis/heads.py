@@ -51,7 +51,7 @@ def retrieval_scores(weights: Array, context, predicted, needle, *, rows=None) -
         [[0.5]]
 
     References:
-        P41 (the detection code's score: +1/|needle| per copied token under the head's
+        P41 (the detection code's score: ``+1/|needle|`` per copied token under the head's
         top-1 attention).
     """
     weights = jnp.asarray(weights)

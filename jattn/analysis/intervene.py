@@ -50,8 +50,11 @@ from jattn.core import masks as _masks
 from jattn.core.attention import attention_weights, dot_product_attention
 from jattn.core.shapes import Array, check_bool, check_floating, check_rank
 
+#: The tensors a capture can read inside an attention layer.
 ATTENTION_TENSORS = ("query", "key", "value", "weights", "heads")
+#: The tensors a capture can read around a Transformer block.
 BLOCK_TENSORS = ("residual", "attention", "mlp")
+#: Every tensor name a :class:`Capture` accepts.
 TENSORS = ATTENTION_TENSORS + BLOCK_TENSORS
 
 # dot_product_attention's keywords that also define the weights (attention_weights takes them)
@@ -322,14 +325,15 @@ def attend(query, key, value, bias=None, mask=None, *, intervention: Interventio
 
     Args:
         query: [B, T, N, H]; key: [B, S, K, H]; value: [B, S, Kv, Hv].
-        bias, mask, **options: as in :func:`jattn.dot_product_attention` (any
-            implementation; ``return_lse``/``return_residual`` are not taken).
+        bias, mask: as in :func:`jattn.dot_product_attention`.
+        **options: as in :func:`jattn.dot_product_attention` (any implementation;
+            ``return_lse``/``return_residual`` are not taken).
         intervention: None, or an :class:`Intervention` with a single layer's
             :class:`Edits` and a :class:`Capture` (whose ``layers`` must be None).
 
     Returns:
-        (output [B, T, N, Hv] per head, before any output projection; captures {tensor:
-        array}).
+        The pair ``(output, captures)``: output [B, T, N, Hv] per head, before any output
+        projection, and captures, a dict from tensor name to array.
 
     Raises:
         ValueError: heads or rows out of range, malformed edits.

@@ -234,7 +234,7 @@ def ridge_fit(features: Array, targets: Array, *, lambdas: Sequence[float] = LAM
 
 
 def sphere(rng: Array, shape: Sequence[int], dim: int, *, dtype=jnp.float32) -> Array:
-    """Points uniform on the unit sphere in R^dim: [*shape, dim]."""
+    """Points uniform on the unit sphere in R^dim: ``[*shape, dim]``."""
     x = jax.random.normal(rng, (*shape, dim), dtype)
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 

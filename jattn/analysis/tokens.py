@@ -452,11 +452,11 @@ def _random_tokens(rng: Array, B: int, S: int, r: int) -> Array:
 class DenseRegions(NamedTuple):
     """The regions :func:`select_dense_regions` picks, most-attended first.
 
-    regions: int32 [B, k], region ids (row-major over the grid of windows).
-    tokens: int32 [B, k, prod(region)], the flat positions of each region's tokens
-        (row-major inside the window).
-    corners: int32 [B, k, len(grid)], the grid coordinates of each region's first token.
-    scores: [B, k], the attention summed over each region.
+    - regions: int32 [B, k], region ids (row-major over the grid of windows).
+    - tokens: int32 [B, k, prod(region)], the flat positions of each region's tokens
+      (row-major inside the window).
+    - corners: int32 [B, k, len(grid)], the grid coordinates of each region's first token.
+    - scores: [B, k], the attention summed over each region.
     """
 
     regions: Array

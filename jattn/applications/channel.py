@@ -7,7 +7,7 @@ gates and softmaxes are computed in float32 (or wider).
 
 * ``eca`` (P49 ECA-Net): global average pooling, a 1-D convolution of odd size k across the
   channels (no dimensionality reduction, local cross-channel interaction), sigmoid, rescale.
-  ``eca_kernel_size`` is the paper's adaptive k = psi(C) = |log2(C) / gamma + b / gamma|_odd.
+  ``eca_kernel_size`` is the paper's adaptive ``k = psi(C) = |log2(C) / gamma + b / gamma|_odd``.
 * ``squeeze_excitation`` (P26's starting point, SENet): pooling, a bottleneck MLP
   (ReLU), sigmoid, rescale.
 * ``conditioned_channel_attention`` (P26 Sentence Attention Blocks): the channel weights come
@@ -103,7 +103,7 @@ def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
     .. math::
         k = \psi(C) = \left| \frac{\log_2 C}{\gamma} + \frac{b}{\gamma} \right|_{odd}
 
-    where |t|_odd is the nearest odd number to t, ties (t an even integer) rounding up; this
+    where ``|t|_odd`` is the nearest odd number to t, ties (t an even integer) rounding up; this
     is the official code's ``t = int(abs((log2(C) + b) / gamma)); k = t if t % 2 else t + 1``
     (for instance C = 64 gives 3, 128 and 256 give 5, 512 and 1024 give 5, 2048 gives 7).
 
@@ -144,11 +144,11 @@ def eca(x: Array, conv_kernel: Array) -> Array:
     Not attention over a sequence (none of CAB's four patterns): a gate from pooled features.
 
     Args:
-        x: [B, *spatial, C] feature map (channels last).
+        x: ``[B, *spatial, C]`` feature map (channels last).
         conv_kernel: [k], k odd (``eca_kernel_size(C)`` in the paper).
 
     Returns:
-        [B, *spatial, C] in x's dtype.
+        ``[B, *spatial, C]`` in x's dtype.
 
     Raises:
         ValueError: x without a spatial axis or empty, a kernel that is not 1-D of odd size.
@@ -197,12 +197,12 @@ def squeeze_excitation(x: Array, w1: Array, b1: Array | None, w2: Array,
     of CAB's four patterns).
 
     Args:
-        x: [B, *spatial, C].
+        x: ``[B, *spatial, C]``.
         w1: [C, R] (R = C / reduction, 16 in SENet), b1: [R] or None.
         w2: [R, C], b2: [C] or None.
 
     Returns:
-        [B, *spatial, C] in x's dtype.
+        ``[B, *spatial, C]`` in x's dtype.
 
     Raises:
         ValueError: x without a spatial axis, weights whose shapes do not fit C.
@@ -259,7 +259,7 @@ def conditioned_channel_attention(x: Array, sentence: Array, w1: Array, b1: Arra
     CAB's four patterns).
 
     Args:
-        x: [B, *spatial, C] image features.
+        x: ``[B, *spatial, C]`` image features.
         sentence: [B, D] sentence embedding.
         w1: [D, M] (or [C + D, M] with ``pool_image``), b1: [M] or None.
         w2: [M, C], b2: [C] or None.
@@ -270,7 +270,7 @@ def conditioned_channel_attention(x: Array, sentence: Array, w1: Array, b1: Arra
         eps: layer-norm epsilon (PyTorch's default).
 
     Returns:
-        [B, *spatial, C] in x's dtype.
+        ``[B, *spatial, C]`` in x's dtype.
 
     Raises:
         ValueError: shapes that do not fit, an unknown gate, only one of the norm parameters.
@@ -345,14 +345,14 @@ def position_attention(x: Array, wq: Array, wk: Array, wv: Array, gamma: Array, 
     only (an image has no causal order).
 
     Args:
-        x: [B, *spatial, C].
+        x: ``[B, *spatial, C]``.
         wq: [C, Cq]; wk: [C, Cq]; wv: [C, Cv] (Cv == C for the residual).
         gamma: scalar weight of the attention branch.
         bq: [Cq] or None; bk: [Cq] or None; bv: [Cv] or None.
         scale: logits scale, 1 as in DANet.
 
     Returns:
-        [B, *spatial, C] in x's dtype.
+        ``[B, *spatial, C]`` in x's dtype.
 
     Raises:
         ValueError: x without a spatial axis, weight shapes that do not fit C, a non-scalar
@@ -410,12 +410,12 @@ def channel_attention(x: Array, gamma: Array, *, form: str = "paper") -> Array:
     noncausal self-attention only (channels have no order).
 
     Args:
-        x: [B, *spatial, C].
+        x: ``[B, *spatial, C]``.
         gamma: scalar weight of the attention branch.
         form: ``"paper"`` or ``"max_minus"``.
 
     Returns:
-        [B, *spatial, C] in x's dtype.
+        ``[B, *spatial, C]`` in x's dtype.
 
     Raises:
         ValueError: x without a spatial axis, a non-scalar gamma, an unknown form.

@@ -677,12 +677,12 @@ def multi_level_cross_attention(query: Array, keys: Sequence[Array], values: Seq
 class PairInputs(NamedTuple):
     """A sentence pair as one joint sequence (``pair_inputs``).
 
-    tokens: [B, Ta + Tb, ...] a's slots then b's slots (padding stays in place).
-    segment_ids: int32 [B, Ta + Tb]: 0 for a's real tokens, 1 for b's, -1 for padding.
-    positions: int32 [B, Ta + Tb]: position in the joint sequence counting real tokens only
-        (a packed [a; b] numbering, as a cross-encoder sees it); -1 for padding.
-    segment_positions: int32 [B, Ta + Tb]: position within the token's own sentence (as a
-        bi-encoder sees it); -1 for padding.
+    - tokens: [B, Ta + Tb, ...] a's slots then b's slots (padding stays in place).
+    - segment_ids: int32 [B, Ta + Tb]: 0 for a's real tokens, 1 for b's, -1 for padding.
+    - positions: int32 [B, Ta + Tb]: position in the joint sequence counting real tokens only
+      (a packed [a; b] numbering, as a cross-encoder sees it); -1 for padding.
+    - segment_positions: int32 [B, Ta + Tb]: position within the token's own sentence (as a
+      bi-encoder sees it); -1 for padding.
     """
 
     tokens: Array

@@ -415,7 +415,7 @@ def cross_frame_attention(query: Array, key: Array, value: Array, *,
     remaining frames") only frame 0's queries see them, and the later frames receive them
     through frame 0's tokens in the next layers; ``"all"`` appends them to every frame.
     Within a frame attention is non-causal (spatial); across frames it is causal by
-    construction (frame f never reads a later frame). Cost O(F L (|frames| L + E)).
+    construction (frame f never reads a later frame). Cost ``O(F L (|frames| L + E))``.
 
     Args:
         query: [B, F, L, N, H] (F frames of L tokens).

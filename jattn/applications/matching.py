@@ -534,14 +534,14 @@ def similarity_weighted_aggregation(query: Array, keys: Array, values: Array, *,
     Args:
         query: [B, D] query features.
         keys: [B, K, D] set members' features compared with the query.
-        values: [B, K, *F] what is aggregated (F may be empty, or e.g. C, H, W).
+        values: ``[B, K, *F]`` what is aggregated (F may be empty, or e.g. C, H, W).
         mask: bool [B, K], True for real members; None: all valid.
         temperature: tau > 0 (Python number or float scalar; may be traced).
         similarity: "cosine" (default, VQ-Font) or "dot".
         return_weights: also return the weights w.
 
     Returns:
-        out [B, *F] in the values' dtype; with ``return_weights`` the pair (out, weights
+        out ``[B, *F]`` in the values' dtype; with ``return_weights`` the pair (out, weights
         [B, K] float32 or wider).
 
     Raises:

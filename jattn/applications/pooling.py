@@ -400,7 +400,7 @@ def latent_attention_pool(hidden: Array, latent_keys: Array, latent_values: Arra
 
     .. math::
         o_t = \mathrm{MHA}(q = h_t,\ K = L_K,\ V = L_V), \qquad
-        e = rac{1}{|\{t: m_t\}|} \sum_{t: m_t} f(o_t)
+        e = \frac{1}{|\{t: m_t\}|} \sum_{t: m_t} f(o_t)
 
     The latents are shared by every sequence; the heads split the model dim (``num_heads``
     must divide it). ``transform`` is f, the MLP the pooling layer applies to each output
@@ -460,7 +460,7 @@ def multi_layer_pool(layer_states: Array, queries: Array, *, num_heads: int,
 
     .. math::
         z_l = x_l + e_l, \quad o_j = \mathrm{MHA}(q_j,\ K = Z W_K,\ V = Z W_V), \quad
-        e = rac1r \sum_j f(o_j)
+        e = \frac1r \sum_j f(o_j)
 
     with x_l the last-token state of layer l (:func:`last_token_pool` of each layer), e_l a
     learned layer embedding (so the attention can tell layers apart), q_j one of r trainable

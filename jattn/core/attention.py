@@ -143,7 +143,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     Scores and softmax statistics are computed in float32 (or wider) whatever the input dtype.
 
     Args:
-        query: [B, T, N, H], [T, N, H], or [*batch, T, N, H] with several batch axes (run as
+        query: [B, T, N, H], [T, N, H], or ``[*batch, T, N, H]`` with several batch axes (run as
             one flattened batch B = prod(batch); every per-example argument below then has
             those axes where it has B).
         key: [B, S, K, H] or [S, K, H]; N % K == 0 gives GQA/MQA without repeating K/V.
@@ -173,8 +173,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         return_lse: also return the log-sum-exp of the masked logits, [B, N, T] (or [N, T]),
             float32; -inf for rows with nothing to attend to. Differentiable.
         implementation: None (the best available here), a name from ``implementations()``,
-            a callable of the :class:`Implementation` signature, or a list of those tried in
-            turn.
+            a callable of the :class:`jattn.core.attention.Implementation` signature, or a list
+            of those tried in turn.
         return_residual: jax.nn's form of ``return_lse``, kept so jax.nn code runs unchanged:
             the log-sum-exp as [B, T, N] (or [T, N]) in the input dtype, without gradient.
         dropout_rate: chance in [0, 1) of zeroing each attention probability (kept ones are
@@ -183,8 +183,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         dropout_rng: a JAX key, required when ``dropout_rate`` > 0.
 
     Returns:
-        output [*batch, T, N, Hv] in the input dtype; with ``return_lse`` the pair (output,
-        lse [*batch, N, T]); with ``return_residual`` the pair (output, residual).
+        output ``[*batch, T, N, Hv]`` in the input dtype; with ``return_lse`` the pair (output,
+        lse ``[*batch, N, T]``); with ``return_residual`` the pair (output, residual).
 
     Raises:
         TypeError: non-floating q/k/v, mismatched dtypes, non-boolean mask, non-integer ids
@@ -266,19 +266,19 @@ def attention_weights(query, key, bias=None, mask=None, *, scale=None, is_causal
     over all its keys here.
 
     Args:
-        query: [*batch, T, N, H]; key: [*batch, S, K, H] (GQA and batch axes as in
+        query: ``[*batch, T, N, H]``; key: ``[*batch, S, K, H]`` (GQA and batch axes as in
             :func:`dot_product_attention`).
-        bias, mask, scale, is_causal, query_seq_lengths, key_value_seq_lengths,
-            local_window_size, query_segment_ids, kv_segment_ids, logits_soft_cap,
-            score_mod: as in :func:`dot_product_attention` (pass the same ones as the
-            forward).
-        lse: None or floating [*batch, N, T]: the forward's log-sum-exp.
+        bias, mask, scale, is_causal, query_seq_lengths, key_value_seq_lengths: as in
+            :func:`dot_product_attention` (pass the same ones as the forward).
+        local_window_size, query_segment_ids, kv_segment_ids, logits_soft_cap, score_mod: as
+            in :func:`dot_product_attention` (pass the same ones as the forward).
+        lse: None or floating ``[*batch, N, T]``: the forward's log-sum-exp.
         heads: None (all) or ints in [0, N): the query heads to return, in that order.
         query_positions: None (all) or ints in [0, T): the query rows.
         key_positions: None (all) or ints in [0, S): the key columns.
 
     Returns:
-        [*batch, len(heads), len(query_positions), len(key_positions)] float32 (float64 for
+        ``[*batch, len(heads), len(query_positions), len(key_positions)]`` float32 (float64 for
         float64 input); weights of masked keys, and whole rows with nothing allowed, are 0.
 
     Raises:

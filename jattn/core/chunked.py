@@ -51,12 +51,12 @@ per-tile overhead outweighs the skipped work on XLA:CPU (docs/benchmarks.md)."""
 
 
 def block_sizes_for(mask: Mask | None) -> BlockSizes:
-    """The default tiles for ``mask``: :data:`DEFAULT_BLOCK_SIZES`, or smaller ones where
+    """The default tiles for ``mask``: ``DEFAULT_BLOCK_SIZES``, or smaller ones where
     the mask says more. A mask made of blocks (:meth:`Mask.tiles`, a block selection) tiles
     at its key blocks (query tiles as long, or as its query blocks if longer), so each tile
     is one selected block; a mask with a key extent (:meth:`Mask.key_extent`) narrower than a
     default tile gets square tiles of the power of two at or above it (at least
-    :data:`MIN_BAND_BLOCK`), so a query tile of a sliding window or a neighbourhood visits
+    ``MIN_BAND_BLOCK``), so a query tile of a sliding window or a neighbourhood visits
     about two key tiles of about the window's width instead of two of 512 keys.
 
     >>> from jattn import masks
@@ -127,8 +127,8 @@ def chunked_attention(query: Array, key: Array, value: Array, bias: Array | None
             (:mod:`jattn.core.score_mod`), applied to each tile's logits before the soft cap;
             gradients reach the arrays it closes over.
         block_sizes: query and key tile sizes, forward and backward (the backward pass
-            tiles as the forward where its sizes are None); None: :func:`block_sizes_for`
-            the mask.
+            tiles as the forward where its sizes are None); None:
+            :func:`jattn.core.chunked.block_sizes_for` the mask.
 
     Returns:
         (output [B, T, N, Hv] in the input dtype, lse [B, N, T]; -inf where nothing attends).

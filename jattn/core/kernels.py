@@ -38,7 +38,7 @@ def _tighter(a: int | None, b: int | None, pick) -> int | None:
 
 def kernel_mask(mask: Mask | None, B: int, T: int, S: int, block_q: int,
                 block_kv: int) -> dict:
-    """The kernels' elementwise mask arguments for ``mask`` over a [B, *, T, S] pattern, for
+    """The kernels' elementwise mask arguments for ``mask`` over a ``[B, *, T, S]`` pattern, for
     tiles of ``block_q`` x ``block_kv``.
 
     Every conjunct the kernels know natively goes to its argument: bands intersect into one

@@ -160,7 +160,7 @@ class Mask:
     def allows(self, q_pos, kv_pos, xp=jnp):
         """The pattern elementwise at broadcastable arrays of query and key positions (a
         column [tq, 1] and a row [1, tk], or two full tiles): what a kernel evaluates inside
-        a tile. Defined for masks of positions only (:attr:`is_static`); ``xp`` is
+        a tile. Defined for masks of positions only (``is_static``); ``xp`` is
         jax.numpy, or numpy for static block maps."""
         raise NotImplementedError(f"{type(self).__name__} carries data; use evaluate()")
 
@@ -491,7 +491,7 @@ class Neighborhood(_GridMask):
     flat positions >= prod(spatial) (extra keys appended after the grid) are allowed for
     every query when ``global_keys``, never otherwise.
 
-    The block map is exact (:class:`_GridMask`).
+    The block map is exact (``_GridMask``).
     """
 
     spatial: tuple[int, ...]
@@ -558,7 +558,7 @@ class BlockWindow(_GridMask):
     a block of their own, as Swin's rolled grid and shift mask make them). A query of block
     i sees the keys c' with s + i b - h <= c' < s + (i + 1) b + h on every axis (clipped to
     the grid). Keys past the grid are never allowed. The block map is exact
-    (:class:`_GridMask`).
+    (``_GridMask``).
     """
 
     spatial: tuple[int, ...]
@@ -711,6 +711,9 @@ class _Binary(Mask):
 
 @_pytree(data=("a", "b"))
 class And(_Binary):
+    """``a & b``: a key is allowed where both masks allow it; the block map is the tile-wise
+    minimum of the two (EMPTY < PARTIAL < FULL)."""
+
     values = staticmethod(jnp.logical_and)
     kinds = staticmethod(jnp.minimum)
 
@@ -727,12 +730,18 @@ class And(_Binary):
 
 @_pytree(data=("a", "b"))
 class Or(_Binary):
+    """``a | b``: a key is allowed where either mask allows it; the block map is the tile-wise
+    maximum of the two (EMPTY < PARTIAL < FULL)."""
+
     values = staticmethod(jnp.logical_or)
     kinds = staticmethod(jnp.maximum)
 
 
 @_pytree(data=("a",))
 class Not(Mask):
+    """``~a``: a key is allowed where ``a`` forbids it; the block map swaps EMPTY and FULL
+    (PARTIAL stays PARTIAL)."""
+
     a: Mask
 
     @property

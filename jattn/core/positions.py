@@ -8,7 +8,7 @@ r"""Position information for any attention: transforms of q/k, or additive biase
   base * factor^(r / (r - 2)) (NTK-aware). ``apply_rope_2d`` rotates half the rotary pairs by
   the row and half by the column of an image token.
 * ``alibi_slopes`` / ``alibi_bias``: ALiBi's per-head linear distance penalty,
-  bias[n, t, s] = -m_n * (t - s) (causal) or -m_n * |t - s|.
+  ``bias[n, t, s] = -m_n * (t - s)`` (causal) or ``-m_n * |t - s|``.
 * ``t5_bucket`` / ``t5_bias``: T5's relative-position buckets (exact for small distances,
   logarithmic up to ``max_distance``) and the bias read from a learned [buckets, N] table.
 * ``xl_relative_logits``: Transformer-XL's relative attention logits,
@@ -209,7 +209,7 @@ def _query_key_positions(q_len: int, kv_len: int, query_offset: int | None):
 def alibi_bias(num_heads: int, q_len: int, kv_len: int, *, is_causal: bool = True,
                query_offset: int | None = None) -> Array:
     """bias[n, t, s] = -m_n (p_t - s) (causal; future keys must be masked separately) or
-    -m_n |p_t - s| (symmetric), with p_t = query_offset + t (default kv_len - q_len).
+    ``-m_n |p_t - s|`` (symmetric), with p_t = query_offset + t (default kv_len - q_len).
 
     Returns:
         [N, T, S] float32.

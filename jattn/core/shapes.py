@@ -104,21 +104,26 @@ def check_heads(d_model: int, num_heads: int, num_kv_heads: int | None = None) -
 
 
 def check_floating(name: str, x: Array) -> None:
+    """Raise :class:`DTypeError` (naming ``name``) unless ``x`` has a floating dtype."""
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise DTypeError(f"{name}: expected a floating dtype, got {x.dtype} (shape {x.shape})")
 
 
 def check_integer(name: str, x: Array) -> None:
+    """Raise :class:`DTypeError` (naming ``name``) unless ``x`` has an integer dtype."""
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise DTypeError(f"{name}: expected an integer dtype, got {x.dtype} (shape {x.shape})")
 
 
 def check_bool(name: str, x: Array) -> None:
+    """Raise :class:`DTypeError` (naming ``name``) unless ``x`` has the boolean dtype."""
     if x.dtype != jnp.bool_:
         raise DTypeError(f"{name}: expected a boolean dtype, got {x.dtype} (shape {x.shape})")
 
 
 def check_rank(name: str, x: Array, ranks: Sequence[int], what: str = "") -> None:
+    """Raise ValueError (naming ``name``) unless ``x.ndim`` is one of ``ranks``; ``what``, e.g.
+    ``"[B, T, N, H]"``, is the expected layout the message shows."""
     if x.ndim not in ranks:
         want = " or ".join(str(r) for r in ranks)
         layout = f" {what}" if what else ""
@@ -126,6 +131,9 @@ def check_rank(name: str, x: Array, ranks: Sequence[int], what: str = "") -> Non
 
 
 class QKVDims(NamedTuple):
+    """The sizes :func:`check_qkv` returns: query [B, T, N, H], key [B, S, K, H] and the value
+    head dim Hv."""
+
     B: int
     T: int
     N: int
@@ -174,8 +182,8 @@ def check_qkv(query: Array, key: Array, value: Array, *,
 
 def check_spatial_qkv(query: Array, key: Array, value: Array, *,
                       max_spatial_axes: int) -> tuple[tuple[int, ...], tuple[int, ...], QKVDims]:
-    """Validate query [B, *q_spatial, N, H], key [B, *k_spatial, K, H], value
-    [B, *k_spatial, K, Hv] with 1 to ``max_spatial_axes`` spatial axes (as many for all
+    """Validate query ``[B, *q_spatial, N, H]``, key ``[B, *k_spatial, K, H]``, value
+    ``[B, *k_spatial, K, Hv]`` with 1 to ``max_spatial_axes`` spatial axes (as many for all
     three) and return (q_spatial, k_spatial, the dims of the flattened [B, L, heads, H] views,
     with T and S the flattened lengths)."""
     for name, x in (("query", query), ("key", key), ("value", value)):
@@ -199,6 +207,8 @@ def check_spatial_qkv(query: Array, key: Array, value: Array, *,
 
 
 def check_shape(name: str, x: Array, expected: Shape, letters: str = "") -> None:
+    """Raise ValueError (naming ``name``) unless ``x.shape`` equals ``expected``; ``letters``
+    (e.g. ``"BTD"``) name its axes in the message."""
     if tuple(x.shape) != tuple(expected):
         layout = f" [{', '.join(letters)}]" if letters else ""
         raise ValueError(f"{name}: expected shape {tuple(expected)}{layout}, got {x.shape}")

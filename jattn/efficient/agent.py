@@ -64,7 +64,7 @@ def agent_segments(length: int, num_agents: int) -> tuple[np.ndarray, np.ndarray
 
 
 def pool_agents(x: Array, num_agents: int | tuple[int, ...]) -> Array:
-    """Average-pool [B, *spatial, N, H] into contiguous segments (a grid of them in 2-D).
+    """Average-pool ``[B, *spatial, N, H]`` into contiguous segments (a grid of them in 2-D).
 
     Along each spatial axis the segments are those of :func:`agent_segments` (adaptive
     average pooling, separable across axes as PyTorch's ``AdaptiveAvgPool2d`` that the public
@@ -74,7 +74,7 @@ def pool_agents(x: Array, num_agents: int | tuple[int, ...]) -> Array:
     flattened to [B, h w, N, H].
 
     Args:
-        x: [B, L, N, H] or [B, *spatial, N, H].
+        x: [B, L, N, H] or ``[B, *spatial, N, H]``.
         num_agents: segments per spatial axis: an int (one spatial axis) or a tuple with one
             positive int per axis; may exceed the axis length (segments then repeat).
 

@@ -117,9 +117,9 @@ def bilevel_routing_attention(query: Array, key: Array, value: Array, *,
     NotImplementedError: there is no order between the positions to make causal.
 
     Args:
-        query: [B, *spatial, N, H] with 1 (sequence) or 2 (image) spatial axes.
-        key: [B, *spatial_k, K, H], N % K == 0.
-        value: [B, *spatial_k, K, Hv].
+        query: ``[B, *spatial, N, H]`` with 1 (sequence) or 2 (image) spatial axes.
+        key: ``[B, *spatial_k, K, H]``, N % K == 0.
+        value: ``[B, *spatial_k, K, Hv]``.
         region_size: positions per region along each axis, an int or one per axis (not the
             number of regions: a fixed region size keeps the attended length independent of
             the input size).
@@ -130,7 +130,7 @@ def bilevel_routing_attention(query: Array, key: Array, value: Array, *,
             visits only the routed tiles of each batch row.
 
     Returns:
-        [B, *spatial, N, Hv] in the query's dtype.
+        ``[B, *spatial, N, Hv]`` in the query's dtype.
 
     Raises:
         ValueError: wrong ranks or shapes, heads that do not divide, a bad region_size, a

@@ -226,7 +226,7 @@ def cosformer_features(x: Array, positions, max_length) -> Array:
     Args:
         x: [..., H].
         positions: absolute positions i, broadcastable to x.shape[:-1].
-        max_length: M; the weight stays positive while |i - j| < M.
+        max_length: M; the weight stays positive while ``|i - j| < M``.
 
     Returns:
         [..., 2H] in x's dtype.
@@ -318,27 +318,29 @@ def linear_attention(q, k, v, *, feature_map: str | FeatureMap = "elu+1",
 
     Feature maps with parameters:
 
-    * ``"favor+"`` (Performer's FAVOR+): phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m) with
+    * ``"favor+"`` (Performer's FAVOR+): ``phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m)`` with
       x' = x / H^(1/4), so that E[phi(q) . phi(k)] = exp(q . k / sqrt(H)), the softmax kernel
-      (see :func:`favor_features`). W [m, H] is drawn from ``rng`` by
-      :func:`favor_projection` (orthogonal rows in blocks of H, chi(H) norms), the same for
-      every head; m = ``num_features`` (default :func:`default_num_features`, ceil(H ln H)).
+      (see :func:`jattn.efficient.linear.favor_features`). W [m, H] is drawn from ``rng`` by
+      :func:`jattn.efficient.linear.favor_projection` (orthogonal rows in blocks of H, chi(H)
+      norms), the same for every head; m = ``num_features`` (default
+      :func:`jattn.efficient.linear.default_num_features`, ceil(H ln H)).
       Stabilisation: each query's features are computed as exp(W q' - max_f (W q')_f) /
-      sqrt(m), i.e. phi(q_t) divided by c_t = exp(max_f (W q')_f - |q'|^2 / 2), a factor
+      sqrt(m), i.e. phi(q_t) divided by ``c_t = exp(max_f (W q')_f - |q'|^2 / 2)``, a factor
       that cancels between numerator and denominator; so with ``normalize`` the output is
       num_t / (den_t + eps c_t): eps acts on the query's stabilised scale (largest feature
       1 / sqrt(m)) and does not swamp a query whose plain features all underflow or are far
-      below eps (large |q|, peaked attention). eps = 0 gives exactly the plain definition.
+      below eps (large ``|q|``, peaked attention). eps = 0 gives exactly the plain definition.
       Without ``normalize`` nothing can cancel, so c_t is multiplied back and the numerator
       is exactly the plain definition (it can overflow only where that does). Keys are not
-      shifted: their exponent W k' - |k'|^2 / 2 is at most |w_f|^2 / 2 ~ H / 2 (complete the
-      square), far from float32's limit for usual head sizes (H <= 128); an unshifted key
-      keeps the carried state independent of the call (a maximum over keys, as the
-      Performer code subtracts, would change from call to call and, when causal, look at
+      shifted: their exponent ``W k' - |k'|^2 / 2`` is at most ``|w_f|^2 / 2 ~ H / 2``
+      (complete the square), far from float32's limit for usual head sizes (H <= 128); an
+      unshifted key keeps the carried state independent of the call (a maximum over keys, as
+      the Performer code subtracts, would change from call to call and, when causal, look at
       future keys). Works with every form, decay and state.
     * ``"cosformer"`` (cosFormer): phi = relu and the score of query position i and key
       position j is multiplied by cos(pi/2 (i - j) / M), via the features
-      [relu(x) cos(pi i / 2M), relu(x) sin(pi i / 2M)] (:func:`cosformer_features`, F = 2H).
+      [relu(x) cos(pi i / 2M), relu(x) sin(pi i / 2M)]
+      (:func:`jattn.efficient.linear.cosformer_features`, F = 2H).
       Positions are absolute: query t and key s of this call are at ``offset`` + t and
       ``offset`` + s. M = ``max_length``, default max(T, S) (only without ``initial_state``
       and with ``offset`` 0: a carried state needs the same M in every call, so pass
@@ -353,9 +355,9 @@ def linear_attention(q, k, v, *, feature_map: str | FeatureMap = "elu+1",
         k: [B, S, K, H]; N % K == 0 gives GQA/MQA without repeating K/V.
         v: [B, S, K, Hv].
         feature_map: "identity", "elu+1", "relu", "taylor" (Based's 1 + d + d^2 features,
-            :func:`taylor_feature_map`), "favor+", "cosformer" (above) or a callable
-            [..., H] -> [..., F] applied to the last axis (any leading shape) of queries and
-            keys.
+            :func:`jattn.efficient.linear.taylor_feature_map`), "favor+", "cosformer" (above)
+            or a callable [..., H] -> [..., F] applied to the last axis (any leading shape) of
+            queries and keys.
         is_causal: query t sees keys s <= t (then S == T). Otherwise every query sees every
             key.
         decay: per-query-head factors gamma in (0, 1], [N] (causal only): key s reaches query

@@ -180,8 +180,8 @@ def window_attention(query: Array, key: Array, value: Array, *, window_size,
 
     Args:
         query: [B, L, N, H] or [B, L1, L2, N, H].
-        key: [B, *spatial, K, H] with the query's spatial shape; N % K == 0 (GQA).
-        value: [B, *spatial, K, Hv].
+        key: ``[B, *spatial, K, H]`` with the query's spatial shape; N % K == 0 (GQA).
+        value: ``[B, *spatial, K, Hv]``.
         window_size: w, an int or one int per spatial axis, 1 <= w <= spatial size.
         shift: an int or one per axis, 0 <= shift < w (Swin uses w // 2 every other block).
         relative_position_bias: optional [N, prod(2 w - 1)] table (Swin's learned bias;
@@ -194,7 +194,7 @@ def window_attention(query: Array, key: Array, value: Array, *, window_size,
             ``masks.block_window(spatial, w, shift=shift)`` (see the module docstring).
 
     Returns:
-        [B, *spatial, N, Hv] in the query's dtype.
+        ``[B, *spatial, N, Hv]`` in the query's dtype.
 
     Raises:
         ValueError: wrong ranks, shapes that disagree, heads that do not divide, a window
@@ -341,8 +341,8 @@ def halo_attention(query: Array, key: Array, value: Array, *, block_size, halo_s
 
     Args:
         query: [B, L, N, H] or [B, L1, L2, N, H].
-        key: [B, *spatial, K, H] with the query's spatial shape; N % K == 0 (GQA).
-        value: [B, *spatial, K, Hv].
+        key: ``[B, *spatial, K, H]`` with the query's spatial shape; N % K == 0 (GQA).
+        value: ``[B, *spatial, K, Hv]``.
         block_size: b, an int or one per spatial axis, 1 <= b <= spatial size.
         halo_size: h >= 0, an int or one per spatial axis.
         is_causal: query p sees only keys p' <= p (1-D only).
@@ -352,7 +352,7 @@ def halo_attention(query: Array, key: Array, value: Array, *, block_size, halo_s
             ``masks.block_window(spatial, b, halo=h)`` (``& masks.causal()``).
 
     Returns:
-        [B, *spatial, N, Hv] in the query's dtype.
+        ``[B, *spatial, N, Hv]`` in the query's dtype.
 
     Raises:
         ValueError: wrong ranks, shapes that disagree, heads that do not divide, a block

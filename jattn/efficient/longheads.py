@@ -143,7 +143,7 @@ def longheads_attention(query: Array, key: Array, value: Array, *, chunk_size: i
     per query head (GQA: head n reads key head n // (N / K)); i(t) = t // chunk_size, q̄_j the
     mean query of chunk j. Without ``rope_base`` R is the identity; with it R_p is the rotary
     embedding at position p, P_ts = r c + (s mod c) for s in the chunk in slot r of C(t) in
-    ascending order, P_t = (|C(t)| - 1) c + (t mod c), c = chunk_size (the module docstring
+    ascending order, ``P_t = (|C(t)| - 1) c + (t mod c)``, c = chunk_size (the module docstring
     has the paper's rule). Ties go to the lower chunk index. With top_k >= the number of
     chunks this is plain causal attention (with rope_base: at positions 0 .. T - 1).
 
@@ -250,8 +250,8 @@ def longheads_decode(query: Array, key: Array, value: Array, cache: LongHeadsCac
         query: [B, T, N, H], key: [B, T, K, H], value: [B, T, K, Hv] of the new tokens.
         cache: from :func:`init_longheads_cache` (with this chunk_size) or a previous call
             with the same options.
-        chunk_size, top_k, scale, summary, rope_base, rope_fraction, rope_scaling,
-            rope_factor: as in :func:`longheads_attention`.
+        chunk_size, top_k, scale, summary, rope_base, rope_fraction, rope_scaling, rope_factor: as
+            in :func:`longheads_attention`.
 
     Returns:
         (output [B, T, N, Hv] in the query's dtype, the updated cache).

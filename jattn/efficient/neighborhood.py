@@ -107,10 +107,10 @@ def neighborhood_attention(query: Array, key: Array, value: Array, *,
     geometry shared by queries and keys (NotImplementedError).
 
     Args:
-        query: [B, *spatial, N, H] with 1, 2 or 3 spatial axes.
-        key: [B, *spatial, K, H], the query's spatial shape; N % K == 0 (GQA/MQA without
+        query: ``[B, *spatial, N, H]`` with 1, 2 or 3 spatial axes.
+        key: ``[B, *spatial, K, H]``, the query's spatial shape; N % K == 0 (GQA/MQA without
             repeating K/V).
-        value: [B, *spatial, K, Hv].
+        value: ``[B, *spatial, K, Hv]``.
         kernel_size: keys per axis (per dilation group), an int or one per spatial axis.
         dilation: an int or one per spatial axis; kernel_size * dilation <= length per axis.
         is_causal: a bool or one per spatial axis.
@@ -124,7 +124,7 @@ def neighborhood_attention(query: Array, key: Array, value: Array, *,
             the block-sparse path ("xla" materialises the [L, L + E] scores).
 
     Returns:
-        [B, *spatial, N, Hv] in the query's dtype.
+        ``[B, *spatial, N, Hv]`` in the query's dtype.
 
     Raises:
         ValueError: wrong ranks, shapes that disagree, heads that do not divide, a

@@ -70,9 +70,9 @@ LayerNorm scales its weight gradients by 1 / std of its input, which grows witho
 forgetting shrinks the weights (seen with this module's initialisation at D = 64, 4 heads of
 16, random inputs, theta = 0.01, eta = 0.9, chunk 16: inf after a few hundred tokens).
 ``max_grad_norm`` clamps every token's gradient to that global norm (over all memory weights
-of the head) before it enters the momentum, which bounds |S| <= theta c / (1 - eta) and |M|
-<= |M_0| + theta c / ((1 - eta) alpha): use it for long sequences (tested finite at 16k
-tokens in float32). It bounds the forward pass, not the outer gradient: on a long run of one
+of the head) before it enters the momentum, which bounds ``|S| <= theta c / (1 - eta)`` and
+``|M| <= |M_0| + theta c / ((1 - eta) alpha)``: use it for long sequences (tested finite at
+16k tokens in float32). It bounds the forward pass, not the outer gradient: on a long run of one
 repeated token the clamped steps of the deep memory keep overshooting the pair's minimum,
 and the outer gradient grows with every write (8e18 after 1024 writes of one pair at
 theta 0.1, eta 0.9, against 45 without the clamp and 21 at theta 0.01; docs/titans.md).
@@ -108,9 +108,9 @@ class MemoryWeights(NamedTuple):
     """Weights of the memory MLP (or its momentum), with leading dims ``lead`` ([N] in the
     parameters, [B, N] in a state).
 
-    matrices: L_M matrices, x @ W: [*lead, H, E], [*lead, E, E], ..., [*lead, E, H]
-        (L_M = 1: one [*lead, H, H]).
-    scale, bias: [*lead, H], the LayerNorm gain and bias (None when L_M = 1).
+    - matrices: L_M matrices, x @ W: ``[*lead, H, E]``, ``[*lead, E, E]``, ...,
+      ``[*lead, E, H]`` (L_M = 1: one ``[*lead, H, H]``).
+    - scale, bias: ``[*lead, H]``, the LayerNorm gain and bias (None when L_M = 1).
     """
 
     matrices: tuple[Array, ...]
@@ -121,10 +121,10 @@ class MemoryWeights(NamedTuple):
 class NeuralMemoryState(NamedTuple):
     """What a call leaves for the next one.
 
-    weights: MemoryWeights with leaves [B, N, ...], the memory M_T.
-    momentum: MemoryWeights with leaves [B, N, ...], the surprise S_T.
-    conv: [B, conv_size - 1, 3 N H], the last pre-convolution q|k|v projections (None without
-        a convolution).
+    - weights: MemoryWeights with leaves [B, N, ...], the memory M_T.
+    - momentum: MemoryWeights with leaves [B, N, ...], the surprise S_T.
+    - conv: [B, conv_size - 1, 3 N H], the last pre-convolution q|k|v projections (None
+      without a convolution).
     """
 
     weights: MemoryWeights
@@ -248,7 +248,8 @@ def init_neural_memory(rng: Array, *, dim: int, num_heads: int, head_dim: int,
         channelwise_forget: one forget gate per output unit of every memory leaf instead of
             one per head.
         max_lr: theta_t = max_lr * sigmoid(x w_lr + b_lr).
-        num_persistent: N_p persistent memory tokens (see :func:`prepend_persistent`).
+        num_persistent: N_p persistent memory tokens (see
+            :func:`jattn.memory.titans.prepend_persistent`).
         initial_lr, initial_momentum, initial_forget: gate values at zero input, in (0, 1)
             (``initial_lr`` in (0, max_lr)).
         dtype: parameter dtype.
@@ -873,16 +874,18 @@ def neural_memory(params: NeuralMemoryParams, x: Array, *, chunk_size: int,
             16). Ignored by "sequential" (which is chunk_size = 1), validated anyway.
         implementation: "chunked" (parallel inside chunks) or "sequential" (token by token).
         initial_state: a :class:`NeuralMemoryState` from a previous call (leaves [B, N, ...]),
-            or None for :func:`initial_memory_state`. Chunks restart at every call, so two
-            calls equal one when the first call's length is a multiple of chunk_size.
+            or None for :func:`jattn.memory.titans.initial_memory_state`. Chunks restart at
+            every call, so two calls equal one when the first call's length is a multiple of
+            chunk_size.
         return_state: also return the final :class:`NeuralMemoryState`.
         retrieve: "after" (y_t = M_t(q_t), the default) or "before" (y_t = M_{t-1}(q_t)).
         max_grad_norm: clamp each token's inner gradient to this global norm (None: no clamp).
         gate_granularity: "token" (every token's own theta_t, eta_t, alpha_t) or "chunk"
             (every token of a chunk of ``chunk_size`` tokens uses the gates of the chunk's
-            first token, which keeps the output causal; see :func:`chunk_gates`). The chunks
-            are those of "chunked" and, with "chunk", also apply to "sequential" (which then
-            equals "chunked" with chunk_size = 1 fed the same repeated gates).
+            first token, which keeps the output causal; see
+            :func:`jattn.memory.titans.chunk_gates`). The chunks are those of "chunked" and,
+            with "chunk", also apply to "sequential" (which then equals "chunked" with
+            chunk_size = 1 fed the same repeated gates).
 
     Returns:
         y [B, T, N, H] in x's dtype; with ``return_state`` (y, state).

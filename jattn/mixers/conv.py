@@ -226,7 +226,7 @@ def positional_features(length: int, emb_dim: int = 3) -> tuple[Array, Array]:
 
 def decay_rates(channels: int, fast_decay_pct: float = 0.3, slow_decay_pct: float = 1.5,
                 target: float = 1e-2) -> Array:
-    """Per-channel rates of the exponential modulation: |rate| * t reaches log(1/target) at
+    """Per-channel rates of the exponential modulation: ``|rate| * t`` reaches log(1/target) at
     t = fast_decay_pct (first channel) ... slow_decay_pct (last channel)."""
     return jnp.linspace(math.log(target) / slow_decay_pct, math.log(target) / fast_decay_pct,
                         channels)
@@ -234,7 +234,7 @@ def decay_rates(channels: int, fast_decay_pct: float = 0.3, slow_decay_pct: floa
 
 def implicit_filter(z: Array, t: Array, weights: Sequence[Array], biases: Sequence[Array],
                     frequency: Array, rates: Array) -> Array:
-    """h = MLP(z) * exp(-t |rates|): the MLP alternates linear maps and sin(frequency * x).
+    """``h = MLP(z) * exp(-t |rates|)``: the MLP alternates linear maps and sin(frequency * x).
 
     Args:
         z: [L, E] positional features; t: [L, 1] normalised time.

@@ -1,6 +1,6 @@
 """H3 (Hungry Hungry Hippos): a shift SSM and a diagonal SSM around a multiplicative gate.
 
-Per head (N heads of P = head_dim channels; layout [B, L, N, P]):
+Per head (N heads of P = head_dim channels; layout [B, L, N, P])::
 
     k'      = shift_ssm(k) + shift_D * k                      (per channel, P of them per head)
     kv[t]   = k'[t] v[t]^T                                    (P x P channels per head)
@@ -15,6 +15,8 @@ impulse response K[l] = C A^l B, computed once and applied as a long convolution
   (its initial value) K is the taps C padded with zeros to the length.
 * Diagonal SSM, S4D (Z = d_state // 2 complex modes, each standing for a conjugate pair):
   A_z = -exp(log_A_real_z) + i A_imag_z, step dt = exp(log_dt) per head, and
+
+  ::
 
       K[l] = 2 Re( sum_z C_z dB_z dA_z^l )
       bilinear (default, as in the public code): dA = (1 + dt A/2) / (1 - dt A/2),

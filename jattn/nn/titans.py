@@ -131,9 +131,10 @@ class NeuralMemory(nnx.Module):
 
     Args:
         d_model: model width D. num_heads: memory heads N. head_dim: H (default D / N).
-        memory_depth, memory_expansion, conv_size, activation, normalize_qk, momentum, forget,
-            channelwise_forget, max_lr, num_persistent, initial_lr, initial_momentum,
-            initial_forget: as :func:`jattn.memory.titans.init_neural_memory`.
+        memory_depth, memory_expansion, conv_size, activation, normalize_qk, momentum, forget: as
+            :func:`jattn.memory.titans.init_neural_memory`.
+        channelwise_forget, max_lr, num_persistent, initial_lr, initial_momentum, initial_forget:
+            as :func:`jattn.memory.titans.init_neural_memory`.
         chunk_size, implementation, retrieve, max_grad_norm, gate_granularity: as
             :func:`jattn.memory.titans.neural_memory` (``gate_granularity="chunk"``: one
             theta, eta, alpha per chunk, those of its first token).
@@ -196,7 +197,8 @@ class NeuralMemory(nnx.Module):
 
     @property
     def params(self) -> NeuralMemoryParams:
-        """The memory's outer-loop parameters as a :class:`NeuralMemoryParams` pytree."""
+        """The memory's outer-loop parameters as a
+        :class:`jattn.memory.titans.NeuralMemoryParams` pytree."""
         def value(v):
             return None if v is None else v[...]
         return NeuralMemoryParams(
@@ -232,7 +234,7 @@ class NeuralMemory(nnx.Module):
     def __call__(self, x: jax.Array, *, initial_state: NeuralMemoryState | None = None,
                  return_state: bool = False):
         """x [B, T, D] -> [B, T, D] (with ``return_state`` also the final
-        :class:`NeuralMemoryState`): writes every token, reads every query
+        :class:`jattn.memory.titans.NeuralMemoryState`): writes every token, reads every query
         (``retrieve`` chooses M_t or M_{t-1}), then the output head."""
         out = neural_memory(self.params, x, chunk_size=self.chunk_size,
                             implementation=self.implementation, initial_state=initial_state,
@@ -290,8 +292,9 @@ class TitansLMM(nnx.Module):
         return out[:, self.memory.num_persistent:].astype(x.dtype)
 
     def prefill(self, x: jax.Array, *, max_length: int | None = None):
-        """(output, :class:`NeuralMemoryState`) of a prompt x [B, T, D]; the state does not
-        grow with the length. Token-by-token writes only: see :meth:`NeuralMemory.decoding`."""
+        """(output, :class:`jattn.memory.titans.NeuralMemoryState`) of a prompt x [B, T, D]; the
+        state does not grow with the length. Token-by-token writes only: see
+        :meth:`NeuralMemory.decoding`."""
         del max_length
         self.memory.decoding()
         out, state = self.memory(self.memory.prepend_persistent(x), return_state=True)
@@ -423,9 +426,10 @@ class TitansMAL(nnx.Module):
 class MACState(NamedTuple):
     """What a :class:`TitansMAC` call leaves for the next one.
 
-    memory: the :class:`NeuralMemoryState` of the memory written with the attention outputs.
-    query_conv: [B, conv_size - 1, 3 N H], the convolution history of the input stream that
-        makes the retrieval queries (None without a convolution).
+    - memory: the :class:`jattn.memory.titans.NeuralMemoryState` of the memory written with
+      the attention outputs.
+    - query_conv: [B, conv_size - 1, 3 N H], the convolution history of the input stream that
+      makes the retrieval queries (None without a convolution).
     """
 
     memory: NeuralMemoryState
@@ -471,7 +475,7 @@ class TitansMAC(nnx.Module):
     Args:
         d_model, num_heads: width and attention heads.
         segment_size: C, tokens per segment (the attention's span; default 64).
-        retrieved: the retrieved tokens' mask (:data:`RETRIEVED_MASKS`): "causal" (query i
+        retrieved: the retrieved tokens' mask (``RETRIEVED_MASKS``): "causal" (query i
             sees retrieved tokens j <= i) or "prefix" (every retrieved token visible: the
             paper's figure, which lets a query see the future in an LM).
         residual: write (and gate) y = x + Attn(...), the segment's residual stream after

@@ -79,6 +79,7 @@ def _cosformer_length(options: dict, max_length: int) -> dict:
     return options
 
 
+#: The mixers a :class:`TransformerBlock` takes by name: name -> factory.
 MIXERS: dict[str, MixerFactory] = {
     "attention": _mixer(MultiHeadAttention),
     "linear": _mixer(LinearAttention, defaults=_cosformer_length),
@@ -330,9 +331,9 @@ class TransformerLM(nnx.Module):
     """A decoder-only (causal) language model: token embedding, positions, blocks, final
     norm, output head (tied to the embedding by default).
 
-    ``positions``: "learned" (:class:`LearnedPositionEmbedding`), "sinusoidal", or None
-    (for mixers that carry their own order, e.g. convolutions, SSMs, RoPE inside a custom
-    mixer). Use :func:`generate` to sample.
+    ``positions``: "learned" (:class:`jattn.nn.transformer.LearnedPositionEmbedding`),
+    "sinusoidal", or None (for mixers that carry their own order, e.g. convolutions, SSMs, RoPE
+    inside a custom mixer). Use :func:`generate` to sample.
 
     Example:
         >>> import jax.numpy as jnp

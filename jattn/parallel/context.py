@@ -52,6 +52,7 @@ from jattn.core.shapes import Array
 __all__ = ["STRATEGIES", "context_parallel", "context_parallel_attention", "ring_work",
            "zigzag_order"]
 
+#: The ``strategy`` values of :func:`context_parallel_attention`.
 STRATEGIES = ("ring", "all_to_all", "auto")
 
 _FULL, _DIAGONAL, _SKIP = 0, 1, 2  # what a (query chunk, key chunk) pair computes
@@ -61,7 +62,7 @@ def zigzag_order(T: int, devices: int) -> np.ndarray:
     """The permutation of positions 0..T-1 that puts chunks d and 2D - 1 - d (of 2D equal
     chunks) on device d: ``x[:, zigzag_order(T, D)]`` sharded evenly over D devices is the
     zig-zag layout. T must be a multiple of 2D. (``context_parallel_attention`` moves
-    natural-order shards into this layout and back with two ``ppermute``s each way.)
+    natural-order shards into this layout and back with two ``ppermute`` calls each way.)
 
     >>> zigzag_order(8, 2).tolist()
     [0, 1, 6, 7, 2, 3, 4, 5]
@@ -308,8 +309,8 @@ def context_parallel_attention(query: Array, key: Array, value: Array, *, mesh: 
     key/value [B, S, K, H|Hv], output [B, T, N, Hv]); under ``jit`` pass them sharded along
     T over ``axis_name`` (and B over ``batch_axis``) to avoid a reshard; the result comes
     back sharded the same way. With the causal ring and ``load_balance`` the shards are
-    moved into the zig-zag layout (:func:`zigzag_order`) and back inside, two ``ppermute``s
-    each way.
+    moved into the zig-zag layout (:func:`zigzag_order`) and back inside, two ``ppermute``
+    calls each way.
 
     Args:
         query, key, value: as in :func:`jattn.dot_product_attention` (with a batch axis).

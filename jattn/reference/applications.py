@@ -18,11 +18,19 @@ from jattn.reference.core import dot_product_attention, masked_softmax, masked_s
 # The matching functions return these; the same fields, declared here so that the references
 # share no code with what they check.
 class FILIPSimilarity(NamedTuple):
+    """What :func:`filip_similarity` returns: FILIP's image-to-text and text-to-image
+    similarities, [B, B'] each (the fields of
+    :class:`jattn.applications.matching.FILIPSimilarity`)."""
+
     image_to_text: Array
     text_to_image: Array
 
 
 class ConditionalTransport(NamedTuple):
+    """What :func:`conditional_transport` returns: the bidirectional CT cost [B], its forward
+    and backward parts [B] and the two navigators [B, P, L] and [B, L, P] (the fields of
+    :class:`jattn.applications.matching.ConditionalTransport`)."""
+
     cost: Array
     forward_cost: Array
     backward_cost: Array
@@ -31,6 +39,10 @@ class ConditionalTransport(NamedTuple):
 
 
 class IterativeCrossAttention(NamedTuple):
+    """What :func:`iterative_cross_attention` returns: the last round's output [B, T, Dv] and
+    the inverse temperature [B, T] and query modulation [B, T, D] that produced it (the fields
+    of :class:`jattn.applications.matching.IterativeCrossAttention`)."""
+
     attended: Array
     inverse_temperature: Array
     modulation: Array
@@ -321,7 +333,7 @@ def _ref_rescale(x, weights):
 
 
 def eca_kernel_size(channels, gamma=2, b=1):
-    """|log2(C) / gamma + b / gamma|_odd: the odd number nearest to t, ties upwards."""
+    """``|log2(C) / gamma + b / gamma|_odd``: the odd number nearest to t, ties upwards."""
     t = abs(math.log2(channels) / gamma + b / gamma)
     low = 2 * math.floor((t - 1) / 2) + 1  # largest odd <= t
     return low if t - low < 1 else low + 2

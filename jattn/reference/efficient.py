@@ -420,8 +420,8 @@ def landmark_attention(query, key, value, landmark_keys, *, block_size, is_causa
 def favor_features(x, projection):
     """Performer's FAVOR+ positive random features, written from the definition.
 
-    phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m) with x' = x / H^(1/4) and W = ``projection``
-    [m, H]; no stabilisation. Pass ``feature_map=lambda x: favor_features(x, w)`` to
+    ``phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m)`` with x' = x / H^(1/4) and W =
+    ``projection`` [m, H]; no stabilisation. Pass ``feature_map=lambda x: favor_features(x, w)`` to
     :func:`linear_attention` for the reference of ``jattn.linear_attention(...,
     feature_map="favor+")`` with the same W.
     """
@@ -613,7 +613,7 @@ def longheads_attention(query, key, value, *, chunk_size, top_k, scale=None,
     chosen chunks of (query t, head n) are laid side by side: the slot of a chosen chunk is
     the count of chosen chunks before it, key s takes slot * chunk_size + s mod chunk_size,
     query t (number chosen - 1) * chunk_size + t mod chunk_size, and q_t and each k_s are
-    rotated (:func:`_rotary`) at those positions before the dot product. Same signature as
+    rotated (``_rotary``) at those positions before the dot product. Same signature as
     :func:`jattn.longheads_attention` (without ``implementation``).
     """
 

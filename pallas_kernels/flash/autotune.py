@@ -9,7 +9,7 @@ candidates per backend; :func:`tune_flash_attention` ties both to the kernels.
 
 >>> import jax.numpy as jnp
 >>> candidates_for("gpu", 4096, 4096, 128, jnp.bfloat16)[0]
-BlockSizes(block_q=128, block_kv=64, num_warps=None, num_stages=None)
+BlockSizes(block_q=128, block_kv=64)
 
 This module imports jax only.
 """
@@ -146,7 +146,7 @@ def candidates_for(backend: str, T: int, S: int, H: int, dtype: Any = jnp.bfloat
     <= 128 gets one block rounded up to 32).
 
     >>> candidates_for("tpu", 100, 100, 64, jnp.bfloat16)
-    [BlockSizes(block_q=128, block_kv=128, num_warps=None, num_stages=None)]
+    [BlockSizes(block_q=128, block_kv=128)]
 
     Raises:
         ValueError: an unknown backend or a non-positive size.

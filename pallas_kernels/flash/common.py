@@ -91,6 +91,7 @@ class BlockSizes:
 
 
 def cdiv(a: int, b: int) -> int:
+    """Ceiling division: the smallest integer >= a / b (b > 0), e.g. tiles of size b covering a."""
     return -(-a // b)
 
 
@@ -300,9 +301,9 @@ def check_inputs(query, key, value, *, lo=None, hi=None, q_segment_ids=None,
 
     Raises:
         ValueError: naming the argument: wrong ranks or shapes, N % K != 0, an empty
-            dimension, a head dim over :data:`MAX_HEAD_DIM`, a band that is not a Python int,
+            dimension, a head dim over ``MAX_HEAD_DIM``, a band that is not a Python int,
             segment ids without their partner, a non-positive soft cap.
-        DTypeError: a dtype other than :data:`DTYPES`, mixed dtypes, non-integer ids or
+        DTypeError: a dtype other than ``DTYPES``, mixed dtypes, non-integer ids or
             lengths, a non-boolean dense mask.
     """
     for name, x in (("query", query), ("key", key), ("value", value)):

@@ -67,9 +67,9 @@ def default_block_sizes(T: int, S: int, H: int, dtype: Any = jnp.bfloat16) -> Bl
     sequences, never below 16.
 
     >>> default_block_sizes(4096, 4096, 128, jnp.bfloat16)
-    BlockSizes(block_q=128, block_kv=64, num_warps=None, num_stages=None)
+    BlockSizes(block_q=128, block_kv=64)
     >>> default_block_sizes(20, 5, 64, jnp.float32)
-    BlockSizes(block_q=32, block_kv=16, num_warps=None, num_stages=None)
+    BlockSizes(block_q=32, block_kv=16)
     """
     wide = jnp.dtype(dtype).itemsize > 2
     if H <= 128:
@@ -698,7 +698,7 @@ def flash_attention(query, key, value, *, scale: float | None = None, lo: int | 
         block_sizes: ``common.BlockSizes``; block_q and block_kv powers of two >= 16; default
             ``default_block_sizes(T, S, H, dtype)``.
         interpret: run the kernels in the Pallas interpreter (any backend, e.g. CPU); ignored
-            after :func:`force_compiled`.
+            after ``force_compiled``.
 
     Returns:
         (out [B, T, N, Hv] in the input dtype, lse [B, N, T] float32).

@@ -1,6 +1,6 @@
 """Flash attention for TPU: Pallas with the Mosaic lowering, fused forward and backward.
 
-Three ``pallas_call``s share one tile schedule (``common.schedule`` of the block map):
+Three ``pallas_call`` kernels share one tile schedule (``common.schedule`` of the block map):
 
 * forward, grid (B, N, nq, nk): query tile (b, n, i) walks the non-empty kv tiles of its
   block-map row, keeping the running max / sum / accumulator in VMEM scratch;
@@ -65,9 +65,9 @@ def default_block_sizes(T: int, S: int, H: int, dtype) -> BlockSizes:
     every dtype and for dense masks), otherwise a multiple of 128.
 
     >>> default_block_sizes(4096, 4096, 128, jnp.bfloat16)
-    BlockSizes(block_q=512, block_kv=512, num_warps=None, num_stages=None)
+    BlockSizes(block_q=512, block_kv=512)
     >>> default_block_sizes(37, 300, 64, jnp.float32)
-    BlockSizes(block_q=64, block_kv=384, num_warps=None, num_stages=None)
+    BlockSizes(block_q=64, block_kv=384)
     """
     bq = 256 if (jnp.dtype(dtype).itemsize >= 4 and H > 128) else 512
     bk = 512

@@ -1,7 +1,7 @@
 """NNX modules for channel and spatial attention over conv features
 (``jattn.applications.channel``).
 
-Feature maps are channels-last, [B, *spatial, C]. Parameters start as the PyTorch layers of
+Feature maps are channels-last, ``[B, *spatial, C]``. Parameters start as the PyTorch layers of
 the public implementations: ``torch.nn.Conv1d(1, 1, k, bias=False)`` for ECA, and
 ``torch.nn.Linear`` / 1x1 ``torch.nn.Conv2d`` (uniform in +-1/sqrt(fan_in), biases included)
 for the rest; layer norms start at scale 1, bias 0; DANet's gamma starts at 0, so the
@@ -69,7 +69,7 @@ class ECA(nnx.Module):
         self.kernel = torch_uniform(rngs, (k,), k)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, *spatial, C] -> [B, *spatial, C]."""
+        """x ``[B, *spatial, C]`` -> ``[B, *spatial, C]``."""
         _check_channels(x, self.channels)
         return eca(x, self.kernel[...])
 
@@ -92,7 +92,7 @@ class SqueezeExcitation(nnx.Module):
         self.fc2 = torch_linear(hidden, channels, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, *spatial, C] -> [B, *spatial, C]."""
+        """x ``[B, *spatial, C]`` -> ``[B, *spatial, C]``."""
         _check_channels(x, self.channels)
         return squeeze_excitation(x, self.fc1.kernel[...], _bias(self.fc1),
                                   self.fc2.kernel[...], _bias(self.fc2))
@@ -133,7 +133,7 @@ class SentenceAttentionBlock(nnx.Module):
         self.norm_bias = nnx.Param(jnp.zeros((hidden,), jnp.float32)) if layer_norm else None
 
     def __call__(self, x: jax.Array, sentence: jax.Array) -> jax.Array:
-        """x [B, *spatial, C], sentence [B, sentence_dim] -> [B, *spatial, C]."""
+        """x ``[B, *spatial, C]``, sentence [B, sentence_dim] -> ``[B, *spatial, C]``."""
         _check_channels(x, self.channels)
         norm = ({} if self.norm_scale is None else
                 {"norm_scale": self.norm_scale[...], "norm_bias": self.norm_bias[...]})
@@ -166,7 +166,7 @@ class PositionAttention(nnx.Module):
         self.gamma = nnx.Param(jnp.zeros((), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, *spatial, C] -> [B, *spatial, C]."""
+        """x ``[B, *spatial, C]`` -> ``[B, *spatial, C]``."""
         _check_channels(x, self.channels)
         return position_attention(
             x, self.query.kernel[...], self.key.kernel[...], self.value.kernel[...],
@@ -193,5 +193,5 @@ class ChannelAttention(nnx.Module):
         self.gamma = nnx.Param(jnp.zeros((), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, *spatial, C] -> [B, *spatial, C]."""
+        """x ``[B, *spatial, C]`` -> ``[B, *spatial, C]``."""
         return channel_attention(x, self.gamma[...], form=self.form)

@@ -160,10 +160,10 @@ class PairwiseCrossAttention(nnx.Module):
     """DCAL's PWCA: self-attention whose keys and values also hold another image's.
 
     **Training only**: with ``partner`` (int [B], the batch element paired with each one)
-    the call returns the pair-wise cross attention (:func:`jattn.applications.fusion.
-    pairwise_cross_attention`); without it, the plain self-attention with the same weights,
-    which is what DCAL keeps at inference (the PWCA branch shares its weights with
-    self-attention and is removed).
+    the call returns the pair-wise cross attention
+    (:func:`jattn.applications.fusion.pairwise_cross_attention`); without it, the plain
+    self-attention with the same weights, which is what DCAL keeps at inference (the PWCA
+    branch shares its weights with self-attention and is removed).
 
     Example:
         >>> import jax.numpy as jnp

@@ -38,9 +38,10 @@ def _key_mask(mask: jax.Array | None) -> jax.Array | None:
 
 
 class GraphAttention(nnx.Module):
-    """Multi-head graph attention with an edge-type bias (:func:`jattn.applications.structure.
-    graph_attention`): nodes attend to their neighbours (and themselves), with a learned
-    scalar per head for each of ``num_edge_types`` edge types (None: no type bias).
+    """Multi-head graph attention with an edge-type bias
+    (:func:`jattn.applications.structure.graph_attention`): nodes attend to their neighbours
+    (and themselves), with a learned scalar per head for each of ``num_edge_types`` edge types
+    (None: no type bias).
 
     Example:
         >>> import jax.numpy as jnp

@@ -1,5 +1,5 @@
-"""NNX module for bi-level routing attention (``jattn.efficient.bilevel``) over [B, *spatial,
-d_model].
+"""NNX module for bi-level routing attention (``jattn.efficient.bilevel``) over
+``[B, *spatial, d_model]``.
 
 References:
     P59 BiFormer, "BiFormer: Vision Transformer with Bi-Level Routing Attention".
@@ -85,7 +85,7 @@ class BiLevelRoutingAttention(nnx.Module):
         return heads[..., :N, :], heads[..., N:N + K, :], heads[..., N + K:, :]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, *spatial, d_model] -> like x."""
+        """x ``[B, *spatial, d_model]`` -> like x."""
         q, k, v = self._split(self.qkv_proj(x))
         out = bilevel_routing_attention(q, k, v, region_size=self.region_size,
                                         top_k=self.top_k, is_causal=self.is_causal)

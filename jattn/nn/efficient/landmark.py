@@ -26,8 +26,9 @@ class LandmarkAttention(nnx.Module):
     """Landmark self-attention over [B, T, d_model] (:func:`jattn.landmark_attention`).
 
     The landmark keys: by default the mean key of each block plus a learned landmark key
-    per head (``self.landmark_key`` [num_heads, head_dim], :func:`mean_landmark_keys`), a
-    one-layer stand-in for the paper's landmark tokens; or, when the call gets
+    per head (``self.landmark_key`` [num_heads, head_dim],
+    :func:`jattn.efficient.landmark.mean_landmark_keys`), a one-layer stand-in for the paper's
+    landmark tokens; or, when the call gets
     ``landmark_states`` [B, num_blocks, d_model] (the hidden states of landmark tokens that a
     model carries through its layers, as in the paper), their key projections. ``top_k``
     (None: every block, the training form) retrieves the k best blocks per query and head

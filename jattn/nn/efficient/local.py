@@ -1,4 +1,4 @@
-"""NNX modules for local attention on [B, *spatial, d_model] grids (``jattn.efficient.local``).
+"""NNX modules for local attention on ``[B, *spatial, d_model]`` grids (``jattn.efficient.local``).
 
 References:
     P09 Attention Swin U-Net (Swin window / shifted-window attention blocks).
@@ -146,8 +146,8 @@ class SkipWindowAttention(nnx.Module):
         self.fuse = torch_linear(2 * d_model, d_model, rngs)
 
     def __call__(self, decoder: jax.Array, skip: jax.Array) -> jax.Array:
-        """decoder, skip [B, *spatial, d_model] (1 or 2 spatial axes, the same grid) ->
-        [B, *spatial, d_model]."""
+        """decoder, skip ``[B, *spatial, d_model]`` (1 or 2 spatial axes, the same grid) ->
+        ``[B, *spatial, d_model]``."""
         _check_grid(decoder, (3, 4), self.d_model, "decoder")
         if skip.shape != decoder.shape:
             raise ValueError(f"skip: expected the decoder's shape {decoder.shape}, got "

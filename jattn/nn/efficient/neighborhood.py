@@ -1,5 +1,5 @@
-"""NNX module for neighbourhood attention (``jattn.efficient.neighborhood``) over [B, *spatial,
-d_model].
+"""NNX module for neighbourhood attention (``jattn.efficient.neighborhood``) over
+``[B, *spatial, d_model]``.
 
 References:
     P72 Faster Neighborhood Attention, "Faster Neighborhood Attention: Reducing the O(n^2)
@@ -20,7 +20,7 @@ from jattn.nn.layers import torch_linear
 
 class NeighborhoodAttention(nnx.Module):
     """Multi-head neighbourhood self-attention (:func:`jattn.neighborhood_attention`)
-    over [B, *spatial, d_model] inputs: sequences [B, T, d], images [B, X, Y, d], ...
+    over ``[B, *spatial, d_model]`` inputs: sequences [B, T, d], images [B, X, Y, d], ...
 
     One fused qkv projection (``num_heads`` query heads, ``num_kv_heads`` key/value heads,
     GQA when fewer), the function, an output projection; linear layers start as
@@ -59,7 +59,7 @@ class NeighborhoodAttention(nnx.Module):
         return heads[..., :N, :], heads[..., N:N + K, :], heads[..., N + K:, :]
 
     def __call__(self, x: jax.Array, extra: jax.Array | None = None) -> jax.Array:
-        """x [B, *spatial, d_model] (extra [B, E, d_model] global tokens) -> like x."""
+        """x ``[B, *spatial, d_model]`` (extra [B, E, d_model] global tokens) -> like x."""
         q, k, v = self._split(self.qkv_proj(x))
         extra_key = extra_value = None
         if extra is not None:
