@@ -16,10 +16,11 @@ from experiments.random_features.presets import PRESETS
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--check" not in argv:
+    if "--check" not in argv and not {"-h", "--help"} & set(argv):
         print(__doc__, file=sys.stderr)
         return 2
-    argv.remove("--check")
+    if "--check" in argv:
+        argv.remove("--check")
     checks = run(parse_config(PRESETS, argv, description=__doc__))
     return 0 if all(c.passed for c in checks) else 1
 

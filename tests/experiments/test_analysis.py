@@ -1,6 +1,6 @@
 """The analysis experiment's data: needle-copy rows laid out as documented, corrupted rows
 that change the answers and nothing else. (The experiment itself runs end to end in
-colab/attention_analysis.ipynb, executed by tests/experiments/test_notebooks.py.)"""
+colab/attention_analysis.ipynb, executed by the site build, tests/test_site.py.)"""
 
 from __future__ import annotations
 
