@@ -66,7 +66,6 @@ nb_execution_raise_on_error = True
 nb_execution_timeout = 600
 nb_execution_in_temp = True
 nb_ipywidgets_js = {}
-myst_enable_extensions = ["dollarmath", "colon_fence"]
 myst_heading_anchors = 3
 
 html_theme = "sphinx_book_theme"

@@ -69,6 +69,8 @@ def check_site(site: Path, screenshots: Path | None = None) -> SiteReport:
     from playwright.sync_api import sync_playwright
 
     site = site.resolve()
+    if not (site / "index.html").is_file():
+        raise ValueError(f"{site} is not a built site: it has no index.html")
     pages = sorted(str(p.relative_to(site)) for p in site.rglob("*.html")
                    if "_static" not in p.parts and "_sources" not in p.parts)
     problems: list[str] = []

@@ -217,23 +217,15 @@ def write_api(outdir: Path) -> None:
 def documented_path(dotted: str) -> str | None:
     """The documented path of the object ``dotted`` names (any import path of a public object,
     or of an attribute of one), or None."""
+    try:
+        pkgutil.resolve_name(dotted)
+    except (ImportError, AttributeError, ValueError):
+        return None  # no such object
     parts = dotted.split(".")
-    for split in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:split]))
-        except ImportError:
-            continue
-        chain = [obj]
-        try:
-            for attr in parts[split:]:
-                chain.append(getattr(chain[-1], attr))
-        except AttributeError:
-            return None
-        for depth in range(len(chain) - 1, 0, -1):
-            if id(chain[depth]) in DOCUMENTED:
-                rest = parts[split + depth:]
-                return ".".join([DOCUMENTED[id(chain[depth])], *rest])
-        return None
+    for size in range(len(parts), 1, -1):  # every prefix of an existing name resolves
+        obj = pkgutil.resolve_name(".".join(parts[:size]))
+        if id(obj) in DOCUMENTED:
+            return ".".join([DOCUMENTED[id(obj)], *parts[size:]])
     return None
 
 
