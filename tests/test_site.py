@@ -63,6 +63,23 @@ def read_inventory(path: Path) -> dict[str, str]:
     return entries
 
 
+def test_notebooks_are_committed_with_outputs_and_one_install_cell():
+    """GitHub shows each notebook's figures (the outputs of its quick setting), and every
+    notebook installs jattn with the same cell, from a wheel or checkout it can verify."""
+    import nbformat
+
+    install_cells = set()
+    for path in sorted((REPO / "colab").glob("*.ipynb")):
+        notebook = nbformat.read(path, as_version=4)
+        code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+        install_cells.add(code[0].source)
+        outputs = [output for cell in code for output in cell.get("outputs", [])]
+        assert any("image/png" in output.get("data", {}) for output in outputs), path.name
+        assert not [output for output in outputs if output["output_type"] == "error"]
+        assert "git+https" not in code[0].source and "%pip install" in code[0].source
+    assert len(install_cells) == 1
+
+
 @pytest.mark.slow
 def test_site_builds_loads_and_indexes_everything(tmp_path):
     site = tmp_path / "html"
